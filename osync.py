@@ -326,7 +326,7 @@ def format_value(setting, value):
     """The config-file spelling of a value (used by sync.conf)."""
     if setting.kind == "bool":
         return "true" if value else "false"
-    if setting.kind == "int":
+    if setting.kind == "int" or re.match(r"^[A-Za-z0-9_./~@:+-]+$", value):
         return str(value)
     return '"%s"' % value
 
@@ -1034,6 +1034,10 @@ def pattern_to_regex(pattern):
         while i < len(pattern):
             char = pattern[i]
             if char == "*":
+                if pattern.startswith("**/", i) and (i == 0 or pattern[i - 1] == "/"):
+                    parts.append("(?:.*/)?")  # "**/" also matches no directory at all
+                    i += 3
+                    continue
                 if pattern.startswith("**", i):
                     parts.append(".*")
                     i += 2

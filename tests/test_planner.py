@@ -1,0 +1,294 @@
+"""The planner alone, as the pure function it is: (state, scans, policy) -> decisions."""
+import itertools
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import osync  # noqa: E402
+from osync import Entry, Policy, COPY, DELETE, NOTHING, ATTRS, SKIP  # noqa: E402
+
+
+def F(path, mtime=100, size=3, mode=0o644, ctime=None):
+    return Entry(path, "f", size, mtime * 10 ** 9, mode, 0, 0, 1, (ctime or mtime) * 10 ** 9)
+
+
+def D(path, mode=0o755, ctime=100):
+    return Entry(path, "d", 0, 0, mode, 0, 0, 1, ctime * 10 ** 9)
+
+
+def L(path, target):
+    return Entry(path, "l", 0, 0, 0o777, 0, 0, 1, 0, target)
+
+
+def ordered(entries):
+    return sorted(entries, key=lambda entry: osync.path_key(entry.path))
+
+
+def state(*pairs):
+    """pairs of (initiator entry or None, target entry or None)."""
+    records = [((i or t).path, i, t) for i, t in pairs]
+    return sorted(records, key=lambda record: osync.path_key(record[0]))
+
+
+def run(previous, initiator, target, **policy):
+    decisions = list(osync.plan(iter(previous), iter(ordered(initiator)), iter(ordered(target)),
+                                Policy(**policy)))
+    return dict((decision.path, decision) for decision in decisions), decisions
+
+
+def action(decision):
+    return (decision.action, decision.source or decision.side)
+
+
+# -- DESIGN §3, row by row, and the mirror cases ----------------------------------------------
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
+def test_new_on_one_side_is_copied(side):
+    here, there = ([F("a")], []) if side == "initiator" else ([], [F("a")])
+    got, _ = run([], here, there)
+    assert action(got["a"]) == (COPY, side)
+    assert not got["a"].conflict and not got["a"].backup
+
+
+def test_new_on_both_sides_same_content_is_recorded():
+    got, _ = run([], [F("a")], [F("a")])
+    assert action(got["a"]) == (NOTHING, None)
+
+
+def test_new_on_both_sides_different_is_a_conflict_won_by_newer():
+    got, _ = run([], [F("a", mtime=100)], [F("a", mtime=200, size=5)])
+    assert action(got["a"]) == (COPY, "target")
+    assert got["a"].conflict and got["a"].backup
+
+
+@pytest.mark.parametrize("prevalence", ["initiator", "target"])
+def test_equal_mtimes_go_to_conflict_prevalance(prevalence):
+    prev = state((F("a"), F("a")))
+    got, _ = run(prev, [F("a", mtime=150, size=4)], [F("a", mtime=150, size=5)], prevalence=prevalence)
+    assert action(got["a"]) == (COPY, prevalence)
+    assert got["a"].conflict
+
+
+def test_unchanged_on_both_sides_does_nothing():
+    prev = state((F("a"), F("a")), (D("d"), D("d")), (L("l", "x"), L("l", "x")))
+    got, _ = run(prev, [F("a"), D("d"), L("l", "x")], [F("a"), D("d"), L("l", "x")])
+    assert all(decision.action == NOTHING for decision in got.values())
+
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
+@pytest.mark.parametrize("backup_overwrites", [True, False])
+def test_changed_on_one_side_is_copied_and_old_copy_backed_up_when_asked(side, backup_overwrites):
+    prev = state((F("a"), F("a")))
+    changed = F("a", mtime=200)
+    initiator, target = ([changed], [F("a")]) if side == "initiator" else ([F("a")], [changed])
+    got, _ = run(prev, initiator, target, backup_overwrites=backup_overwrites)
+    assert action(got["a"]) == (COPY, side)
+    assert got["a"].backup is backup_overwrites
+    assert not got["a"].conflict
+
+
+def test_changed_on_both_sides_is_a_conflict_and_the_loser_is_always_kept():
+    prev = state((F("a"), F("a")))
+    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=200, size=8)], backup_overwrites=False)
+    assert action(got["a"]) == (COPY, "initiator")
+    assert got["a"].conflict and got["a"].backup
+
+
+def test_changed_on_both_sides_to_the_same_content_is_no_conflict():
+    prev = state((F("a"), F("a")))
+    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=300, size=7)])
+    assert action(got["a"]) == (NOTHING, None)
+
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
+def test_deleted_on_one_side_unchanged_on_other_is_deleted_there(side):
+    prev = state((F("a"), F("a")))
+    initiator, target = ([], [F("a")]) if side == "initiator" else ([F("a")], [])
+    got, _ = run(prev, initiator, target)
+    other = "target" if side == "initiator" else "initiator"
+    assert action(got["a"]) == (DELETE, other)
+
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
+def test_edit_beats_a_concurrent_deletion(side):
+    prev = state((F("a"), F("a")))
+    initiator, target = ([], [F("a", mtime=200)]) if side == "initiator" else ([F("a", mtime=200)], [])
+    got, _ = run(prev, initiator, target)
+    other = "target" if side == "initiator" else "initiator"
+    assert action(got["a"]) == (COPY, other)
+    assert got["a"].edit_won
+
+
+def test_deleted_on_both_sides_is_forgotten():
+    got, _ = run(state((F("a"), F("a"))), [], [])
+    assert action(got["a"]) == (NOTHING, None)
+    assert got["a"].initiator is None and got["a"].target is None
+
+
+@pytest.mark.parametrize("skipped", ["initiator", "target"])
+def test_skip_deletion_keeps_the_copy_and_never_copies_it_back(skipped):
+    deleter = "target" if skipped == "initiator" else "initiator"
+    prev = state((F("a"), F("a")))
+    initiator, target = ([F("a")], []) if deleter == "target" else ([], [F("a")])
+    got, _ = run(prev, initiator, target, skip_deletion=[skipped])
+    assert action(got["a"]) == (NOTHING, None)
+    # Next run: the state remembers the path on one side only; it stays as it is...
+    kept = F("a")
+    one_sided = state((kept, None) if skipped == "initiator" else (None, kept))
+    got, _ = run(one_sided, initiator, target, skip_deletion=[skipped])
+    assert action(got["a"]) == (NOTHING, None)
+    # ...until it is edited again.
+    edited = F("a", mtime=500)
+    initiator2, target2 = ([edited], []) if skipped == "initiator" else ([], [edited])
+    got, _ = run(one_sided, initiator2, target2, skip_deletion=[skipped])
+    assert action(got["a"]) == (COPY, skipped)
+
+
+# -- directories and type changes --------------------------------------------------------------
+
+def test_deleted_directory_is_deleted_children_first_order_kept_canonical():
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")), (F("d/y"), F("d/y")))
+    got, decisions = run(prev, [], [D("d"), F("d/x"), F("d/y")])
+    assert [decision.path for decision in decisions] == ["d", "d/x", "d/y"]
+    assert all(action(decision) == (DELETE, "target") for decision in decisions)
+
+
+def test_deleted_directory_with_a_new_file_on_the_other_side_comes_back():
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")))
+    got, _ = run(prev, [], [D("d"), F("d/x"), F("d/new")])
+    assert action(got["d/x"]) == (DELETE, "target")
+    assert action(got["d/new"]) == (COPY, "target")
+    assert action(got["d"]) == (COPY, "target")
+    assert got["d"].edit_won
+
+
+def test_nested_kept_file_keeps_every_ancestor():
+    prev = state((D("d"), D("d")), (D("d/e"), D("d/e")), (F("d/e/x"), F("d/e/x")))
+    got, _ = run(prev, [], [D("d"), D("d/e"), F("d/e/x", mtime=900)])
+    assert action(got["d/e/x"]) == (COPY, "target")
+    assert action(got["d/e"]) == (COPY, "target")
+    assert action(got["d"]) == (COPY, "target")
+
+
+def test_directory_replaced_by_a_file():
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")))
+    got, _ = run(prev, [F("d", mtime=200)], [D("d"), F("d/x")])
+    assert action(got["d"]) == (COPY, "initiator")
+    assert action(got["d/x"]) == (DELETE, "target")
+
+
+def test_directory_replaced_by_a_file_while_other_side_edits_inside_keeps_both():
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")))
+    got, _ = run(prev, [F("d", mtime=200)], [D("d"), F("d/x", mtime=300)])
+    assert action(got["d/x"]) == (COPY, "target")
+    assert action(got["d"]) == (COPY, "target")
+    assert got["d"].conflict and got["d"].backup  # the initiator's new file d is kept in backup/
+
+
+def test_file_replaced_by_directory_and_symlink():
+    prev = state((F("a"), F("a")), (F("b"), F("b")))
+    got, _ = run(prev, [D("a"), F("a/in"), L("b", "a")], [F("a"), F("b")])
+    assert action(got["a"]) == (COPY, "initiator") and got["a"].backup
+    assert action(got["a/in"]) == (COPY, "initiator")
+    assert action(got["b"]) == (COPY, "initiator")
+
+
+def test_symlink_target_change_is_a_change():
+    prev = state((L("l", "x"), L("l", "x")))
+    got, _ = run(prev, [L("l", "x")], [L("l", "y")])
+    assert action(got["l"]) == (COPY, "target")
+
+
+def test_empty_directory_created_and_deleted():
+    got, _ = run([], [D("e")], [])
+    assert action(got["e"]) == (COPY, "initiator")
+    got, _ = run(state((D("e"), D("e"))), [D("e")], [])
+    assert action(got["e"]) == (DELETE, "initiator")
+
+
+def test_unreadable_directory_leaves_its_subtree_alone():
+    broken = Entry("d", "d", error="cannot list directory: Permission denied")
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")), (F("z"), F("z")))
+    got, _ = run(prev, [broken, F("z")], [D("d"), F("d/x"), F("z")])
+    assert got["d"].action == SKIP and got["d/x"].action == SKIP
+    assert got["z"].action == NOTHING
+
+
+# -- attributes -----------------------------------------------------------------------------------
+
+def test_permission_change_on_one_side_travels():
+    prev = state((F("a", mode=0o644), F("a", mode=0o644)))
+    got, _ = run(prev, [F("a", mode=0o644)], [F("a", mode=0o600, ctime=500)])
+    assert action(got["a"]) == (ATTRS, "target")
+
+
+def test_permission_change_is_ignored_when_not_preserved():
+    prev = state((F("a", mode=0o644), F("a", mode=0o644)))
+    got, _ = run(prev, [F("a", mode=0o644)], [F("a", mode=0o600)], permissions=False, executability=False)
+    assert action(got["a"]) == (NOTHING, None)
+
+
+def test_executability_alone():
+    prev = state((F("a", mode=0o644), F("a", mode=0o644)))
+    got, _ = run(prev, [F("a", mode=0o755)], [F("a", mode=0o644)], permissions=False)
+    assert action(got["a"]) == (ATTRS, "initiator")
+    got, _ = run(prev, [F("a", mode=0o640)], [F("a", mode=0o644)], permissions=False)
+    assert action(got["a"]) == (NOTHING, None)
+
+
+# -- one-way modes ---------------------------------------------------------------------------------
+
+def test_initiator2target_mirrors():
+    prev = state((F("same"), F("same")), (F("edited"), F("edited")))
+    got, _ = run(prev, [F("same"), F("edited"), F("new")], [F("same"), F("edited", mtime=900), F("extra")],
+                 sync_type="initiator2target")
+    assert action(got["new"]) == (COPY, "initiator")
+    assert action(got["edited"]) == (COPY, "initiator") and got["edited"].backup
+    assert action(got["extra"]) == (DELETE, "target")
+    assert action(got["same"]) == (NOTHING, None)
+
+
+def test_target2initiator_mirrors_and_skip_deletion_keeps():
+    got, _ = run([], [F("extra")], [F("t")], sync_type="target2initiator", skip_deletion=["initiator"])
+    assert action(got["t"]) == (COPY, "target")
+    assert action(got["extra"]) == (NOTHING, None)
+
+
+# -- osync.sh lists as the baseline -----------------------------------------------------------------
+
+def test_legacy_baseline_propagates_old_deletions_and_merges_edits():
+    when = 1000
+    legacy = [("gone", Entry("gone", "?", 0, when * 10 ** 9), Entry("gone", "?", 0, when * 10 ** 9)),
+              ("kept", Entry("kept", "?", 0, when * 10 ** 9), Entry("kept", "?", 0, when * 10 ** 9))]
+    got, _ = run(legacy, [F("kept", mtime=500)], [F("gone", mtime=500), F("kept", mtime=2000, size=9)])
+    assert action(got["gone"]) == (DELETE, "target")
+    assert action(got["kept"]) == (COPY, "target")
+
+
+# -- streaming ----------------------------------------------------------------------------------------
+
+def test_plan_streams_its_inputs():
+    """The planner yields the first decisions before it has read all of its input."""
+    consumed = []
+
+    def scan(prefix):
+        for number in itertools.count():
+            consumed.append(number)
+            yield F("%s%09d" % (prefix, number))
+
+    decisions = osync.plan(iter([]), scan("f"), iter([]), Policy())
+    first = list(itertools.islice(decisions, 10))
+    assert [decision.path for decision in first] == ["f%09d" % number for number in range(10)]
+    assert len(consumed) <= 12
+
+
+def test_output_is_in_canonical_order_for_awkward_names():
+    names = ["a", "a b", "a/b", "a-", "a/b/c", "\udcff", "a\nb", "-x", "a.b"]
+    directories = {"a", "a/b"}
+    entries = [D(name) if name in directories else F(name) for name in names]
+    _, decisions = run([], entries, [])
+    paths = [decision.path for decision in decisions]
+    assert paths == sorted(names, key=osync.path_key)
+    assert paths.index("a") < paths.index("a/b") < paths.index("a/b/c") < paths.index("a b")

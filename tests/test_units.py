@@ -1,0 +1,225 @@
+"""Units of osync.py that have a contract of their own: the settings table and sync.conf,
+the config reader, rsync pattern matching (checked against the real rsync), the state
+file, locks and the cleanup of old backups."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import osync  # noqa: E402
+
+
+# -- settings table and sync.conf ----------------------------------------------------------------
+
+def test_sync_conf_is_generated_from_the_settings_table():
+    with open(os.path.join(ROOT, "sync.conf")) as handle:
+        assert handle.read() == osync.example_config(), "regenerate sync.conf from osync.example_config()"
+
+
+def test_sync_conf_lists_every_key_with_its_default_and_a_comment():
+    path = os.path.join(ROOT, "sync.conf")
+    assignments = osync.read_config_file(path)
+    keys = [key for _, key, _ in assignments]
+    table = [setting.key for setting in osync.SETTINGS if setting.key]
+    assert keys == table
+    lines = open(path).read().splitlines()
+    for number, key, value in assignments:
+        setting = osync.SETTINGS_BY_KEY[key]
+        expected = setting.default
+        if setting.kind == "str":
+            expected = os.path.expanduser(expected) if expected.startswith("~") else expected
+            assert value == expected, key
+        else:
+            assert osync.convert_value(setting, value) == expected, key
+        assert lines[number - 2].startswith("# "), "%s has no comment above it" % key
+
+
+def test_every_option_of_osync_v1_3_is_accepted():
+    options = ["--dry", "--silent", "--verbose", "--errors-only", "--no-prefix", "--non-interactive", "--summary",
+               "--log-conflicts", "--alert-conflicts", "--stats", "--partial", "--no-maxtime", "--force-unlock",
+               "--no-locks", "--no-resume", "--initialize", "--on-changes", "--on-changes-target", "--initiator",
+               "--target", "--rsakey", "--password-file", "--krb5", "--ssh-controlmaster", "--remote-token",
+               "--instance-id", "--skip-deletion", "--sync-type", "--destination-mails", "--initiator-state-dir",
+               "--target-state-dir"]
+    known = set(setting.option for setting in osync.SETTINGS if setting.option)
+    assert set(options) <= known
+    help_lines = osync.help_text().splitlines()
+    for option in options:
+        assert len([line for line in help_lines if line.strip().startswith(option + " ")
+                    or line.strip().startswith(option + "=")]) == 1, option
+
+
+# -- config reader ---------------------------------------------------------------------------------
+
+def write(tmp_path, text, name="x.conf"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_reader_handles_the_shell_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOMEVAR", "from-env")
+    path = write(tmp_path, "\n".join([
+        "#!/usr/bin/env bash", "[GENERAL]", "A=plain", 'B="double $SOMEVAR"', "C='single $SOMEVAR'",
+        "D=${A}-x", "E=~/dir", '  F="with # hash" # comment', "export G=exported", 'H=a\\ b', "I=", ""]))
+    values = dict((key, value) for _, key, value in osync.read_config_file(path))
+    assert values == {"A": "plain", "B": "double from-env", "C": "single $SOMEVAR", "D": "plain-x",
+                      "E": os.path.expanduser("~") + "/dir", "F": "with # hash", "G": "exported", "H": "a b", "I": ""}
+
+
+@pytest.mark.parametrize("line", ["X=$(touch /tmp/pwned)", "X=`touch /tmp/pwned`", 'X="$(id)"', "X=a; rm -rf /",
+                                  "X=a b", "X=${A:-x}", "X=a|b", 'X="unclosed', "echo hi"])
+def test_reader_refuses_shell_code_naming_file_line_and_key(tmp_path, line):
+    path = write(tmp_path, "OK=1\n%s\n" % line)
+    with pytest.raises(osync.ConfigError) as error:
+        osync.read_config_file(path)
+    message = str(error.value)
+    assert message.startswith("%s:2: " % path)
+    if line.startswith("X="):
+        assert message.startswith("%s:2: X: " % path)
+
+
+def test_bad_values_name_file_line_and_key(tmp_path):
+    path = write(tmp_path, "INSTANCE_ID=x\nINITIATOR_SYNC_DIR=/a\nTARGET_SYNC_DIR=/b\nSOFT_DELETE=maybe\n")
+    cfg = osync.Config(quicksync=False)
+    with pytest.raises(osync.ConfigError) as error:
+        cfg.load_file(path)
+    assert str(error.value).startswith("%s:4: SOFT_DELETE: " % path)
+
+
+def test_old_names_and_values_are_translated_with_a_warning(tmp_path):
+    path = write(tmp_path, "MASTER_SYNC_DIR=/a\nSLAVE_SYNC_DIR=/b\nSYNC_ID=old\nCONFLICT_PREVALANCE=slave\n"
+                           "SKIP_DELETION=master\nBOGUS_KEY=1\n")
+    cfg = osync.Config(quicksync=False)
+    cfg.load_file(path)
+    assert (cfg["INITIATOR_SYNC_DIR"], cfg["TARGET_SYNC_DIR"], cfg["INSTANCE_ID"]) == ("/a", "/b", "old")
+    assert cfg["CONFLICT_PREVALANCE"] == "target" and cfg["SKIP_DELETION"] == "initiator"
+    text = "\n".join(cfg.warnings)
+    for name in ("MASTER_SYNC_DIR", "SLAVE_SYNC_DIR", "SYNC_ID", "BOGUS_KEY", "CONFIG_FILE_REVISION"):
+        assert name in text
+
+
+def test_every_boolean_has_one_default_in_both_modes():
+    for setting in osync.SETTINGS:
+        if setting.kind == "bool":
+            assert setting.quick is None, setting.key
+            assert osync.Config(True)[setting.key] == osync.Config(False)[setting.key]
+
+
+def test_empty_boolean_means_the_default(tmp_path):
+    cfg = osync.Config(quicksync=True)
+    cfg.set_from_text("SOFT_DELETE", "", "test")
+    assert cfg["SOFT_DELETE"] is True
+
+
+# -- rsync patterns, checked against the real rsync --------------------------------------------------
+
+TREE = ["a.php", "b.txt", "tmp/x", "sub/tmp/y", "sub/a.php", "cache/c", "sub/cache", "a/b/c", "a/x/c",
+        "deep/1/2/deep", "x1", "x12", "bob", "abc", "dir/in/file", "dirfile", "sp ace/f", "[br]/f"]
+
+PATTERN_SETS = [
+    [("-", "*.php")], [("-", "/tmp")], [("-", "tmp")], [("-", "cache/")], [("-", "a/*/c")],
+    [("-", "**/deep")], [("-", "x?")], [("-", "[ab]*")], [("-", "dir/***")], [("-", "sp ace")],
+    [("+", "*/"), ("+", "*.txt"), ("-", "*")], [("+", "sub/a.php"), ("-", "*.php")], [("-", "sub/")],
+    [("-", "/sub/tmp")], [("-", "\\[br\\]")], [("-", "b*.txt")], [("-", "*/c")], [("-", "a/**/c")],
+    [("-", "deep/**")], [("+", "sub/***"), ("-", "*")],
+]
+
+
+@pytest.mark.parametrize("rules", PATTERN_SETS, ids=lambda rules: " ".join("%s%s" % rule for rule in rules))
+def test_filter_agrees_with_rsync(tmp_path, rules):
+    root = tmp_path / "r"
+    for name in TREE:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name)
+    argv = ["rsync", "-r", "--list-only"]
+    for sign, pattern in rules:
+        argv.append(("--include=" if sign == "+" else "--exclude=") + pattern)
+    listing = subprocess.run(argv + [str(root) + "/"], stdout=subprocess.PIPE, check=True,
+                             universal_newlines=True).stdout
+    expected = set()
+    for line in listing.splitlines():
+        name = line.split(None, 4)[4]
+        if name != ".":
+            expected.add(name)
+    spec = [[sign, pattern] for sign, pattern in rules]
+    got = set(entry.path for entry in osync.walk_tree(str(root), osync.PathFilter(spec), {}))
+    assert got == expected
+
+
+# -- state file --------------------------------------------------------------------------------------
+
+def test_state_round_trips_any_name(tmp_path):
+    names = ["plain", "new\nline", "\udcff\udcfe-latin1", "tab\there", "-rf", "quote\"'", "é日本", "a/b"]
+    records = []
+    for number, name in enumerate(sorted(names, key=osync.path_key)):
+        entry = osync.Entry(name, "f", number, number * 10 ** 9 + 7, 0o640, 1, 2, 3, 4, "", "")
+        records.append((name, entry, None if number % 2 else entry))
+    path = str(tmp_path / "state")
+    osync.write_state(path, {"instance": "x"}, iter(records))
+    assert list(osync.read_state(path)) == records
+    header = json.loads(open(path).readline())
+    assert header["format"] == osync.STATE_FORMAT and header["version"] == osync.STATE_VERSION
+
+
+def test_damaged_state_is_reported(tmp_path):
+    path = tmp_path / "state"
+    osync.write_state(str(path), {}, iter([("a", osync.Entry("a", "f"), None)]))
+    with open(str(path), "a") as handle:
+        handle.write("not json\n")
+    with pytest.raises(osync.StateError):
+        list(osync.read_state(str(path)))
+
+
+# -- locks ---------------------------------------------------------------------------------------------
+
+def test_lock_is_exclusive_and_only_our_own_is_removed(tmp_path):
+    first = osync.LocalReplica("initiator", str(tmp_path))
+    first.prepare_work_dir()
+    assert first.lock("job", os.getppid(), force=False) == ""
+    second = osync.LocalReplica("initiator", str(tmp_path))
+    with pytest.raises(osync.ReplicaError) as error:
+        second.lock("job", 4242, force=False)
+    assert "already a running instance" in str(error.value)
+    second.unlock()  # never removes another run's lock
+    assert open(first.lock_path).read() == "%d@job" % os.getppid()
+    first.unlock()
+    assert not os.path.exists(first.lock_path)
+
+
+def test_dead_lock_is_taken_over(tmp_path):
+    replica = osync.LocalReplica("target", str(tmp_path))
+    replica.prepare_work_dir()
+    with open(replica.lock_path, "w") as handle:
+        handle.write("999999999@other")
+    notice = replica.lock("job", 123, force=False)
+    assert "dead" in notice
+    assert open(replica.lock_path).read() == "123@job"
+
+
+# -- cleanup of old backups and soft-deleted items -------------------------------------------------------
+
+def test_clean_old_removes_only_items_older_than_the_limit(tmp_path):
+    replica = osync.LocalReplica("initiator", str(tmp_path))
+    replica.prepare_work_dir()
+    deleted = os.path.join(replica.work_dir, "deleted")
+    os.makedirs(os.path.join(deleted, "d/e"))
+    for name in ("d/e/f", "g.php", "h"):
+        open(os.path.join(deleted, name), "w").close()
+    os.symlink("nowhere", os.path.join(deleted, "link"))
+    os.makedirs(os.path.join(deleted, "empty"))
+    spec = [["-", "*.php"]]
+    # Everything is a few seconds old: a 30-day limit keeps it all, 0 keeps it forever.
+    assert replica.clean_old("deleted", 30, spec) == [0, []]
+    assert replica.clean_old("deleted", 0, spec, now=time.time() + 400 * 86400) == [0, []]
+    # 31 days later: files, links and emptied directories go; excluded names stay.
+    removed, errors = replica.clean_old("deleted", 30, spec, now=time.time() + 31 * 86400)
+    assert errors == []
+    assert sorted(os.listdir(deleted)) == ["g.php"]
+    assert removed == 6  # d/e/f, h, link, e, d, empty
