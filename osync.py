@@ -2222,7 +2222,8 @@ class Executor(object):
         source_replica, destination_replica = self.replicas[source], self.replicas[destination]
         with tempfile.NamedTemporaryFile("wb", prefix="osync-files-", dir=self.spool_dir) as listing:
             for index in sorted(indexes, key=lambda index: path_key(actions[index].path)):
-                listing.write(os.fsencode(actions[index].path) + b"\0")
+                # "./" keeps rsync from reading a name that starts with # or ; as a comment.
+                listing.write(b"./" + os.fsencode(actions[index].path) + b"\0")
             listing.flush()
             argv = rsync_command(self.cfg, source_replica, destination_replica, listing.name,
                                  verbose=self.out.screen_threshold <= VERBOSE)
