@@ -1276,19 +1276,33 @@ class LocalReplica(object):
         return facts
 
     def prepare_work_dir(self):
-        """Create the work dir (state, backup, deleted, _partial) and clear leftover
-        temporary files of an interrupted transfer."""
+        """Create the work dir: state, backup, deleted, _partial and _tmp."""
         try:
             for path in (self.work_dir, self.state_dir, os.path.join(self.work_dir, "backup"),
                          os.path.join(self.work_dir, "deleted"), os.path.join(self.work_dir, "_partial"),
-                         os.path.join(self.work_dir, "_tmp")):
+                         self.temp_dir()):
                 if not os.path.isdir(path):
                     os.makedirs(path)
-            tmp = os.path.join(self.work_dir, "_tmp")
-            for name in os.listdir(tmp):
-                remove_any(os.path.join(tmp, name))
         except OSError as error:
             raise ReplicaError("Cannot prepare the work dir of the %s replica (%s): %s."
+                               % (self.role, error.filename or self.work_dir, error.strerror))
+        return True
+
+    def temp_dir(self):
+        """Where transfers in progress and the run's scratch files live."""
+        return os.path.join(self.work_dir, "_tmp")
+
+    def clear_leftovers(self):
+        """Remove what a killed run left behind: temp files of transfers in progress and
+        half-written state files.  Called once the lock is held."""
+        try:
+            for name in os.listdir(self.temp_dir()):
+                remove_any(os.path.join(self.temp_dir(), name))
+            for name in os.listdir(self.state_dir):
+                if name.startswith(".tmp-"):
+                    os.unlink(os.path.join(self.state_dir, name))
+        except OSError as error:
+            raise ReplicaError("Cannot clear the temporary files of the %s replica (%s): %s."
                                % (self.role, error.filename or self.work_dir, error.strerror))
         return True
 
@@ -1600,7 +1614,7 @@ def rsync_command(cfg, source, destination, list_file, verbose):
     argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
     # Files are written to a temp file in the destination's work dir, then renamed into
     # place: a path holds its old or its new content, never a mix.
-    argv.append("--temp-dir=" + destination.work_dir + "/_tmp")
+    argv.append("--temp-dir=" + destination.temp_dir())
     if cfg["PARTIAL"]:
         argv += ["--partial", "--partial-dir=" + destination.work_dir + "/_partial"]
     if cfg.switch("stats"):
@@ -2370,6 +2384,9 @@ class SyncRun(object):
                 replica.prepare_work_dir()
         try:
             self.take_locks()
+            if not self.dry:
+                for replica in self.replicas.values():
+                    replica.clear_leftovers()
             if cfg.switch("initialize"):
                 self.initialize(spec)
                 return
@@ -2485,9 +2502,7 @@ class SyncRun(object):
         out = self.out
         self.note_resume()
         policy = self.policy()
-        spool_dir = self.replicas["initiator"].state_dir if not self.dry else tempfile.gettempdir()
-        if self.dry and not os.path.isdir(spool_dir):
-            spool_dir = tempfile.gettempdir()
+        spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
         try:
             previous = self.previous_state()
             executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry)
