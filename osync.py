@@ -19,6 +19,7 @@ import argparse
 import errno
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import os
@@ -2072,7 +2073,8 @@ class Executor(object):
         (a generator) and the outcome."""
         self.spool_dir = spool_dir
         actions = []
-        spool = tempfile.TemporaryFile("w+", dir=spool_dir, encoding="utf-8", errors="surrogateescape")
+        spool = io.TextIOWrapper(tempfile.TemporaryFile("w+b", dir=spool_dir), encoding="utf-8",
+                                 errors="surrogateescape")
         for decision in decisions:
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
