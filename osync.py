@@ -23,16 +23,19 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import shlex
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 PROGRAM = "osync.py"
 VERSION = "2.0.0"
@@ -156,6 +159,8 @@ SETTINGS = [
       option="--ssh-controlmaster"),
     S("REMOTE_HOST_PING", "bool", False, "REMOTE_OPTIONS",
       "Ping the remote host first; if it does not answer, the task is skipped (exit 1)."),
+    S("REMOTE_PYTHON", "str", "", "REMOTE_OPTIONS",
+      "Python interpreter (3.6 or newer) that runs the osync.py agent on the target host; empty tries python3, then python."),
     S("REMOTE_3RD_PARTY_HOSTS", "str", "", "REMOTE_OPTIONS",
       "Hosts pinged to check internet access before a remote sync; none answering is a warning.",
       old_names=("REMOTE_3RD_PARTY_HOST",)),
@@ -909,6 +914,136 @@ class Watchdog(object):
 # remote side run the very same LocalReplica code below.  Entries travel as lists
 # (to_wire / from_wire, next section).
 
+# Messages are framed as one type byte (J: JSON, Z: zlib-compressed JSON), a 4-byte
+# big-endian length and the payload.  JSON is written with ensure_ascii, so the stream
+# is pure ASCII whatever the names.  A request is {"op": NAME, "args": [...]}; the
+# reply is {"ok": RESULT} or {"error": SENTENCE}; a scan replies with {"batch": [...]}
+# messages and a final {"end": true}.
+
+AGENT_BANNER = b"OSYNC-AGENT "
+AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
+              "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
+              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);g={'__name__':'osync_agent'};"
+              "exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
+COMPRESS_ABOVE = 2048
+
+
+class ProtocolError(Exception):
+    """The agent stream ended or carried something that is not a message."""
+
+
+def send_message(stream, message):
+    payload = json.dumps(message, separators=(",", ":")).encode("ascii")
+    kind = b"J"
+    if len(payload) > COMPRESS_ABOVE:
+        payload = zlib.compress(payload, 1)
+        kind = b"Z"
+    stream.write(kind + struct.pack(">I", len(payload)) + payload)
+    stream.flush()
+
+
+def read_exactly(stream, size):
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise ProtocolError("the stream ended")
+    return data
+
+
+def read_message(stream):
+    """The next message, or None at a clean end of stream."""
+    header = stream.read(5)
+    if not header:
+        return None
+    if len(header) != 5 or header[:1] not in (b"J", b"Z"):
+        raise ProtocolError("unexpected data %r" % header[:40])
+    payload = read_exactly(stream, struct.unpack(">I", header[1:])[0])
+    if header[:1] == b"Z":
+        payload = zlib.decompress(payload)
+    return json.loads(payload.decode("ascii"))
+
+
+class AgentClient(object):
+    """The local end of an agent: sends requests, reads replies, streams scans."""
+
+    def __init__(self, process, host, stderr_file):
+        self.process = process
+        self.host = host
+        self.stderr_file = stderr_file
+        self.streaming = None   # the id of a streamed reply not read to its end
+
+    def lost(self, what):
+        detail = read_tail(self.stderr_file)
+        return ReplicaError("The connection to the agent on %s was lost (%s)%s." % (
+            self.host, what, ": " + detail if detail else ""))
+
+    def _request(self, op, args):
+        if self.streaming is not None:
+            # An abandoned scan: read the rest of it so the next reply is ours.
+            self.streaming = None
+            while not self._reply().get("end"):
+                pass
+        try:
+            send_message(self.process.stdin, {"op": op, "args": list(args)})
+        except (OSError, ValueError) as error:
+            raise self.lost(str(error))
+
+    def _reply(self):
+        try:
+            reply = read_message(self.process.stdout)
+        except (ProtocolError, OSError, ValueError, zlib.error) as error:
+            raise self.lost(str(error))
+        if reply is None:
+            raise self.lost("end of stream")
+        if "error" in reply:
+            raise ReplicaError("On %s: %s" % (self.host, reply["error"]))
+        return reply
+
+    def call(self, op, *args):
+        self._request(op, args)
+        return self._reply()["ok"]
+
+    def stream(self, op, *args):
+        """Send a streamed request now; return an iterator over the items of its reply."""
+        self._request(op, args)
+        stream_id = object()
+        self.streaming = stream_id
+        return self._items(stream_id)
+
+    def _items(self, stream_id):
+        while self.streaming is stream_id:
+            try:
+                reply = self._reply()
+            except ReplicaError:
+                self.streaming = None
+                raise
+            if reply.get("end"):
+                self.streaming = None
+                return
+            for item in reply["batch"]:
+                yield item
+
+    def close(self):
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill_process_group(self.process)
+
+
+def read_tail(stderr_file, limit=600):
+    """The last lines a process wrote to its stderr file, as one line."""
+    try:
+        stderr_file.seek(0)
+        text = stderr_file.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)[-limit:]
+
+
 # ======================================================================================
 # Replica
 # ======================================================================================
@@ -1237,7 +1372,6 @@ class LocalReplica(object):
         self.work_dir = os.path.join(self.root, WORK_DIR_NAME)
         self.state_dir = state_dir or os.path.join(self.work_dir, "state")
         self.lock_path = os.path.join(self.work_dir, "lock")
-        self.lock_content = None
 
     def __str__(self):
         return "%s replica %s" % (self.role, self.root)
@@ -1308,44 +1442,31 @@ class LocalReplica(object):
         return True
 
     # -- locks --------------------------------------------------------------------------
-    def lock(self, instance_id, pid, force):
-        """Take the lock atomically.  A live owner refuses; a dead one is taken over.
-        Returns a notice to log, or ''."""
-        content = "%d@%s" % (pid, instance_id)
-        notice = ""
-        for attempt in range(5):
+    def acquire_lock(self, content, replace=None):
+        """Create the lock holding `content`, atomically.  Returns None once it is ours,
+        else what the existing lock holds ("" if empty).  With `replace`, a lock that
+        still holds exactly that (a dead run's lock the caller chose to take over) is
+        removed first.  Who may take over what is decided by the caller, on the
+        initiator's host, where the pid in a lock is alive or not."""
+        if replace is not None and self._read_lock() == replace:
+            aside = "%s.stale.%d" % (self.lock_path, os.getpid())
             try:
-                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                existing = self._read_lock()
-                if existing is None:
-                    continue
-                if not force:
-                    owner = existing.rpartition("@")[0] if "@" in existing else existing
-                    if not re.match(r"^[0-9]+$", owner.strip()):
-                        raise ReplicaError("The lock %s holds %r, which is not PID@INSTANCE_ID; remove it "
-                                           "or run with --force-unlock." % (self.lock_path, existing[:80]))
-                    if pid_alive(int(owner)):
-                        raise ReplicaError("There is already a running instance [%s] of osync for the %s "
-                                           "replica (lock %s). Cannot start." % (existing, self.role, self.lock_path))
-                    notice = ("There is a dead osync lock [%s] on the %s replica; taking it over."
-                              % (existing, self.role))
-                else:
-                    notice = "Removed the lock [%s] of the %s replica (--force-unlock)." % (existing, self.role)
-                aside = "%s.stale.%d" % (self.lock_path, os.getpid())
-                try:
-                    os.rename(self.lock_path, aside)
-                    os.unlink(aside)
-                except FileNotFoundError:
-                    pass
-                continue
+                os.rename(self.lock_path, aside)
+                os.unlink(aside)
+            except FileNotFoundError:
+                pass
             except OSError as error:
-                raise ReplicaError("Cannot create the lock %s: %s." % (self.lock_path, error.strerror))
-            with os.fdopen(fd, "w") as handle:
-                handle.write(content)
-            self.lock_content = content
-            return notice
-        raise ReplicaError("Cannot take the lock %s: other runs keep taking it." % self.lock_path)
+                raise ReplicaError("Cannot remove the lock %s: %s." % (self.lock_path, error.strerror))
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            existing = self._read_lock()
+            return "" if existing is None else existing
+        except OSError as error:
+            raise ReplicaError("Cannot create the lock %s: %s." % (self.lock_path, error.strerror))
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        return None
 
     def _read_lock(self):
         try:
@@ -1356,14 +1477,13 @@ class LocalReplica(object):
         except OSError as error:
             raise ReplicaError("Cannot read the lock %s: %s." % (self.lock_path, error.strerror))
 
-    def unlock(self):
-        """Remove the lock if it is still ours; never another run's lock."""
-        if self.lock_content and self._read_lock() == self.lock_content:
+    def release_lock(self, content):
+        """Remove the lock if it still holds `content`: never another run's lock."""
+        if self._read_lock() == content:
             try:
                 os.unlink(self.lock_path)
             except OSError:
                 pass
-        self.lock_content = None
         return True
 
     # -- scanning -----------------------------------------------------------------------
@@ -1566,6 +1686,80 @@ class LocalReplica(object):
         return True
 
 
+class RemoteReplica(object):
+    """A replica on another host: the same interface as LocalReplica, each call carried
+    out by a LocalReplica in the agent that osync.py runs there."""
+
+    REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
+                    "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
+                    "write_state_file")
+
+    def __init__(self, role, agent, rsync_host, paths):
+        self.role = role
+        self.agent = agent
+        self.rsync_host = rsync_host    # "user@host" as rsync wants it
+        self.root = paths["root"]
+        self.work_dir = paths["work_dir"]
+        self.state_dir = paths["state_dir"]
+
+    def __str__(self):
+        return "%s replica %s:%s" % (self.role, self.agent.host, self.root)
+
+    def __getattr__(self, name):
+        if name in self.REMOTE_CALLS:
+            return lambda *args: self.agent.call(name, *args)
+        raise AttributeError(name)
+
+    def location(self):
+        return "%s:%s/" % (self.rsync_host, self.root)
+
+    def temp_dir(self):
+        return posixpath.join(self.work_dir, "_tmp")
+
+    def scan(self, filter_spec, options):
+        return (from_wire(item) for item in self.agent.stream("scan", filter_spec, options))
+
+    def stat_paths(self, paths, options):
+        return [from_wire(item) for item in self.agent.call("stat_paths", paths, options)]
+
+
+def serve_agent(reader, writer):
+    """The agent's loop: one LocalReplica, driven by requests until the stream ends."""
+    replica = None
+    while True:
+        request = read_message(reader)
+        if request is None:
+            return
+        op, args = request.get("op"), request.get("args", [])
+        try:
+            if op == "open":
+                replica = LocalReplica(*args)
+                reply = {"ok": {"root": replica.root, "work_dir": replica.work_dir,
+                                "state_dir": replica.state_dir, "python": sys.version.split()[0]}}
+            elif replica is None:
+                reply = {"error": "no replica opened"}
+            elif op == "scan":
+                batch = []
+                for entry in replica.scan(*args):
+                    batch.append(entry)
+                    if len(batch) >= 1000:
+                        send_message(writer, {"batch": batch})
+                        batch = []
+                send_message(writer, {"batch": batch})
+                reply = {"end": True}
+            elif op == "stat_paths" or op in RemoteReplica.REMOTE_CALLS:
+                reply = {"ok": getattr(replica, op)(*args)}
+            else:
+                reply = {"error": "unknown request %r" % op}
+        except OsyncError as error:
+            reply = {"error": str(error)}
+        except OSError as error:
+            reply = {"error": "%s: %s" % (error.filename or op, error.strerror)}
+        except Exception as error:  # report, keep serving: the client decides what to do
+            reply = {"error": "internal error in %s: %s: %s" % (op, type(error).__name__, error)}
+        send_message(writer, reply)
+
+
 def write_atomically(path, chunks):
     """Write an iterable of text chunks to `path` so it holds the old or the new content,
     never a mix: a temp file beside it, fsync, rename, fsync of the directory."""
@@ -1600,9 +1794,10 @@ def write_atomically(path, chunks):
 # The rsync command line for one direction.  Argv lists only; the paths to transfer are
 # given NUL-separated through --files-from, so no name is ever parsed by a shell.
 
-def rsync_command(cfg, source, destination, list_file, verbose):
+def rsync_command(cfg, source, destination, list_file, verbose, transport=None):
     """rsync argv that copies exactly the listed paths from source to destination."""
-    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--from0", "--files-from=" + list_file]
+    # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
+    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--from0", "--files-from=" + list_file]
     for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
                       ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
                       ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
@@ -1622,9 +1817,220 @@ def rsync_command(cfg, source, destination, list_file, verbose):
         argv.append("--stats")
     if verbose:
         argv.append("-i")
+    if transport is not None:
+        argv += transport.rsync_arguments()
+        if cfg["RSYNC_COMPRESS"]:
+            argv.append("-z")
     argv += shlex.split(cfg["RSYNC_OPTIONAL_ARGS"])
     argv += [source.location(), destination.location()]
     return argv
+
+
+SSH_URI = re.compile(r"^ssh://(?:(?P<user>[^@/\[\]]+)@)?(?P<host>\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^:/@\[\]]+)"
+                     r"(?::(?P<port>[^/]*))?/(?P<path>.+)$")
+
+
+def parse_ssh_uri(uri):
+    """ssh://[user@]host[:port]//absolute/path or ssh://[user@]host[:port]/path/in/home
+    -> (user or None, host, port, path).  IPv6 hosts go in brackets."""
+    match = SSH_URI.match(uri)
+    if not match:
+        raise ConfigError("%s is not a valid target: use ssh://[user@]host[:port]//absolute/path." % uri)
+    port = match.group("port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError("%s is not a valid target: the port %r is not a number from 1 to 65535." % (uri, port))
+    host = match.group("host")
+    if host.startswith("["):
+        host = host[1:-1]
+    return match.group("user"), host, int(port) if port else 22, match.group("path")
+
+
+def ssh_failure(host, port, stderr, code):
+    """One sentence for a failed ssh connection, from what ssh said."""
+    text = stderr.lower()
+    where = "%s port %d" % (host, port)
+    if "connection refused" in text:
+        return "ssh to %s was refused: is sshd running there and is the port right?" % where
+    if "timed out" in text or "no route to host" in text or "network is unreachable" in text:
+        return "ssh to %s timed out: the host is unreachable or a firewall is in the way." % where
+    if "could not resolve" in text or "name or service not known" in text:
+        return "The host name %s cannot be resolved." % host
+    if "permission denied" in text or "authentication" in text or "too many authentication failures" in text:
+        return ("Authentication to %s failed: check SSH_RSA_PRIVATE_KEY (or SSH_PASSWORD_FILE) and the remote "
+                "authorized_keys." % where)
+    if "host key verification failed" in text or "remote host identification has changed" in text:
+        return ("The host key of %s is unknown or has changed: add it to known_hosts (ssh-keyscan -p %d %s) or set "
+                "SSH_IGNORE_KNOWN_HOSTS=yes on a trusted network." % (where, port, host))
+    detail = " ".join(line.strip() for line in stderr.splitlines() if line.strip())[-400:]
+    return "ssh to %s failed (exit code %s)%s." % (where, code, ": " + detail if detail else "")
+
+
+class SshTransport(object):
+    """One ssh connection per run: a ControlMaster that the agent and every rsync share.
+
+    The ssh command line carries the key (or sshpass with the password file, or the
+    Kerberos cache), compression, known-hosts handling and SSH_OPTIONAL_ARGS; every
+    remote command starts with `env _REMOTE_TOKEN=...` for ssh_filter.py, and with
+    `sudo -n` when SUDO_EXEC is on."""
+
+    def __init__(self, cfg, uri, out):
+        self.cfg = cfg
+        self.out = out
+        self.user, self.host, self.port, self.path = parse_ssh_uri(uri)
+        self.control_dir = None
+        self.master = None
+        self.master_stderr = None
+        self.password_file = None
+        key = cfg["SSH_RSA_PRIVATE_KEY"]
+        self.key = key if key and os.path.isfile(key) else None
+        if not self.key and cfg["SSH_PASSWORD_FILE"]:
+            if not os.path.isfile(cfg["SSH_PASSWORD_FILE"]):
+                raise ConfigError("SSH_PASSWORD_FILE %s does not exist." % cfg["SSH_PASSWORD_FILE"])
+            self.password_file = cfg["SSH_PASSWORD_FILE"]
+
+    def destination(self):
+        return "%s@%s" % (self.user, self.host) if self.user else self.host
+
+    def rsync_host(self):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s@%s" % (self.user, host) if self.user else host
+
+    def options(self):
+        """ssh options shared by the master, the agent and rsync."""
+        cfg = self.cfg
+        options = ["-p", str(self.port), "-o", "ControlPath=" + os.path.join(self.control_dir, "master"),
+                   "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=30",
+                   "-o", "LogLevel=ERROR"]
+        options += ["-C"] if cfg["SSH_COMPRESSION"] else ["-o", "Compression=no"]
+        if self.key:
+            options += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+        if self.key or cfg["KRB5"] or not self.password_file:
+            options += ["-o", "BatchMode=yes"]
+        if cfg["KRB5"]:
+            options += ["-o", "GSSAPIAuthentication=yes"]
+        if cfg["SSH_IGNORE_KNOWN_HOSTS"]:
+            options += ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"]
+        options += shlex.split(cfg["SSH_OPTIONAL_ARGS"])
+        return options
+
+    def remote_prefix(self):
+        prefix = ["env", "_REMOTE_TOKEN=" + self.cfg["_REMOTE_TOKEN"]]
+        if self.cfg["SUDO_EXEC"]:
+            prefix += ["sudo", "-n"]
+        return prefix
+
+    def start(self):
+        """Open the master connection; a failure is one sentence naming the host."""
+        self.control_dir = tempfile.mkdtemp(prefix="osync-ssh-")
+        argv = ["ssh"] + self.options() + ["-M", "-N", "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
+                                           self.destination()]
+        if self.password_file:
+            if not shutil.which("sshpass"):
+                raise ReplicaError("SSH_PASSWORD_FILE needs sshpass, which is not installed.")
+            argv = ["sshpass", "-f", self.password_file] + argv
+        if not shutil.which("ssh"):
+            raise ReplicaError("ssh is not installed; it is needed for the target %s." % self.destination())
+        self.master_stderr = tempfile.TemporaryFile()
+        self.master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=self.master_stderr, start_new_session=True)
+        socket_path = os.path.join(self.control_dir, "master")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            code = self.master.poll()
+            if code is not None:
+                if self.password_file and code == 5:
+                    raise ReplicaError("Authentication to %s port %d failed: the password in %s was refused."
+                                       % (self.host, self.port, self.password_file))
+                raise ReplicaError(ssh_failure(self.host, self.port, read_tail(self.master_stderr, 2000), code))
+            if os.path.exists(socket_path):
+                check = run_command(["ssh"] + self.options() + ["-O", "check", self.destination()], timeout=30)
+                if check[0] == 0:
+                    return
+            time.sleep(0.05)
+        raise ReplicaError("ssh to %s port %d did not connect within a minute." % (self.host, self.port))
+
+    def command(self, remote_argv):
+        """ssh argv that runs remote_argv through the master connection."""
+        line = " ".join(shlex.quote(arg) for arg in self.remote_prefix() + remote_argv)
+        return ["ssh"] + self.options() + ["-o", "ControlMaster=no", self.destination(), line]
+
+    def rsync_arguments(self):
+        """What rsync needs to reach the remote side through the master connection."""
+        shell = " ".join(shlex.quote(arg) for arg in ["ssh"] + self.options() + ["-o", "ControlMaster=no"])
+        remote_rsync = self.cfg["RSYNC_EXECUTABLE"]
+        if self.cfg["RSYNC_REMOTE_PATH"]:
+            remote_rsync = posixpath.join(self.cfg["RSYNC_REMOTE_PATH"], remote_rsync)
+        rsync_path = " ".join(shlex.quote(arg) for arg in self.remote_prefix() + [remote_rsync])
+        return ["-e", shell, "--rsync-path=" + rsync_path, "-s"]
+
+    def start_agent(self, role, state_dir):
+        """Stream osync.py to the remote Python, wait for its banner, open the replica."""
+        with open(os.path.abspath(__file__), "rb") as handle:
+            source = handle.read()
+        interpreters = [self.cfg["REMOTE_PYTHON"]] if self.cfg["REMOTE_PYTHON"] else ["python3", "python"]
+        tried = []
+        for python in interpreters:
+            stderr_file = tempfile.TemporaryFile()
+            process = subprocess.Popen(self.command([python, "-c", AGENT_STUB, str(len(source))]),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file,
+                                       start_new_session=True)
+            try:
+                process.stdin.write(source)
+                process.stdin.flush()
+            except OSError:
+                pass
+            banner = self._read_banner(process)
+            if banner is not None:
+                agent = AgentClient(process, self.host, stderr_file)
+                paths = agent.call("open", role, self.path, state_dir)
+                self.out.verbose("Agent on %s runs under Python %s." % (self.host, paths["python"]))
+                return RemoteReplica(role, agent, self.rsync_host(), paths)
+            code = process.wait()
+            detail = read_tail(stderr_file)
+            tried.append(python)
+            if "3.6 or newer" in detail:
+                raise ReplicaError("The Python on %s is too old: %s. Install Python 3.6 or newer, or name one with "
+                                   "REMOTE_PYTHON." % (self.host, detail.split(": ", 1)[-1]))
+            if code == 127 or "not found" in detail or "no such file" in detail.lower():
+                continue
+            if "ssh_filter" in detail or "refused" in detail.lower():
+                raise ReplicaError("%s refused to start the osync.py agent (ssh_filter.py): check _REMOTE_TOKEN."
+                                   % self.host)
+            raise ReplicaError("The osync.py agent could not start on %s (exit code %d)%s." % (
+                self.host, code, ": " + detail if detail else ""))
+        raise ReplicaError("No suitable Python on %s (tried %s): install Python 3.6 or newer there, or set "
+                           "REMOTE_PYTHON to its path." % (self.host, ", ".join(tried)))
+
+    @staticmethod
+    def _read_banner(process):
+        """Skip login noise (motd, echo in .bashrc) up to the agent's banner line."""
+        for _ in range(1000):
+            line = process.stdout.readline()
+            if not line:
+                return None
+            if line.startswith(AGENT_BANNER):
+                return line
+        return None
+
+    def close(self):
+        if self.master is not None:
+            run_command(["ssh"] + self.options() + ["-O", "exit", self.destination()], timeout=15)
+            try:
+                self.master.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                kill_process_group(self.master)
+            self.master = None
+        if self.control_dir:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
+            self.control_dir = None
+
+
+def ping(host):
+    """Does the host answer ping?  None when ping is not installed."""
+    code, _, _ = run_command(["ping", "-c", "2", "-W", "3", host], timeout=30)
+    if code == 127:
+        return None
+    return code == 0
 
 
 RSYNC_EXIT_MEANINGS = {
@@ -2057,8 +2463,9 @@ class Outcome(object):
 
 
 class Executor(object):
-    def __init__(self, cfg, out, replicas, policy, options, stamp, dry):
+    def __init__(self, cfg, out, replicas, policy, options, stamp, dry, transport=None):
         self.cfg = cfg
+        self.transport = transport
         self.policy = policy
         self.out = out
         self.replicas = replicas      # {"initiator": replica, "target": replica}
@@ -2242,7 +2649,7 @@ class Executor(object):
                 listing.write(b"./" + os.fsencode(actions[index].path) + b"\0")
             listing.flush()
             argv = rsync_command(self.cfg, source_replica, destination_replica, listing.name,
-                                 verbose=self.out.screen_threshold <= VERBOSE)
+                                 verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport)
             self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
             code, stdout, stderr = run_command(argv)
         if stdout.strip():
@@ -2343,14 +2750,12 @@ def filter_spec(cfg):
 
 
 def make_replica(cfg, role):
-    """The replica object for a side of the sync."""
+    """The replica object of a local side of the sync (a remote target is opened by
+    SyncRun.connect once the checks allow it)."""
     location = cfg["INITIATOR_SYNC_DIR"] if role == "initiator" else cfg["TARGET_SYNC_DIR"]
     state_dir = cfg["INITIATOR_CUSTOM_STATE_DIR"] if role == "initiator" else cfg["TARGET_CUSTOM_STATE_DIR"]
-    if location.startswith("ssh://"):
-        if role == "initiator":
-            raise ConfigError("INITIATOR_SYNC_DIR must be a local directory, not %s." % location)
-        raise ConfigError("Remote targets (%s) are not available in this version of osync.py yet; "
-                          "sync to a local directory." % location)
+    if location.startswith("ssh://") and role == "initiator":
+        raise ConfigError("INITIATOR_SYNC_DIR must be a local directory, not %s." % location)
     if state_dir and not os.path.isabs(state_dir):
         raise ConfigError("The %s custom state dir %s must be an absolute path." % (role, state_dir))
     return LocalReplica(role, location, state_dir)
@@ -2365,7 +2770,12 @@ class SyncRun(object):
         self.dry = cfg.switch("dry")
         self.instance = cfg["INSTANCE_ID"]
         self.stamp = time.strftime("%Y.%m.%d-%H.%M.%S")
-        self.replicas = {"initiator": make_replica(cfg, "initiator"), "target": make_replica(cfg, "target")}
+        self.transport = None
+        if cfg["TARGET_SYNC_DIR"].startswith("ssh://"):
+            self.transport = SshTransport(cfg, cfg["TARGET_SYNC_DIR"], out)
+            self.replicas = {"initiator": make_replica(cfg, "initiator"), "target": None}
+        else:
+            self.replicas = {"initiator": make_replica(cfg, "initiator"), "target": make_replica(cfg, "target")}
         self.options = {"copy_links": cfg["COPY_SYMLINKS"], "dir_links": cfg["KEEP_DIRLINKS"],
                         "checksum": cfg["CHECKSUM"]}
         self.missing = set()   # sides that do not exist yet (dry run with CREATE_DIRS)
@@ -2379,6 +2789,37 @@ class SyncRun(object):
         if cfg["DESTINATION_MAILS"]:
             out.notice("Alert mails are not available in this version of osync.py yet; none is sent.")
         spec = filter_spec(cfg)
+        try:
+            if self.transport is not None:
+                self.connect()
+            self.run_checked(spec)
+        finally:
+            if self.transport is not None:
+                if self.replicas["target"] is not None:
+                    self.replicas["target"].agent.close()
+                self.transport.close()
+
+    def connect(self):
+        """Reach the remote target: the pings, the master connection, the agent."""
+        cfg, host = self.cfg, self.transport.host
+        if cfg["REMOTE_3RD_PARTY_HOSTS"].split():
+            answers = [ping(other) for other in cfg["REMOTE_3RD_PARTY_HOSTS"].split()]
+            if None in answers:
+                self.out.warn("ping is not installed: REMOTE_3RD_PARTY_HOSTS cannot be checked.")
+            elif not any(answers):
+                self.out.warn("No remote 3rd party host responded to ping (%s). No internet?"
+                              % cfg["REMOTE_3RD_PARTY_HOSTS"])
+        if cfg["REMOTE_HOST_PING"]:
+            answer = ping(host)
+            if answer is None:
+                self.out.warn("ping is not installed: REMOTE_HOST_PING cannot be checked.")
+            elif not answer:
+                raise ReplicaError("Cannot ping %s; this task is skipped (REMOTE_HOST_PING)." % host)
+        self.transport.start()
+        self.replicas["target"] = self.transport.start_agent("target", cfg["TARGET_CUSTOM_STATE_DIR"])
+
+    def run_checked(self, spec):
+        cfg, out = self.cfg, self.out
         facts = self.check_replicas()
         self.guard_unmounted(facts)
         if not self.dry:
@@ -2392,7 +2833,7 @@ class SyncRun(object):
             if cfg.switch("initialize"):
                 self.initialize(spec)
                 return
-            outcome = self.sync(spec)
+            outcome = self.sync(spec, facts)
             if not self.dry and outcome.failed == 0 and out.counter.errors == 0:
                 self.cleanup(spec)
             if cfg.switch("summary"):
@@ -2418,10 +2859,12 @@ class SyncRun(object):
             if facts[side]["created"]:
                 self.out.notice("Created the %s replica %s (CREATE_DIRS)." % (side, replica.root))
         one, other = facts["initiator"]["realpath"], facts["target"]["realpath"]
-        if one == other:
+        if self.transport is not None:
+            one = other = None
+        if one is not None and one == other:
             raise ReplicaError("The initiator and the target are the same directory (%s)." % one)
         for inner, outer in ((one, other), (other, one)):
-            if inner.startswith(outer.rstrip("/") + "/"):
+            if inner is not None and inner.startswith(outer.rstrip("/") + "/"):
                 raise ReplicaError("The replica %s lies inside the replica %s; they must not overlap." % (inner, outer))
         for side, replica in self.replicas.items():
             if not facts[side]["writable"] and not self.dry:
@@ -2462,19 +2905,54 @@ class SyncRun(object):
         if self.dry or self.cfg.switch("no_locks"):
             return
         for side in ("initiator", "target"):
-            notice = self.replicas[side].lock(self.instance, os.getpid(), self.cfg.switch("force_unlock"))
-            self.locked.append(self.replicas[side])
-            if notice:
-                self.out.notice(notice)
+            self.take_lock(self.replicas[side])
+
+    def take_lock(self, replica):
+        """Lock one replica.  A lock whose pid runs on this host refuses; a dead one is
+        taken over; on a remote target, a dead lock of another INSTANCE_ID is taken over
+        only with FORCE_STRANGER_LOCK_RESUME (the pid in a lock is always the initiator
+        host's, so it is checked here)."""
+        content = "%d@%s" % (os.getpid(), self.instance)
+        replace = None
+        for attempt in range(5):
+            existing = replica.acquire_lock(content, replace)
+            if existing is None:
+                self.locked.append((replica, content))
+                return
+            if self.cfg.switch("force_unlock"):
+                self.out.notice("Removing the lock [%s] of the %s replica (--force-unlock)." % (existing, replica.role))
+                replace = existing
+                continue
+            owner = existing.rpartition("@")[0] if "@" in existing else existing
+            owner_instance = existing.partition("@")[2] if "@" in existing else existing
+            if existing and not re.match(r"^[0-9]+$", owner.strip()):
+                raise ReplicaError("The lock of the %s replica holds %r, which is not PID@INSTANCE_ID; remove it or "
+                                   "run with --force-unlock." % (replica.role, existing[:80]))
+            if existing and pid_alive(int(owner)):
+                raise ReplicaError("There is already a running instance [%s] of osync for the %s replica %s. "
+                                   "Cannot start." % (existing, replica.role, replica.root))
+            if (isinstance(replica, RemoteReplica) and existing and owner_instance != self.instance
+                    and not self.cfg["FORCE_STRANGER_LOCK_RESUME"]):
+                raise ReplicaError("The %s replica %s holds a dead lock [%s] of another instance; it will not be "
+                                   "taken over unless FORCE_STRANGER_LOCK_RESUME=yes." % (
+                                       replica.role, replica.root, existing))
+            self.out.notice("There is a dead osync lock [%s] on the %s replica; taking it over." % (existing,
+                                                                                                  replica.role))
+            replace = existing
+        raise ReplicaError("Cannot take the lock of the %s replica: other runs keep taking it." % replica.role)
 
     def release_locks(self):
         while self.locked:
-            self.locked.pop().unlock()
+            replica, content = self.locked.pop()
+            try:
+                replica.release_lock(content)
+            except OsyncError as error:
+                self.out.error("Cannot release the lock of the %s replica: %s" % (replica.role, error))
 
     # -- the sync -----------------------------------------------------------------------------
-    def policy(self):
+    def policy(self, facts):
         cfg = self.cfg
-        root = os.geteuid() == 0
+        root = all(side_facts["euid"] == 0 for side_facts in facts.values())
         return Policy(sync_type=cfg["SYNC_TYPE"], prevalence=cfg["CONFLICT_PREVALANCE"],
                       skip_deletion=[side for side in cfg["SKIP_DELETION"].split(",") if side],
                       backup_overwrites=cfg["CONFLICT_BACKUP"], permissions=cfg["PRESERVE_PERMISSIONS"],
@@ -2500,20 +2978,22 @@ class SyncRun(object):
         self.out.notice("No state from an earlier run: this first run merges both replicas and deletes nothing.")
         return iter(())
 
-    def sync(self, spec):
+    def sync(self, spec, facts):
         out = self.out
         self.note_resume()
-        policy = self.policy()
+        policy = self.policy(facts)
         spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
         try:
             previous = self.previous_state()
-            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry)
+            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
+                                self.transport)
             decisions = plan(previous, self.scan("initiator", spec), self.scan("target", spec), policy)
             records, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
-            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry)
+            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
+                                self.transport)
             decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
             records, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
@@ -2758,6 +3238,22 @@ def main(argv=None):
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
     out.close()
     return code
+
+
+def agent_main():
+    """Entry point of the agent on a remote host (started by the AGENT_STUB bootstrap):
+    serve replica requests on stdin/stdout until the initiator closes the stream."""
+    reader, writer = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr   # a stray print must never corrupt the protocol stream
+    os.umask(0o077)
+    os.environ["LC_ALL"] = "C"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    writer.write(AGENT_BANNER + ("%s %s\n" % (VERSION, sys.version.split()[0])).encode("ascii"))
+    writer.flush()
+    try:
+        serve_agent(reader, writer)
+    except (ProtocolError, BrokenPipeError, KeyboardInterrupt):
+        pass
 
 
 def current_user():

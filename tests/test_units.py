@@ -180,26 +180,23 @@ def test_damaged_state_is_reported(tmp_path):
 # -- locks ---------------------------------------------------------------------------------------------
 
 def test_lock_is_exclusive_and_only_our_own_is_removed(tmp_path):
-    first = osync.LocalReplica("initiator", str(tmp_path))
-    first.prepare_work_dir()
-    assert first.lock("job", os.getppid(), force=False) == ""
-    second = osync.LocalReplica("initiator", str(tmp_path))
-    with pytest.raises(osync.ReplicaError) as error:
-        second.lock("job", 4242, force=False)
-    assert "already a running instance" in str(error.value)
-    second.unlock()  # never removes another run's lock
-    assert open(first.lock_path).read() == "%d@job" % os.getppid()
-    first.unlock()
-    assert not os.path.exists(first.lock_path)
+    replica = osync.LocalReplica("initiator", str(tmp_path))
+    replica.prepare_work_dir()
+    assert replica.acquire_lock("1@job") is None
+    assert replica.acquire_lock("2@job") == "1@job"
+    replica.release_lock("2@job")  # never removes another run's lock
+    assert open(replica.lock_path).read() == "1@job"
+    replica.release_lock("1@job")
+    assert not os.path.exists(replica.lock_path)
 
 
-def test_dead_lock_is_taken_over(tmp_path):
+def test_lock_is_taken_over_only_if_it_still_holds_what_was_judged_dead(tmp_path):
     replica = osync.LocalReplica("target", str(tmp_path))
     replica.prepare_work_dir()
     with open(replica.lock_path, "w") as handle:
         handle.write("999999999@other")
-    notice = replica.lock("job", 123, force=False)
-    assert "dead" in notice
+    assert replica.acquire_lock("123@job", replace="888@someone-else") == "999999999@other"
+    assert replica.acquire_lock("123@job", replace="999999999@other") is None
     assert open(replica.lock_path).read() == "123@job"
 
 

@@ -1,0 +1,38 @@
+"""Whole-run checks of behaviours that once went wrong."""
+import os
+import subprocess
+import sys
+
+OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
+
+
+def run(tmp_path, *args, **env):
+    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), **env)
+    return subprocess.run([sys.executable, OSYNC, "--initiator=%s" % (tmp_path / "a"),
+                           "--target=%s" % (tmp_path / "b")] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=environment)
+
+
+def test_replica_roots_keep_their_own_attributes(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "sub" / "f").write_text("x")
+    (tmp_path / "b").mkdir()
+    os.chmod(str(tmp_path / "a"), 0o700)
+    os.chmod(str(tmp_path / "b"), 0o755)
+    os.utime(str(tmp_path / "a"), (1000000000, 1000000000))
+    before = os.stat(str(tmp_path / "b"))
+    assert run(tmp_path).returncode == 0
+    after = os.stat(str(tmp_path / "b"))
+    assert (tmp_path / "b" / "sub" / "f").read_text() == "x"
+    assert oct(after.st_mode) == oct(before.st_mode)
+    assert after.st_mtime != 1000000000
+
+
+def test_names_starting_with_comment_characters_are_transferred(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("#hash", ";semi", "# space"):
+        (tmp_path / "a" / name).write_text(name)
+    assert run(tmp_path).returncode == 0
+    for name in ("#hash", ";semi", "# space"):
+        assert (tmp_path / "b" / name).read_text() == name
