@@ -1705,10 +1705,22 @@ class RemoteReplica(object):
     def __str__(self):
         return "%s replica %s:%s" % (self.role, self.agent.host, self.root)
 
+    CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes")
+    CHUNK = 2000
+
     def __getattr__(self, name):
+        if name in self.CHUNKED_CALLS:
+            return lambda items, *args: self._chunked(name, items, *args)
         if name in self.REMOTE_CALLS:
             return lambda *args: self.agent.call(name, *args)
         raise AttributeError(name)
+
+    def _chunked(self, name, items, *args):
+        """A call on a long list goes as several messages of bounded size, in order."""
+        results = []
+        for start in range(0, len(items), self.CHUNK):
+            results += self.agent.call(name, items[start:start + self.CHUNK], *args)
+        return results
 
     def location(self):
         return "%s:%s/" % (self.rsync_host, self.root)
@@ -1720,7 +1732,7 @@ class RemoteReplica(object):
         return (from_wire(item) for item in self.agent.stream("scan", filter_spec, options))
 
     def stat_paths(self, paths, options):
-        return [from_wire(item) for item in self.agent.call("stat_paths", paths, options)]
+        return [from_wire(item) for item in self._chunked("stat_paths", paths, options)]
 
 
 def serve_agent(reader, writer):

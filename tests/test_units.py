@@ -220,3 +220,52 @@ def test_clean_old_removes_only_items_older_than_the_limit(tmp_path):
     assert errors == []
     assert sorted(os.listdir(deleted)) == ["g.php"]
     assert removed == 6  # d/e/f, h, link, e, d, empty
+
+
+# -- remote: URI, bootstrap, protocol ---------------------------------------------------------------
+
+@pytest.mark.parametrize("uri, expected", [
+    ("ssh://backup@host.example:2222//srv/data", ("backup", "host.example", 2222, "/srv/data")),
+    ("ssh://host/rel/path", (None, "host", 22, "rel/path")),
+    ("ssh://u@[::1]:22//abs", ("u", "::1", 22, "/abs")),
+    ("ssh://u@h//path/with@at:and:colons", ("u", "h", 22, "/path/with@at:and:colons")),
+    ("ssh://h:2//a b", (None, "h", 2, "/a b")),
+])
+def test_ssh_uri(uri, expected):
+    assert osync.parse_ssh_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["ssh://", "ssh://host", "ssh://host:", "ssh://host:abc//x", "ssh://host:0//x",
+                                 "ssh://host:70000//x", "ssh://@host//x", "ssh://[::1//x"])
+def test_malformed_ssh_uri_is_one_sentence(uri):
+    with pytest.raises(osync.ConfigError) as error:
+        osync.parse_ssh_uri(uri)
+    assert uri in str(error.value) and str(error.value).endswith(".")
+
+
+def test_ssh_filter_knows_the_bootstrap_osync_sends():
+    sys.path.insert(0, ROOT)
+    import ssh_filter
+    assert ssh_filter.AGENT_STUB == osync.AGENT_STUB
+    stub = ["env", "_REMOTE_TOKEN=t", "python3", "-c", osync.AGENT_STUB, "1234"]
+    assert ssh_filter.allowed(stub, "t", False)
+    assert not ssh_filter.allowed(stub, "other", False)
+    assert not ssh_filter.allowed(stub[:2] + ["sudo", "-n"] + stub[2:], "t", False)
+    assert ssh_filter.allowed(stub[:2] + ["sudo", "-n"] + stub[2:], "t", True)
+    assert ssh_filter.allowed(["env", "_REMOTE_TOKEN=t", "/usr/bin/rsync", "--server", "-s", "."], "t", False)
+    for refused in (["env", "_REMOTE_TOKEN=t", "python3", "-c", "import os"], ["ls"],
+                    ["env", "_REMOTE_TOKEN=t", "sh", "-c", "rsync --server"], ["env", "_REMOTE_TOKEN=", "ls"],
+                    ["env", "_REMOTE_TOKEN=t", "rsync", "--daemon"]):
+        assert not ssh_filter.allowed(refused, "t", True)
+    assert not ssh_filter.allowed(["env", "_REMOTE_TOKEN=", "rsync", "--server"], "", True)
+
+
+def test_protocol_round_trips_any_name_and_compresses_big_messages():
+    import io
+    names = ["\udcff\udcfe", "new\nline", "é日本", "x" * 5000]
+    stream = io.BytesIO()
+    osync.send_message(stream, {"batch": names})
+    assert stream.getvalue()[:1] == b"Z"
+    stream.seek(0)
+    assert osync.read_message(stream) == {"batch": names}
+    assert osync.read_message(stream) is None
