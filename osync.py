@@ -2901,17 +2901,20 @@ class SyncRun(object):
             if facts[side]["work_dir"] or side in self.missing:
                 continue
             held = 0
-            marker_path = ""
+            witnesses = []
             for witness in self.replicas.values():
                 marker = self.read_marker(witness)
-                if marker.get("%s_entries" % side, 0) > held:
-                    held = marker["%s_entries" % side]
-                    marker_path = os.path.join(witness.state_dir, marker_file_name(self.instance))
+                if marker.get("replicas", self.pair_identity()) != self.pair_identity():
+                    continue  # a marker of another pair of replicas says nothing about these
+                if marker.get("%s_entries" % side, 0):
+                    held = max(held, marker["%s_entries" % side])
+                    witnesses.append(os.path.join(witness.state_dir, marker_file_name(self.instance)))
             if held:
                 raise ReplicaError(
                     "The %s replica %s has no %s although the last sync left %d items in it: it looks unmounted "
-                    "or replaced, so nothing was changed. Mount it; or, if it really is meant to start empty, "
-                    "remove %s." % (side, replica.root, WORK_DIR_NAME, held, marker_path))
+                    "or replaced, so nothing was changed. Mount it; or, if it really is meant to start over, delete "
+                    "%s and %s (the next run then merges both sides and deletes nothing)."
+                    % (side, replica.root, WORK_DIR_NAME, held, " and ".join(witnesses), self.state_path()))
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
@@ -2979,9 +2982,25 @@ class SyncRun(object):
     def state_path(self):
         return os.path.join(self.replicas["initiator"].state_dir, state_file_name(self.instance))
 
+    def pair_identity(self):
+        """Which two replicas this job syncs: the state and markers apply to them only."""
+        identity = {}
+        for side, replica in self.replicas.items():
+            host = self.transport.destination() + ":" if side == "target" and self.transport else ""
+            identity[side] = host + replica.root
+        return identity
+
+    def state_header(self):
+        return {"instance": self.instance, "written": self.stamp, "replicas": self.pair_identity()}
+
     def previous_state(self):
         path = self.state_path()
-        if read_state_header(path) is not None:
+        header = read_state_header(path)
+        if header is not None:
+            if header.get("replicas") != self.pair_identity():
+                self.out.warn("The state %s was recorded for other replicas (%s); this run merges both replicas "
+                              "and deletes nothing." % (path, ", ".join(sorted((header.get("replicas") or {}).values()))))
+                return iter(())
             return read_state(path)
         legacy = read_legacy_state(self.replicas["initiator"].state_dir, self.instance)
         if legacy is not None:
@@ -3012,7 +3031,7 @@ class SyncRun(object):
             for _ in records:
                 pass
             return outcome
-        write_state(self.state_path(), {"instance": self.instance, "written": self.stamp}, records)
+        write_state(self.state_path(), self.state_header(), records)
         self.write_markers(outcome)
         if self.cfg["LOG_CONFLICTS"]:
             self.write_conflicts(outcome)
@@ -3042,7 +3061,7 @@ class SyncRun(object):
         initiator.write_state_file("initiator-last-action-%s" % self.instance, "update-replica\n")
 
     def write_markers(self, outcome):
-        marker = json.dumps({"instance": self.instance, "written": self.stamp,
+        marker = json.dumps({"instance": self.instance, "written": self.stamp, "replicas": self.pair_identity(),
                              "initiator_entries": outcome.entries["initiator"],
                              "target_entries": outcome.entries["target"]}) + "\n"
         for replica in self.replicas.values():
@@ -3069,7 +3088,7 @@ class SyncRun(object):
                 counts["initiator"] += 1
                 counts["target"] += 1
                 yield record
-        write_state(self.state_path(), {"instance": self.instance, "written": self.stamp},
+        write_state(self.state_path(), self.state_header(),
                     counted(baseline(self.scan("initiator", spec), self.scan("target", spec))))
         outcome = Outcome()
         outcome.entries = counts

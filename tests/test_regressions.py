@@ -36,3 +36,21 @@ def test_names_starting_with_comment_characters_are_transferred(tmp_path):
     assert run(tmp_path).returncode == 0
     for name in ("#hash", ";semi", "# space"):
         assert (tmp_path / "b" / name).read_text() == name
+
+
+def test_pointing_a_job_at_another_target_merges_instead_of_deleting(tmp_path):
+    """The state belongs to one pair of replicas: pointed at a new, empty target, the same
+    job must not read the missing files as deletions to propagate to the initiator."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "keep").write_text("data")
+    assert run(tmp_path).returncode == 0
+    (tmp_path / "new").mkdir()
+    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"))
+    result = subprocess.run([sys.executable, OSYNC, "--initiator=%s" % (tmp_path / "a"),
+                             "--target=%s" % (tmp_path / "new")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, env=environment)
+    assert result.returncode == 2, result.stderr
+    assert "recorded for other replicas" in result.stderr
+    assert (tmp_path / "a" / "keep").read_text() == "data"
+    assert (tmp_path / "new" / "keep").read_text() == "data"
