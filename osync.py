@@ -692,6 +692,7 @@ class Output(object):
         self.logfile = None
         self.logger = logging.Logger(PROGRAM, logging.DEBUG)
         self.counter = CountingHandler()
+        self.counter.setLevel(NOTICE)
         self.counter.setFormatter(LineFormatter(self))
         self.logger.addHandler(self.counter)
         self.pending = []          # records logged before the log file is known
@@ -714,7 +715,13 @@ class Output(object):
         self.silent = silent
         self.errors_only = errors_only
         self.screen_threshold = logging.DEBUG if debug else (VERBOSE if verbose else NOTICE)
+        self.counter.setLevel(min(self.screen_threshold, NOTICE))
         self.prefix_mode = prefix
+
+    def wants(self, level):
+        """Is a message of this level shown or logged anywhere?  Saves building
+        per-file messages nobody reads."""
+        return level >= self.screen_threshold
 
     def prefix(self, created):
         if self.prefix_mode == "none":
@@ -732,7 +739,7 @@ class Output(object):
                 continue
             stream = os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape")
             handler = logging.StreamHandler(stream)
-            handler.setLevel(VERBOSE if self.screen_threshold > logging.DEBUG else logging.DEBUG)
+            handler.setLevel(min(self.screen_threshold, NOTICE))
             handler.setFormatter(LineFormatter(self))
             self.file_handler = handler
             self.logger.addHandler(handler)
@@ -2547,6 +2554,7 @@ class Executor(object):
 
     def _report_plan(self, actions):
         prefix = "Would " if self.dry else ""
+        per_file = self.out.wants(VERBOSE)
         for decision in actions:
             if decision.conflict:
                 loser = decision.destination()
@@ -2563,6 +2571,8 @@ class Executor(object):
                 self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
                                 % (decision.path, decision.destination(), decision.source,
                                    "would be copied" if self.dry else "is copied"))
+            if not per_file:
+                continue
             if decision.action == COPY:
                 self.out.verbose("%scopy %s %s to the %s." % (prefix, KIND_NAMES.get(
                     decision.now(decision.source).kind), decision.path, decision.destination()))
