@@ -2124,20 +2124,25 @@ def read_state(path):
             yield rel_path, initiator, target
 
 
+def state_line(rel_path, initiator, target):
+    """The state file line of one path."""
+    return json.dumps([rel_path, None if initiator is None else list(initiator[1:]),
+                       None if target is None else list(target[1:])]) + "\n"
+
+
 def state_lines(records):
     """State file lines for (path, initiator entry, target entry) records."""
     for rel_path, initiator, target in records:
-        yield json.dumps([rel_path, None if initiator is None else list(initiator[1:]),
-                          None if target is None else list(target[1:])]) + "\n"
+        yield state_line(rel_path, initiator, target)
 
 
-def write_state(path, header, records):
-    """Write the state file atomically; records must come in canonical order."""
+def write_state(path, header, lines):
+    """Write the state file atomically; lines (from state_line) in canonical order."""
     header = dict(header, format=STATE_FORMAT, version=STATE_VERSION)
 
     def chunks():
         yield json.dumps(header, sort_keys=True) + "\n"
-        for line in state_lines(records):
+        for line in lines:
             yield line
     write_atomically(path, chunks())
 
@@ -2505,9 +2510,15 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
-                spool.write(self._spooled(decision))
+                if decision.action == SKIP:
+                    pair = (decision.prev_initiator, decision.prev_target)
+                else:
+                    pair = (decision.initiator, decision.target)
+                if pair[0] is not None or pair[1] is not None:
+                    self._count_entries(pair)
+                    spool.write(state_line(decision.path, pair[0], pair[1]))
             else:
-                spool.write('["@", %d]\n' % len(actions))
+                spool.write("@%d\n" % len(actions))
                 actions.append(decision)
         results = [None] * len(actions)
         if actions:
@@ -2517,32 +2528,27 @@ class Executor(object):
         spool.seek(0)
         return self._new_state(spool, actions, results), self.outcome
 
-    def _spooled(self, decision):
-        if decision.action == SKIP:
-            pair = (decision.prev_initiator, decision.prev_target)
-        else:
-            pair = (decision.initiator, decision.target)
-        return json.dumps([decision.path, to_wire(pair[0]), to_wire(pair[1])]) + "\n"
+    def _count_entries(self, pair):
+        for side, entry in zip(("initiator", "target"), pair):
+            if entry is not None and entry.kind != "?":
+                self.outcome.entries[side] += 1
 
     def _new_state(self, spool, actions, results):
-        """New state records, in canonical order, with each action replaced by its result."""
+        """The new state's lines, in canonical order: the spooled lines as they are, each
+        action replaced by its result (or by the previous state where it failed)."""
         with spool:
             for line in spool:
-                item = json.loads(line)
-                if item[0] == "@" and len(item) == 2:
-                    decision = actions[item[1]]
-                    pair = results[item[1]] if results[item[1]] is not None else (
-                        decision.prev_initiator, decision.prev_target)
-                    rel_path = decision.path
-                else:
-                    rel_path = item[0]
-                    pair = (from_wire(item[1]), from_wire(item[2]))
+                if not line.startswith("@"):
+                    yield line
+                    continue
+                decision = actions[int(line[1:])]
+                pair = results[int(line[1:])]
+                if pair is None:
+                    pair = (decision.prev_initiator, decision.prev_target)
                 if pair[0] is None and pair[1] is None:
                     continue
-                for side, entry in zip(("initiator", "target"), pair):
-                    if entry is not None and entry.kind != "?":
-                        self.outcome.entries[side] += 1
-                yield rel_path, pair[0], pair[1]
+                self._count_entries(pair)
+                yield state_line(decision.path, pair[0], pair[1])
 
     # -- reporting ----------------------------------------------------------------------------
     def _report_note(self, decision):
@@ -3029,19 +3035,19 @@ class SyncRun(object):
             executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
                                 self.transport)
             decisions = plan(previous, self.scan("initiator", spec), self.scan("target", spec), policy)
-            records, outcome = executor.execute(decisions, spool_dir)
+            lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
                                 self.transport)
             decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
-            records, outcome = executor.execute(decisions, spool_dir)
+            lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
-            for _ in records:
+            for _ in lines:
                 pass
             return outcome
-        write_state(self.state_path(), self.state_header(), records)
+        write_state(self.state_path(), self.state_header(), lines)
         self.write_markers(outcome)
         if self.cfg["LOG_CONFLICTS"]:
             self.write_conflicts(outcome)
@@ -3099,7 +3105,7 @@ class SyncRun(object):
                 counts["target"] += 1
                 yield record
         write_state(self.state_path(), self.state_header(),
-                    counted(baseline(self.scan("initiator", spec), self.scan("target", spec))))
+                    state_lines(counted(baseline(self.scan("initiator", spec), self.scan("target", spec)))))
         outcome = Outcome()
         outcome.entries = counts
         self.write_markers(outcome)

@@ -162,7 +162,7 @@ def test_state_round_trips_any_name(tmp_path):
         entry = osync.Entry(name, "f", number, number * 10 ** 9 + 7, 0o640, 1, 2, 3, 4, "", "")
         records.append((name, entry, None if number % 2 else entry))
     path = str(tmp_path / "state")
-    osync.write_state(path, {"instance": "x"}, iter(records))
+    osync.write_state(path, {"instance": "x"}, osync.state_lines(records))
     assert list(osync.read_state(path)) == records
     header = json.loads(open(path).readline())
     assert header["format"] == osync.STATE_FORMAT and header["version"] == osync.STATE_VERSION
@@ -170,7 +170,7 @@ def test_state_round_trips_any_name(tmp_path):
 
 def test_damaged_state_is_reported(tmp_path):
     path = tmp_path / "state"
-    osync.write_state(str(path), {}, iter([("a", osync.Entry("a", "f"), None)]))
+    osync.write_state(str(path), {}, osync.state_lines([("a", osync.Entry("a", "f"), None)]))
     with open(str(path), "a") as handle:
         handle.write("not json\n")
     with pytest.raises(osync.StateError):
