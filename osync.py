@@ -16,6 +16,7 @@ planner, executor, run and command line.
 """
 
 import argparse
+import codecs
 import errno
 import fnmatch
 import hashlib
@@ -927,6 +928,43 @@ class Watchdog(object):
 # reply is {"ok": RESULT} or {"error": SENTENCE}; a scan replies with {"batch": [...]}
 # messages and a final {"end": true}.
 
+# Paths travel (and are stored in the state) as their bytes decoded as UTF-8 with
+# surrogateescape, whatever the local filesystem encoding: a Python 3.6 under the C
+# locale decodes names as ASCII, and its str for a name must still mean the same bytes
+# on the other side.  Where the filesystem encoding is UTF-8 (nearly always) the
+# conversions are the identity and cost nothing.
+FS_IS_UTF8 = codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def wire_text(native):
+    """A native str (as os functions return it) in the wire form."""
+    try:
+        return os.fsencode(native).decode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return native
+
+
+def native_text(wire):
+    """A wire-form str as os functions want it here."""
+    try:
+        return os.fsdecode(wire.encode("utf-8", "surrogateescape"))
+    except UnicodeError:
+        return wire
+
+
+def transcode(value, convert):
+    """Apply convert to every str inside lists, tuples and dicts (a no-op on UTF-8 systems)."""
+    if FS_IS_UTF8:
+        return value
+    if isinstance(value, str):
+        return convert(value)
+    if isinstance(value, (list, tuple)):
+        return [transcode(item, convert) for item in value]
+    if isinstance(value, dict):
+        return dict((key, transcode(item, convert)) for key, item in value.items())
+    return value
+
+
 AGENT_BANNER = b"OSYNC-AGENT "
 AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
               "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
@@ -990,7 +1028,7 @@ class AgentClient(object):
             while not self._reply().get("end"):
                 pass
         try:
-            send_message(self.process.stdin, {"op": op, "args": list(args)})
+            send_message(self.process.stdin, {"op": op, "args": transcode(list(args), wire_text)})
         except (OSError, ValueError) as error:
             raise self.lost(str(error))
 
@@ -1001,6 +1039,7 @@ class AgentClient(object):
             raise self.lost(str(error))
         if reply is None:
             raise self.lost("end of stream")
+        reply = transcode(reply, native_text)
         if "error" in reply:
             raise ReplicaError("On %s: %s" % (self.host, reply["error"]))
         return reply
@@ -1379,6 +1418,7 @@ class LocalReplica(object):
         self.work_dir = os.path.join(self.root, WORK_DIR_NAME)
         self.state_dir = state_dir or os.path.join(self.work_dir, "state")
         self.lock_path = os.path.join(self.work_dir, "lock")
+        self.display = self.root    # how messages name this replica
 
     def __str__(self):
         return "%s replica %s" % (self.role, self.root)
@@ -1708,6 +1748,7 @@ class RemoteReplica(object):
         self.root = paths["root"]
         self.work_dir = paths["work_dir"]
         self.state_dir = paths["state_dir"]
+        self.display = "%s:%s" % (agent.host, self.root)
 
     def __str__(self):
         return "%s replica %s:%s" % (self.role, self.agent.host, self.root)
@@ -1749,7 +1790,7 @@ def serve_agent(reader, writer):
         request = read_message(reader)
         if request is None:
             return
-        op, args = request.get("op"), request.get("args", [])
+        op, args = request.get("op"), transcode(request.get("args", []), native_text)
         try:
             if op == "open":
                 replica = LocalReplica(*args)
@@ -1762,9 +1803,9 @@ def serve_agent(reader, writer):
                 for entry in replica.scan(*args):
                     batch.append(entry)
                     if len(batch) >= 1000:
-                        send_message(writer, {"batch": batch})
+                        send_message(writer, {"batch": transcode(batch, wire_text)})
                         batch = []
-                send_message(writer, {"batch": batch})
+                send_message(writer, {"batch": transcode(batch, wire_text)})
                 reply = {"end": True}
             elif op == "stat_paths" or op in RemoteReplica.REMOTE_CALLS:
                 reply = {"ok": getattr(replica, op)(*args)}
@@ -1776,7 +1817,7 @@ def serve_agent(reader, writer):
             reply = {"error": "%s: %s" % (error.filename or op, error.strerror)}
         except Exception as error:  # report, keep serving: the client decides what to do
             reply = {"error": "internal error in %s: %s: %s" % (op, type(error).__name__, error)}
-        send_message(writer, reply)
+        send_message(writer, transcode(reply, wire_text))
 
 
 def write_atomically(path, chunks):
@@ -2112,7 +2153,7 @@ def read_state(path):
         previous_key = None
         for number, line in enumerate(handle, 2):
             try:
-                rel_path, initiator, target = json.loads(line)
+                rel_path, initiator, target = transcode(json.loads(line), native_text)
                 initiator = None if initiator is None else Entry(rel_path, *initiator)
                 target = None if target is None else Entry(rel_path, *target)
             except (ValueError, TypeError):
@@ -2125,9 +2166,9 @@ def read_state(path):
 
 
 def state_line(rel_path, initiator, target):
-    """The state file line of one path."""
-    return json.dumps([rel_path, None if initiator is None else list(initiator[1:]),
-                       None if target is None else list(target[1:])]) + "\n"
+    """The state file line of one path (names in the wire form)."""
+    return json.dumps(transcode([rel_path, None if initiator is None else list(initiator[1:]),
+                                 None if target is None else list(target[1:])], wire_text)) + "\n"
 
 
 def state_lines(records):
@@ -2880,12 +2921,12 @@ class SyncRun(object):
                 if not (self.dry and create):
                     raise
                 self.out.notice("The %s replica %s does not exist; a real run would create it." % (
-                    side, replica.root))
+                    side, replica.display))
                 self.missing.add(side)
                 facts[side] = {"realpath": os.path.abspath(replica.root), "work_dir": False, "writable": True,
                                "free_kb": None, "euid": os.geteuid(), "created": False}
             if facts[side]["created"]:
-                self.out.notice("Created the %s replica %s (CREATE_DIRS)." % (side, replica.root))
+                self.out.notice("Created the %s replica %s (CREATE_DIRS)." % (side, replica.display))
         one, other = facts["initiator"]["realpath"], facts["target"]["realpath"]
         if self.transport is not None:
             one = other = None
@@ -2896,11 +2937,11 @@ class SyncRun(object):
                 raise ReplicaError("The replica %s lies inside the replica %s; they must not overlap." % (inner, outer))
         for side, replica in self.replicas.items():
             if not facts[side]["writable"] and not self.dry:
-                raise ReplicaError("The %s replica %s is not writable by this user." % (side, replica.root))
+                raise ReplicaError("The %s replica %s is not writable by this user." % (side, replica.display))
             free = facts[side]["free_kb"]
             if self.cfg["MINIMUM_SPACE"] and free is not None and free < self.cfg["MINIMUM_SPACE"]:
                 self.out.warn("There is not enough free space on the %s replica %s (%d KiB, MINIMUM_SPACE is %d)."
-                              % (side, replica.root, free, self.cfg["MINIMUM_SPACE"]))
+                              % (side, replica.display, free, self.cfg["MINIMUM_SPACE"]))
         return facts
 
     def read_marker(self, replica):
@@ -2930,7 +2971,7 @@ class SyncRun(object):
                     "The %s replica %s has no %s although the last sync left %d items in it: it looks unmounted "
                     "or replaced, so nothing was changed. Mount it; or, if it really is meant to start over, delete "
                     "%s and %s (the next run then merges both sides and deletes nothing)."
-                    % (side, replica.root, WORK_DIR_NAME, held, " and ".join(witnesses), self.state_path()))
+                    % (side, replica.display, WORK_DIR_NAME, held, " and ".join(witnesses), self.state_path()))
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
@@ -2961,12 +3002,12 @@ class SyncRun(object):
                                    "run with --force-unlock." % (replica.role, existing[:80]))
             if existing and pid_alive(int(owner)):
                 raise ReplicaError("There is already a running instance [%s] of osync for the %s replica %s. "
-                                   "Cannot start." % (existing, replica.role, replica.root))
+                                   "Cannot start." % (existing, replica.role, replica.display))
             if (isinstance(replica, RemoteReplica) and existing and owner_instance != self.instance
                     and not self.cfg["FORCE_STRANGER_LOCK_RESUME"]):
                 raise ReplicaError("The %s replica %s holds a dead lock [%s] of another instance; it will not be "
                                    "taken over unless FORCE_STRANGER_LOCK_RESUME=yes." % (
-                                       replica.role, replica.root, existing))
+                                       replica.role, replica.display, existing))
             self.out.notice("There is a dead osync lock [%s] on the %s replica; taking it over." % (existing,
                                                                                                   replica.role))
             replace = existing

@@ -1,7 +1,10 @@
 """Whole-run checks of behaviours that once went wrong."""
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
 
@@ -54,3 +57,34 @@ def test_pointing_a_job_at_another_target_merges_instead_of_deleting(tmp_path):
     assert "recorded for other replicas" in result.stderr
     assert (tmp_path / "a" / "keep").read_text() == "data"
     assert (tmp_path / "new" / "keep").read_text() == "data"
+
+
+def oldest_python():
+    import glob
+    root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, universal_newlines=True).stdout.strip() \
+        if shutil.which("pyenv") else ""
+    found = sorted(glob.glob(os.path.join(root, "versions", "3.6*", "bin", "python"))) if root else []
+    return found[0] if found else None
+
+
+def test_state_is_shared_between_utf8_and_c_locale_pythons(tmp_path):
+    """cron often runs with LC_ALL=C, where Python 3.6 decodes names as ASCII: a state
+    written by an interactive run must still mean the same files there."""
+    python36 = oldest_python()
+    if python36 is None:
+        pytest.skip("no Python 3.6 under pyenv")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    name = "caf\u00e9 \u65e5\u672c"
+    (tmp_path / "a" / name).write_text("x")
+    (tmp_path / "a" / "other").write_text("y")
+    assert run(tmp_path).returncode == 0
+    os.unlink(str(tmp_path / "a" / name))
+    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), LC_ALL="C", LANG="C")
+    environment.pop("PYTHONUTF8", None)
+    result = subprocess.run([python36, OSYNC, "--initiator=%s" % (tmp_path / "a"), "--target=%s" % (tmp_path / "b"),
+                             "--summary"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(os.path.join(str(tmp_path / "b"), name))
+    assert os.path.exists(os.path.join(str(tmp_path / "b"), ".osync_workdir", "deleted", name))
+    assert b"Target has 0 updates." in result.stdout  # nothing else was taken for new
