@@ -825,18 +825,20 @@ def log_file_candidates(instance_id, configured):
 
 def kill_process_group(process, grace=5.0):
     """Stop a child and everything it started: SIGTERM, then SIGKILL after `grace` seconds."""
-    if process.poll() is not None:
-        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except OSError:
-            return
+            return  # the whole group is gone
         deadline = time.time() + wait
-        while time.time() < deadline:
-            if process.poll() is not None:
-                return
+        while time.time() < deadline and process.poll() is None:
             time.sleep(0.05)
+        if process.poll() is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever the leader left behind
+            except OSError:
+                pass
+            return
 
 
 def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
@@ -2093,6 +2095,11 @@ def ping(host):
     return code == 0
 
 
+def one_line(text, limit=2000):
+    """A command's multi-line complaint as one line."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-limit:]
+
+
 RSYNC_EXIT_MEANINGS = {
     1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting input/output files",
     5: "error starting client-server protocol", 10: "error in socket I/O", 11: "error in file I/O",
@@ -2566,6 +2573,7 @@ class Executor(object):
             self._report_plan(actions)
             if not self.dry:
                 self._carry_out(actions, results)
+        self.report_failures()
         spool.seek(0)
         return self._new_state(spool, actions, results), self.outcome
 
@@ -2640,9 +2648,21 @@ class Executor(object):
         elif decision.action == DELETE:
             self.outcome.deleted[decision.side].append(decision.path)
 
+    FAILURES_SHOWN = 50
+
     def _fail(self, decision, message):
+        """Count a failed path; the first ones are named, the rest summed up at the end."""
         self.outcome.failed += 1
-        self.out.error(message)
+        if self.outcome.failed <= self.FAILURES_SHOWN:
+            self.out.error(message)
+        else:
+            self.out.verbose(message)
+
+    def report_failures(self):
+        hidden = self.outcome.failed - self.FAILURES_SHOWN
+        if hidden > 0:
+            self.out.error("%d more paths failed (run with --verbose to list them all); the next run tries them "
+                           "again." % hidden)
 
     # -- carrying out -----------------------------------------------------------------------------
     def _carry_out(self, actions, results):
@@ -2727,10 +2747,9 @@ class Executor(object):
             self.out.warn("Some files vanished on the %s during the transfer; the next run handles them." % source)
         elif code not in (0, 23):
             self.out.error("rsync from the %s to the %s failed with exit code %d (%s): %s" % (
-                source, destination, code, RSYNC_EXIT_MEANINGS.get(code, "unknown error"),
-                stderr.strip()[-2000:]))
+                source, destination, code, RSYNC_EXIT_MEANINGS.get(code, "unknown error"), one_line(stderr)))
         elif stderr.strip():
-            self.out.warn("rsync from the %s to the %s said: %s" % (source, destination, stderr.strip()[-2000:]))
+            self.out.warn("rsync from the %s to the %s said: %s" % (source, destination, one_line(stderr)))
         paths = [actions[index].path for index in indexes]
         now_source = source_replica.stat_paths(paths, self.options)
         now_destination = destination_replica.stat_paths(paths, self.options)
@@ -2858,6 +2877,9 @@ class SyncRun(object):
         if cfg["DESTINATION_MAILS"]:
             out.notice("Alert mails are not available in this version of osync.py yet; none is sent.")
         spec = filter_spec(cfg)
+        if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
+            raise ReplicaError("rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH; install rsync."
+                               % cfg["RSYNC_EXECUTABLE"])
         try:
             if self.transport is not None:
                 self.connect()
@@ -3317,6 +3339,9 @@ def main(argv=None):
         out.critical(str(error))
     except StopRun as stop:
         out.log(logging.ERROR if stop.level == "ERROR" else logging.WARNING, stop.reason)
+    except OSError as error:  # the disk or the system refused something osync.py itself does
+        out.critical("Stopped: %s%s. Nothing was lost; the next run continues where this one stopped."
+                     % (error.strerror or error, " (%s)" % error.filename if error.filename else ""))
     except Exception as error:  # a bug: say it plainly, keep the traceback in the log
         import traceback
         out.debug(traceback.format_exc())

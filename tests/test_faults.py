@@ -1,0 +1,130 @@
+"""Faults a run must survive with one sentence, a non-zero exit and nothing lost:
+a full disk, a missing rsync, a stop signal, the hard time limit."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
+
+
+def start(tmp_path, initiator, target, *args, **env):
+    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), **env)
+    return subprocess.Popen([sys.executable, OSYNC, "--initiator=%s" % initiator, "--target=%s" % target,
+                             "--no-prefix"] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, env=environment)
+
+
+def run(tmp_path, initiator, target, *args, **env):
+    process = start(tmp_path, initiator, target, *args, **env)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
+def tree(root):
+    found = {}
+    for directory, dirs, files in os.walk(str(root)):
+        dirs[:] = [d for d in dirs if d != ".osync_workdir"]
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, str(root))] = handle.read()
+    return found
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs, so a sync runs out of space half way."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
+def test_full_disk_is_an_error_then_the_next_run_finishes(tmp_path, small_disk):
+    initiator = tmp_path / "a"
+    initiator.mkdir()
+    for number in range(5):
+        (initiator / ("f%d" % number)).write_bytes(os.urandom(700000))
+    target = small_disk / "b"
+    target.mkdir()
+    before = tree(initiator)
+    code, out, err = run(tmp_path, initiator, target, MINIMUM_SPACE="0")
+    assert code == 1
+    assert "No space left on device" in err and "Traceback" not in err + out
+    assert tree(initiator) == before
+    for name, content in tree(target).items():  # what arrived is whole, never a torn file
+        assert content == before[name]
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    code, out, err = run(tmp_path, initiator, target, MINIMUM_SPACE="0")
+    assert code == 0, err
+    assert tree(target) == before == tree(initiator)
+
+
+def test_missing_rsync_is_one_sentence(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "f").write_text("x")
+    code, out, err = run(tmp_path, tmp_path / "a", tmp_path / "b", RSYNC_EXECUTABLE="/nonexistent/rsync")
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "rsync" in lines[0] and "not installed" in lines[0]
+    assert not (tmp_path / "b" / "f").exists()
+
+
+def slow_pair(tmp_path, files=20):
+    initiator, target = tmp_path / "a", tmp_path / "b"
+    initiator.mkdir()
+    target.mkdir()
+    for number in range(files):
+        (initiator / ("big%02d" % number)).write_bytes(os.urandom(1 << 20))
+    return initiator, target
+
+
+def wait_for_transfer(target, timeout=20):
+    """Until rsync has started writing into the target."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        temp = target / ".osync_workdir" / "_tmp"
+        if (temp.is_dir() and os.listdir(str(temp))) or any(p.name.startswith("big") for p in target.iterdir()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the transfer never started")
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path):
+    initiator, target = slow_pair(tmp_path)
+    process = start(tmp_path, initiator, target, BANDWIDTH="2000")
+    wait_for_transfer(target)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
+    assert "Stopped by signal SIGTERM" in err and "Traceback" not in err
+    assert not (initiator / ".osync_workdir" / "lock").exists()
+    assert not (target / ".osync_workdir" / "lock").exists()
+    deadline = time.time() + 5
+    while subprocess.run(["pgrep", "-f", "rsync.*%s" % target], stdout=subprocess.DEVNULL).returncode == 0:
+        assert time.time() < deadline, "rsync still runs after osync.py stopped"
+        time.sleep(0.1)
+    code, out, err = run(tmp_path, initiator, target)
+    assert code == 0, err
+    assert tree(target) == tree(initiator)
+    assert os.listdir(str(target / ".osync_workdir" / "_tmp")) == []
+
+
+def test_hard_time_limit_stops_the_run_with_an_error(tmp_path):
+    initiator, target = slow_pair(tmp_path)
+    code, out, err = run(tmp_path, initiator, target, "--summary", BANDWIDTH="2000", HARD_MAX_EXEC_TIME="2",
+                         SOFT_MAX_EXEC_TIME="1")
+    assert code == 1
+    assert "Max hard execution time [2] exceeded" in err and "Max soft execution time [1] exceeded" in err
+    assert not (target / ".osync_workdir" / "lock").exists()
+    code, out, err = run(tmp_path, initiator, target)
+    assert code == 0, err
+    assert tree(target) == tree(initiator)
