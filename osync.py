@@ -2750,9 +2750,15 @@ class Executor(object):
                 source, destination, code, RSYNC_EXIT_MEANINGS.get(code, "unknown error"), one_line(stderr)))
         elif stderr.strip():
             self.out.warn("rsync from the %s to the %s said: %s" % (source, destination, one_line(stderr)))
+        for start in range(0, len(indexes), 2000):
+            self._verify(actions, results, indexes[start:start + 2000], source, destination)
+
+    def _verify(self, actions, results, indexes, source, destination):
+        """Record what arrived: the destination must hold what was sent; the source
+        must still be what the scan saw, or its previous state is kept."""
         paths = [actions[index].path for index in indexes]
-        now_source = source_replica.stat_paths(paths, self.options)
-        now_destination = destination_replica.stat_paths(paths, self.options)
+        now_source = self.replicas[source].stat_paths(paths, self.options)
+        now_destination = self.replicas[destination].stat_paths(paths, self.options)
         for index, fresh_source, fresh_destination in zip(indexes, now_source, now_destination):
             decision = actions[index]
             sent = decision.now(source)
