@@ -10,15 +10,28 @@ the ``pair`` fixture and talks to the replicas only through it:
     pair.run_conf(conf, *args, env=None, expect=None)  config mode
     pair.conf_keys()    the keys a config file needs to reach this pair
 
-Only the "local" kind exists today.  A remote kind (``ssh://…`` target served by an
-sshd on 127.0.0.1) is added by subclassing ``Pair`` (override ``spec_for``,
-``extra_args`` and ``conf_keys``) and adding its name to ``PAIR_KINDS`` /
-``make_pair``; every scenario then runs on both kinds.
+Kinds of pair (``pair.kind``):
+
+    local           the target is a local directory
+    remote          the target is ``ssh://root@127.0.0.1:PORT//<abs path>``, served by the
+                    session's ``sshd`` fixture; the osync.py agent runs under the oldest
+                    supported Python (pyenv's 3.6) on the "remote" side
+    remote-newest   the same with the newest Python pyenv has (3.13); for time, only on
+                    the REMOTE_NEWEST_SUBSET of the scenarios (OSYNC_REMOTE_NEWEST=all: all)
+
+The remote target is this very host, so ``pair.target`` is still a local path the test
+can inspect and edit.  Every test that asks for ``pair`` runs on every kind of
+``PAIR_KINDS``; narrow them for a quick run with e.g. ``OSYNC_PAIR_KINDS=local,remote``.
+A test that only makes sense on a local target is marked ``@pytest.mark.local_only`` or
+listed in ``LOCAL_ONLY`` below (with the reason).
 """
 
+import glob
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -57,6 +70,7 @@ LOCAL_RUN_AFTER_CMD REMOTE_RUN_BEFORE_CMD REMOTE_RUN_AFTER_CMD MAX_EXEC_TIME_PER
 MAX_EXEC_TIME_PER_CMD_AFTER STOP_ON_CMD_ERROR RUN_AFTER_CMD_ON_ERROR COMPRESSION_LEVEL
 OSYNC_DIR MASTER_SYNC_DIR SLAVE_SYNC_DIR SYNC_ID _DEBUG _PARANOIA_DEBUG SLEEP_TIME
 IGNORE_OS_TYPE _LOGGER_SILENT _LOGGER_VERBOSE _LOGGER_ERR_ONLY _LOGGER_PREFIX
+REMOTE_PYTHON SSH_AUTH_SOCK
 """.split())
 
 
@@ -273,12 +287,462 @@ class Pair:
         return r
 
 
-PAIR_KINDS = ["local"]
+# --------------------------------------------------------------------------------------
+# sshd on 127.0.0.1 (and ::1 when it can be bound) for the remote kinds
+# --------------------------------------------------------------------------------------
+
+SSHD = "/usr/sbin/sshd"
 
 
-def make_pair(kind, base):
+def free_port():
+    """A TCP port free on 127.0.0.1 (and on ::1 too when possible)."""
+    for _ in range(50):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if not _can_bind6(port) and _ipv6_available():
+            continue
+        return port
+    return port
+
+
+def _ipv6_available():
+    return _can_bind6(0)
+
+
+def _can_bind6(port):
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(("::1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def port_accepts(host, port, timeout=0.5):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def keygen(path, comment="osync-test"):
+    """A new ed25519 key pair at `path` (and path.pub); returns the public key line."""
+    path = Path(path)
+    if not path.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                        "-f", str(path)], check=True, stdin=subprocess.DEVNULL)
+    return Path(str(path) + ".pub").read_text().strip()
+
+
+class SshServer:
+    """A running sshd.  Attributes: dir, port, host ("127.0.0.1"), ipv6 (True when it
+    listens on [::1] too), key / pubkey (the user key authorized for root), known_hosts,
+    log, pidfile, config.  Authorized keys live in ``authorized_keys.<user>`` files
+    (``authorized_keys`` is root's): add lines with ``authorize(line, user)``."""
+
+    host = "127.0.0.1"
+    user = "root"
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(str(self.dir), 0o755)          # other test users must reach their files
+        self.port = free_port()
+        self.ipv6 = _can_bind6(self.port)
+        self.host_key = self.dir / "ssh_host_ed25519_key"
+        host_pub = keygen(self.host_key, "osync-test-host")
+        self.key = self.dir / "id_user"
+        self.pubkey = keygen(self.key, "osync-test-user")
+        self.authorized_keys = self.authorized_keys_for("root")
+        self.authorized_keys.write_text(self.pubkey + "\n")
+        names = ["[127.0.0.1]:%d" % self.port, "[localhost]:%d" % self.port]
+        if self.ipv6:
+            names.append("[::1]:%d" % self.port)
+        self.known_hosts = self.dir / "known_hosts"
+        kt, kb = host_pub.split()[:2]
+        self.known_hosts.write_text("%s %s %s\n" % (",".join(names), kt, kb))
+        self.log = self.dir / "sshd.log"
+        self.pidfile = self.dir / "sshd.pid"
+        self.config = self.dir / "sshd_config"
+        listen = ["ListenAddress 127.0.0.1:%d" % self.port]
+        if self.ipv6:
+            listen.append("ListenAddress [::1]:%d" % self.port)
+        self.config.write_text("\n".join(listen + [
+            "HostKey %s" % self.host_key,
+            "AuthorizedKeysFile %s/authorized_keys.%%u" % self.dir,
+            "PidFile %s" % self.pidfile,
+            "StrictModes no",
+            "UsePAM no",
+            "PermitRootLogin yes",
+            "PasswordAuthentication yes",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "LogLevel VERBOSE",
+            "MaxSessions 50",
+            "MaxStartups 100",
+            "MaxAuthTries 20",
+            "PrintMotd no",
+            "UseDNS no",
+            # a cheaper key exchange than the post-quantum default: ~0.07 s less for each
+            # of the ~1000 connections of a full run
+            "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
+        ]) + "\n")
+        self.proc = None
+
+    def authorized_keys_for(self, user):
+        return self.dir / ("authorized_keys." + user)
+
+    def authorize(self, line, user="root"):
+        with open(str(self.authorized_keys_for(user)), "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start(self):
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        check = subprocess.run([SSHD, "-t", "-f", str(self.config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True)
+        assert check.returncode == 0, "sshd -t refused the test config:\n" + check.stdout
+        self.log_handle = open(str(self.log), "ab")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
+                                     stdin=subprocess.DEVNULL, stdout=self.log_handle,
+                                     stderr=self.log_handle)
+        deadline = time.time() + 20
+        probes = 0
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("sshd exited with %s:\n%s" % (self.proc.returncode,
+                                                                 self.log_text()))
+            ok4 = port_accepts("127.0.0.1", self.port)
+            probes += ok4
+            if ok4 and self.ipv6:
+                ok6 = port_accepts("::1", self.port)
+                probes += ok6
+            if ok4 and (not self.ipv6 or ok6):
+                # let sshd log the probes, so that they never count as a test's connections
+                while time.time() < deadline and self.connections(0) < probes:
+                    time.sleep(0.05)
+                time.sleep(0.2)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("sshd did not accept connections on port %d:\n%s"
+                           % (self.port, self.log_text()))
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log_handle", None):
+            self.log_handle.close()
+
+    # -- the log -------------------------------------------------------------------------
+    def log_text(self):
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def mark(self):
+        """A point in the log (its current length), for connections()/accepted()."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def log_since(self, start, end=None):
+        data = self.log.read_bytes() if self.log.exists() else b""
+        return data[start:end].decode("utf-8", "replace")
+
+    def count(self, pattern, start, end=None):
+        return len(re.findall(pattern, self.log_since(start, end), re.M))
+
+    def connections(self, start, end=None):
+        """TCP connections sshd received between two mark()s."""
+        return self.count(r"Connection from ", start, end)
+
+    def accepted(self, start, end=None):
+        """Successful authentications between two mark()s."""
+        return self.count(r"\bAccepted \S+ for ", start, end)
+
+    # -- helpers for tests -----------------------------------------------------------------
+    def spec(self, path, user="root", host=None, port=None):
+        """ssh://user@host:port/<path> (an absolute path gives the // form)."""
+        host = host or self.host
+        if ":" in host and not host.startswith("["):
+            host = "[%s]" % host
+        userpart = "%s@" % user if user else ""
+        return "ssh://%s%s:%d/%s" % (userpart, host, port or self.port, path)
+
+    def ssh_options(self):
+        """Options that make a plain ssh client trust this sshd (and nothing else)."""
+        return ["-o", "UserKnownHostsFile=%s" % self.known_hosts,
+                "-o", "StrictHostKeyChecking=yes"]
+
+    def ssh_optional_args(self):
+        """SSH_OPTIONAL_ARGS for osync.py."""
+        return " ".join(self.ssh_options())
+
+    def ssh(self, key, command=None, user="root", input=None, timeout=60):
+        """Run `ssh -i KEY -p PORT … user@127.0.0.1 [COMMAND]` (COMMAND is one string,
+        given to the remote side as is); returns the CompletedProcess."""
+        argv = ["ssh", "-F", "/dev/null", "-T", "-i", str(key), "-p", str(self.port),
+                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ControlMaster=no",
+                "-o", "ControlPath=none"] + self.ssh_options() + ["%s@%s" % (user, self.host)]
+        if command is not None:
+            argv.append(command)
+        return subprocess.run(argv, input=input if input is not None else "",
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=timeout, env=clean_env(os.devnull))
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """The session's sshd: see SshServer."""
+    if not os.path.exists(SSHD):
+        pytest.skip("%s is not installed (openssh-server): tests/run installs it" % SSHD)
+    if not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip("the ssh client is not installed (openssh-client)")
+    if os.geteuid() != 0:
+        pytest.skip("the sshd fixture needs root (it logs in as root)")
+    # Not under pytest's tmp dir (mode 0700): sshd reads a user's authorized_keys as that
+    # user, and the tests log in as other local users too.
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="osync-sshd-", dir="/tmp")
+    server = SshServer(directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def pyenv_root():
+    root = os.environ.get("PYENV_ROOT")
+    if not root and shutil.which("pyenv"):
+        r = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, universal_newlines=True)
+        root = r.stdout.strip() if r.returncode == 0 else None
+    return root or os.path.expanduser("~/.pyenv")
+
+
+def _version_key(path):
+    m = re.search(r"/versions/(\d+)\.(\d+)\.?(\d*)", path)
+    return tuple(int(x or 0) for x in m.groups()) if m else (0, 0, 0)
+
+
+def pyenv_python(which):
+    """The python binary of a pyenv version: which="3.6" (the oldest supported) or
+    "newest" (the highest 3.x installed).  None when there is none."""
+    pattern = "3.6*" if which == "3.6" else "3.*"
+    found = [p for p in glob.glob(os.path.join(pyenv_root(), "versions", pattern, "bin", "python"))
+             if os.access(p, os.X_OK) and re.search(r"/versions/\d+\.\d+\.\d+/", p)]
+    if not found:
+        return None
+    return sorted(found, key=_version_key)[-1]
+
+
+# --------------------------------------------------------------------------------------
+# Remote pairs
+# --------------------------------------------------------------------------------------
+
+class RemotePair(Pair):
+    """A pair whose target is ssh://root@127.0.0.1:PORT//<abs path> on the sshd fixture.
+
+    Quicksync runs get --rsakey and, through the environment, SSH_OPTIONAL_ARGS (the
+    fixture's known_hosts, StrictHostKeyChecking=yes) and REMOTE_PYTHON; config-mode runs
+    get the same three settings from the config file only (conf_keys)."""
+
+    def __init__(self, base, kind, server, python):
+        super().__init__(base)
+        self.kind = kind
+        self.sshd = server
+        self.python = python
+        self.key = server.key
+        self.quick_env = {"SSH_OPTIONAL_ARGS": server.ssh_optional_args(),
+                          "REMOTE_PYTHON": python}
+
+    def spec_for(self, path):
+        path = str(path)
+        assert path.startswith("/"), path
+        return self.sshd.spec(path)
+
+    def extra_args(self):
+        return ["--rsakey=%s" % self.key]
+
+    def conf_keys(self, initiator=None, target=None):
+        keys = super().conf_keys(initiator, target)
+        keys.update({"SSH_RSA_PRIVATE_KEY": str(self.key),
+                     "SSH_OPTIONAL_ARGS": self.sshd.ssh_optional_args(),
+                     "REMOTE_PYTHON": self.python})
+        return keys
+
+    def _with_quick_env(self, env):
+        merged = dict(self.quick_env)
+        merged.update(env or {})
+        return merged
+
+    def run(self, *args, env=None, **kw):
+        return super().run(*args, env=self._with_quick_env(env), **kw)
+
+    def popen(self, *args, env=None, **kw):
+        return super().popen(*args, env=self._with_quick_env(env), **kw)
+
+    def run_raw(self, *argv, env=None, **kw):
+        return super().run_raw(*argv, env=self._with_quick_env(env), **kw)
+
+
+# --------------------------------------------------------------------------------------
+# Pair kinds
+# --------------------------------------------------------------------------------------
+
+ALL_PAIR_KINDS = ["local", "remote", "remote-newest"]
+REMOTE_PYTHONS = {"remote": "3.6", "remote-newest": "newest"}
+
+
+def _pair_kinds():
+    wanted = os.environ.get("OSYNC_PAIR_KINDS", "").strip()
+    if not wanted:
+        return list(ALL_PAIR_KINDS)
+    kinds = [k.strip() for k in wanted.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ALL_PAIR_KINDS]
+    if unknown:
+        raise pytest.UsageError("OSYNC_PAIR_KINDS: unknown kind(s) %s (known: %s)"
+                                % (", ".join(unknown), ", ".join(ALL_PAIR_KINDS)))
+    return kinds
+
+
+PAIR_KINDS = _pair_kinds()
+
+# Tests (or some of their parameter sets) that only make sense on a local target; they
+# are deselected for the remote kinds.  name -> (predicate on callspec.params or None,
+# why).  Keep this short: everything else must work on a remote target exactly as locally.
+LOCAL_ONLY = {
+    # Both compare the two replicas' real paths on one file system; an ssh:// target is
+    # on another host by definition, so "the same directory" / "one inside the other"
+    # cannot be decided (nor happen) there.
+    "test_initiator_equal_to_target_is_an_error": (None, "compares local real paths"),
+    "test_nested_replicas_are_an_error": (None, "compares local real paths"),
+    # A dead lock of *another* instance is taken over on a local replica, but on a remote
+    # target the stranger-instance rule applies (reference §5.2: refused unless
+    # FORCE_STRANGER_LOCK_RESUME); test_remote.py tests that rule.
+    "test_dead_lock_is_taken_over": (
+        lambda p: p.get("side") == "target" and p.get("content") != "65536@quicksync_task",
+        "remote target locks follow the stranger-instance rule"),
+}
+
+
+# The scenario suites take about 4 minutes per remote kind on a 2-core machine, so
+# remote-newest (the agent under the newest Python; "remote" already runs everything
+# under 3.6, the oldest) runs this representative subset: at least one case of every rule
+# and option group.  OSYNC_REMOTE_NEWEST=all runs everything on it.  A test can also opt
+# in with @pytest.mark.remote_newest.  name -> predicate on callspec.params or None (all).
+REMOTE_NEWEST_SUBSET = {
+    # test_scenarios.py
+    "test_workdir_layout_on_both_replicas": None,
+    "test_lock_holds_pid_and_instance_during_run": None,
+    "test_first_run_merges_and_deletes_nothing": None,
+    "test_new_changed_deleted_propagate": lambda p: p["backup"] is None and
+    p["side"] == "initiator",
+    "test_edit_beats_deletion": lambda p: p["deleting_side"] == "target",
+    "test_conflict_resolution": lambda p: (p["i_off"], p["t_off"], p["prevalance"],
+                                           p["first_run"]) in
+    ((20, 10, None, False), (10, 10, "target", True)),
+    "test_multiple_conflict_backups": None,
+    "test_one_way_sync": lambda p: (p["sync_type"], p["form"]) == ("initiator2target", "env"),
+    "test_type_change_propagates": lambda p: (p["case"], p["side"]) == ("file-to-dir", "target"),
+    "test_empty_directories_created_and_deleted": None,
+    "test_symlinks_synced_as_links": None,
+    "test_dry_run_on_fresh_replicas_creates_nothing": None,
+    "test_dry_run_changes_nothing_and_predicts_real_run": None,
+    "test_exclusions_in_config_mode": None,
+    "test_live_lock_refuses": lambda p: p["side"] == "target",
+    "test_dead_lock_is_taken_over": lambda p: p["side"] == "target",
+    "test_missing_replica_dir_is_an_error": lambda p: p["missing"] == "target",
+    "test_create_dirs": lambda p: p["form"] == "conf",
+    "test_unmounted_replica_guard": lambda p: p["lost"] == "target",
+    "test_custom_state_dirs": lambda p: p["form"] == "conf",
+    "test_mixed_scenario_converges": None,
+    "test_deletion_failure_is_retried": None,
+    "test_fresh_backups_and_deletions_survive_cleanup": lambda p: p["days"] == "1",
+    "test_summary_output": None,
+    # test_cli_config.py
+    "test_space_separated_values": None,
+    "test_config_syntax": lambda p: p["variant"] == "comments-sections",
+    "test_sync_conf_example_runs": None,
+    "test_silent_on_error": None,
+    "test_precedence_instance_id": lambda p: p["cli_v"] == "fromcli" and p["env_v"],
+}
+
+
+def _in_newest_subset(item):
+    if os.environ.get("OSYNC_REMOTE_NEWEST", "").strip().lower() == "all":
+        return True
+    if item.get_closest_marker("remote_newest"):
+        return True
+    name = getattr(item, "originalname", None) or item.name.split("[")[0]
+    if name not in REMOTE_NEWEST_SUBSET:
+        return False
+    pred = REMOTE_NEWEST_SUBSET[name]
+    return pred is None or bool(pred(item.callspec.params))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "local_only: run only on the local pair kind")
+    config.addinivalue_line("markers", "remote_newest: also run on the remote-newest pair kind "
+                                       "(when it is limited to a subset)")
+
+
+def _local_only(item):
+    if item.get_closest_marker("local_only"):
+        return True
+    entry = LOCAL_ONLY.get(getattr(item, "originalname", None) or item.name.split("[")[0])
+    if entry is None:
+        return False
+    pred = entry[0]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return pred is None or bool(pred(params))
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kind = params.get("pair_kind")
+        if kind is not None and kind != "local" and _local_only(item):
+            drop.append(item)
+        elif kind == "remote-newest" and not _in_newest_subset(item):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def make_pair(kind, base, request=None):
     if kind == "local":
         return Pair(base)
+    if kind in REMOTE_PYTHONS:
+        python = pyenv_python(REMOTE_PYTHONS[kind])
+        if python is None:
+            pytest.skip("pair kind %s needs Python %s from pyenv (none under %s/versions)"
+                        % (kind, REMOTE_PYTHONS[kind], pyenv_root()))
+        assert request is not None, "a remote pair needs the pytest request (for sshd)"
+        server = request.getfixturevalue("sshd")
+        return RemotePair(base, kind, server, python)
     raise ValueError("unknown pair kind %r" % kind)
 
 
@@ -288,18 +752,18 @@ def pair_kind(request):
 
 
 @pytest.fixture
-def pair(pair_kind, tmp_path):
-    return make_pair(pair_kind, tmp_path / "p")
+def pair(pair_kind, tmp_path, request):
+    return make_pair(pair_kind, tmp_path / "p", request)
 
 
 @pytest.fixture
-def pair_factory(pair_kind, tmp_path):
+def pair_factory(pair_kind, tmp_path, request):
     """Call it to get further, independent pairs of the same kind."""
     count = [0]
 
     def factory():
         count[0] += 1
-        return make_pair(pair_kind, tmp_path / ("p%d" % count[0]))
+        return make_pair(pair_kind, tmp_path / ("p%d" % count[0]), request)
     return factory
 
 
