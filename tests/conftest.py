@@ -114,10 +114,10 @@ def check_exit(r, expect):
     assert r.returncode in allowed, "expected exit code %s%s" % (expect, describe(r))
 
 
-def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None):
+def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, python=None):
     """Run osync.py with exactly `argv`; returns the CompletedProcess (text, surrogateescape)."""
     assert OSYNC.exists(), "%s does not exist" % OSYNC
-    cmd = [sys.executable, str(OSYNC)] + [str(a) for a in argv]
+    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
     r = subprocess.run(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, errors="surrogateescape", timeout=timeout)
@@ -127,8 +127,8 @@ def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None):
     return r
 
 
-def popen_osync(argv, env, cwd):
-    cmd = [sys.executable, str(OSYNC)] + [str(a) for a in argv]
+def popen_osync(argv, env, cwd, python=None):
+    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
     return subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, errors="surrogateescape")
@@ -144,6 +144,7 @@ class Pair:
     kind = "local"
 
     def __init__(self, base, name="pair"):
+        self.interpreter = sys.executable   # the Python that runs osync.py itself
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.initiator = self.base / "initiator"
@@ -192,20 +193,20 @@ class Pair:
             instance_id=None, timeout=RUN_TIMEOUT):
         """Quicksync run: --initiator/--target of this pair (or the overrides) + args."""
         argv = self.quick_args(initiator, target_spec, instance_id) + list(args)
-        return run_osync(argv, self.env(env), self.cwd, expect, timeout, self.logfile)
+        return run_osync(argv, self.env(env), self.cwd, expect, timeout, self.logfile, self.interpreter)
 
     def popen(self, *args, env=None, instance_id=None):
         argv = self.quick_args(instance_id=instance_id) + list(args)
-        return popen_osync(argv, self.env(env), self.cwd)
+        return popen_osync(argv, self.env(env), self.cwd, self.interpreter)
 
     def run_conf(self, conf, *args, env=None, expect=None, timeout=RUN_TIMEOUT):
         """Config-mode run: osync.py CONF --non-interactive args."""
         argv = [str(conf), "--non-interactive"] + list(args)
-        return run_osync(argv, self.env(env), self.cwd, expect, timeout, self.logfile)
+        return run_osync(argv, self.env(env), self.cwd, expect, timeout, self.logfile, self.interpreter)
 
     def run_raw(self, *argv, env=None, expect=None, timeout=RUN_TIMEOUT):
         """osync.py with exactly these arguments (no replica options added)."""
-        return run_osync(list(argv), self.env(env), self.cwd, expect, timeout, self.logfile)
+        return run_osync(list(argv), self.env(env), self.cwd, expect, timeout, self.logfile, self.interpreter)
 
     def write_conf(self, name="task.conf", keys=None, lines=(), directory=None):
         """Write a config file: CONFIG_FILE_REVISION, INSTANCE_ID, the pair's dirs, then
@@ -608,7 +609,11 @@ class RemotePair(Pair):
 # Pair kinds
 # --------------------------------------------------------------------------------------
 
-ALL_PAIR_KINDS = ["local", "remote", "remote-newest"]
+# local-oldest runs osync.py itself under the oldest supported Python (3.6) on a local
+# pair, on the same representative subset as remote-newest.
+ALL_PAIR_KINDS = ["local", "local-oldest", "remote", "remote-newest"]
+SUBSET_KINDS = ("remote-newest", "local-oldest")
+LOCAL_KINDS = ("local", "local-oldest")
 REMOTE_PYTHONS = {"remote": "3.6", "remote-newest": "newest"}
 
 
@@ -721,9 +726,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         kind = params.get("pair_kind")
-        if kind is not None and kind != "local" and _local_only(item):
+        if kind is not None and kind not in LOCAL_KINDS and _local_only(item):
             drop.append(item)
-        elif kind == "remote-newest" and not _in_newest_subset(item):
+        elif kind in SUBSET_KINDS and not _in_newest_subset(item):
             drop.append(item)
         else:
             keep.append(item)
@@ -735,6 +740,13 @@ def pytest_collection_modifyitems(config, items):
 def make_pair(kind, base, request=None):
     if kind == "local":
         return Pair(base)
+    if kind == "local-oldest":
+        python = pyenv_python("3.6")
+        if python is None:
+            pytest.skip("pair kind local-oldest needs Python 3.6 from pyenv")
+        local = Pair(base)
+        local.interpreter = python
+        return local
     if kind in REMOTE_PYTHONS:
         python = pyenv_python(REMOTE_PYTHONS[kind])
         if python is None:
