@@ -2523,18 +2523,100 @@ def baseline(initiator_scan, target_scan):
 # straight into a spool file, so memory grows with the number of changes only.
 
 class Outcome(object):
-    """What a run did, for the summary, the conflict list and the exit code."""
+    """What a run did, for the summary, the conflict list and the exit code.  The paths
+    themselves are kept only when the summary will list them."""
 
-    def __init__(self):
-        self.updated = {"initiator": [], "target": []}      # paths written to that side
-        self.attributes = {"initiator": [], "target": []}
-        self.deleted = {"initiator": [], "target": []}
+    KINDS = ("updated", "attributes", "deleted")
+
+    def __init__(self, keep_paths):
+        self.keep_paths = keep_paths
+        self.counts = dict(((kind, side), 0) for kind in self.KINDS for side in OTHER_SIDE)
+        self.paths = dict(((kind, side), []) for kind in self.KINDS for side in OTHER_SIDE)
         self.conflicts = []                                  # (path, winner)
         self.failed = 0
         self.entries = {"initiator": 0, "target": 0}        # items each side holds after the run
 
+    def add(self, kind, side, path):
+        self.counts[(kind, side)] += 1
+        if self.keep_paths:
+            self.paths[(kind, side)].append(path)
+
+
+class WorkList(object):
+    """Items (JSON-able lists) written to a temp file in the order they come, and read
+    back in that order: the executor's lists of changes never need to fit in memory."""
+
+    def __init__(self, directory):
+        self.file = io.TextIOWrapper(tempfile.TemporaryFile("w+b", dir=directory), encoding="utf-8",
+                                     errors="surrogateescape")
+        self.count = 0
+
+    def add(self, item):
+        self.file.write(json.dumps(item) + "\n")
+        self.count += 1
+
+    def __iter__(self):
+        self.file.seek(0)
+        for line in self.file:
+            yield json.loads(line)
+
+    def close(self):
+        self.file.close()
+
+
+def in_chunks(items, size=2000):
+    """Lists of up to `size` items from an iterable."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def children_first(items):
+    """Removal items [path, expected] in canonical order -> the same items with every
+    directory after everything below it."""
+    open_dirs = []
+    for item in items:
+        while open_dirs and not item[0].startswith(open_dirs[-1][0] + "/"):
+            yield open_dirs.pop()
+        if item[1] is not None and item[1][1] == "d":
+            open_dirs.append(item)
+        else:
+            yield item
+    while open_dirs:
+        yield open_dirs.pop()
+
+
+def decision_record(decision):
+    """A Decision as a JSON-able list, for the spool."""
+    return [decision.path, decision.action, decision.source, decision.side, decision.conflict, decision.edit_won,
+            decision.backup, to_wire(decision.prev_initiator), to_wire(decision.prev_target),
+            to_wire(decision.initiator), to_wire(decision.target)]
+
+
+def decision_from_record(record):
+    (path, action, source, side, conflict, edit_won, backup, prev_initiator, prev_target, initiator,
+     target) = record
+    decision = Decision(path, from_wire(prev_initiator), from_wire(prev_target), from_wire(initiator),
+                        from_wire(target))
+    decision.action, decision.source, decision.side = action, source, side
+    decision.conflict, decision.edit_won, decision.backup = conflict, edit_won, backup
+    return decision
+
 
 class Executor(object):
+    """Carries out a plan in four passes over lists spooled to disk: removals (children
+    first), backups and clearing of destinations, one rsync per direction, attributes.
+    The new state is then produced while re-reading the spool, verifying each change in
+    batches: memory stays flat however many paths change."""
+
+    CHUNK = 2000
+    FAILURES_SHOWN = 50
+
     def __init__(self, cfg, out, replicas, policy, options, stamp, dry, transport=None):
         self.cfg = cfg
         self.transport = transport
@@ -2544,16 +2626,21 @@ class Executor(object):
         self.options = options        # scan options (copy_links, dir_links, checksum)
         self.stamp = stamp
         self.dry = dry
-        self.outcome = Outcome()
+        self.outcome = Outcome(keep_paths=cfg.switch("summary"))
+        self.problems = {}            # (step, side, path) -> what went wrong; success is the rule
+        self.spool = None
+        self.lists = {}
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self, decisions, spool_dir):
-        """Spool the decisions, carry out the actions, return the new state records
-        (a generator) and the outcome."""
+        """Spool the decisions, carry out the actions; return the new state's lines (a
+        generator, to be consumed once) and the outcome."""
         self.spool_dir = spool_dir
-        actions = []
-        spool = io.TextIOWrapper(tempfile.TemporaryFile("w+b", dir=spool_dir), encoding="utf-8",
-                                 errors="surrogateescape")
+        self.spool = WorkList(spool_dir)
+        for step in ("remove", "overwrite", "attrs"):
+            for side in OTHER_SIDE:
+                self.lists[(step, side)] = WorkList(spool_dir)
+        actions = 0
         for decision in decisions:
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
@@ -2564,40 +2651,135 @@ class Executor(object):
                     pair = (decision.initiator, decision.target)
                 if pair[0] is not None or pair[1] is not None:
                     self._count_entries(pair)
-                    spool.write(state_line(decision.path, pair[0], pair[1]))
+                    self.spool.file.write(state_line(decision.path, pair[0], pair[1]))
             else:
-                spool.write("@%d\n" % len(actions))
-                actions.append(decision)
-        results = [None] * len(actions)
-        if actions:
-            self._report_plan(actions)
-            if not self.dry:
-                self._carry_out(actions, results)
-        self.report_failures()
-        spool.seek(0)
-        return self._new_state(spool, actions, results), self.outcome
+                actions += 1
+                self._report_plan(decision)
+                self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
+                self._list_work(decision)
+        if actions and not self.dry:
+            self._carry_out()
+        if self.dry:
+            self.close()
+            self.report_failures()
+            return iter(()), self.outcome
+        return self._new_state(), self.outcome
+
+    def close(self):
+        for work_list in [self.spool] + list(self.lists.values()):
+            if work_list is not None:
+                work_list.close()
+
+    def _list_work(self, decision):
+        if decision.action == DELETE:
+            self.lists[("remove", decision.side)].add([decision.path, to_wire(decision.now(decision.side))])
+        elif decision.action == COPY:
+            destination = decision.destination()
+            if decision.now(destination) is not None:
+                self.lists[("overwrite", destination)].add([
+                    decision.path, to_wire(decision.now(destination)), decision.backup,
+                    decision.now(decision.source).kind])
+        elif decision.action == ATTRS:
+            destination = decision.destination()
+            mode, uid, gid = self.policy.attributes(decision.now(decision.source))
+            self.lists[("attrs", destination)].add([decision.path, to_wire(decision.now(destination)), mode,
+                                                     uid, gid])
 
     def _count_entries(self, pair):
         for side, entry in zip(("initiator", "target"), pair):
             if entry is not None and entry.kind != "?":
                 self.outcome.entries[side] += 1
 
-    def _new_state(self, spool, actions, results):
-        """The new state's lines, in canonical order: the spooled lines as they are, each
-        action replaced by its result (or by the previous state where it failed)."""
-        with spool:
-            for line in spool:
-                if not line.startswith("@"):
+    def _spooled_actions(self):
+        """The spooled decisions that need work, in canonical order."""
+        self.spool.file.seek(0)
+        for line in self.spool.file:
+            if line.startswith("@"):
+                yield decision_from_record(json.loads(line[1:]))
+
+    # -- the new state ------------------------------------------------------------------------
+    def _new_state(self):
+        """The new state's lines, in canonical order: spooled lines as they are, each
+        action replaced by its verified result (or by the previous state where it failed)."""
+        try:
+            self.spool.file.seek(0)
+            pending = []      # lines and decisions, in order, up to a batch of decisions
+            waiting = 0
+            for line in self.spool.file:
+                if line.startswith("@"):
+                    pending.append(decision_from_record(json.loads(line[1:])))
+                    waiting += 1
+                elif not waiting:
                     yield line
                     continue
-                decision = actions[int(line[1:])]
-                pair = results[int(line[1:])]
-                if pair is None:
-                    pair = (decision.prev_initiator, decision.prev_target)
-                if pair[0] is None and pair[1] is None:
-                    continue
-                self._count_entries(pair)
-                yield state_line(decision.path, pair[0], pair[1])
+                else:
+                    pending.append(line)
+                if waiting >= self.CHUNK or len(pending) >= 10 * self.CHUNK:
+                    for item in self._settle(pending):
+                        yield item
+                    pending, waiting = [], 0
+            for item in self._settle(pending):
+                yield item
+            self.report_failures()
+        finally:
+            self.close()
+
+    def _settle(self, pending):
+        """Verify a batch of decisions with one stat call per replica; yield the lines."""
+        wanted = {"initiator": [], "target": []}
+        for item in pending:
+            if isinstance(item, Decision) and item.action in (COPY, ATTRS):
+                destination = item.destination()
+                if item.action == COPY and ("overwrite", destination, item.path) not in self.problems:
+                    wanted[item.source].append(item.path)
+                    wanted[destination].append(item.path)
+                elif item.action == ATTRS and ("attrs", destination, item.path) not in self.problems:
+                    wanted[destination].append(item.path)
+        fresh = {}
+        for side, paths in wanted.items():
+            if paths:
+                for path, entry in zip(paths, self.replicas[side].stat_paths(paths, self.options)):
+                    fresh[(side, path)] = entry
+        for item in pending:
+            if not isinstance(item, Decision):
+                yield item
+                continue
+            pair = self._result(item, fresh)
+            if pair[0] is None and pair[1] is None:
+                continue
+            self._count_entries(pair)
+            yield state_line(item.path, pair[0], pair[1])
+
+    def _result(self, decision, fresh):
+        """(initiator entry, target entry) to record for a decision that was carried out."""
+        previous = (decision.prev_initiator, decision.prev_target)
+        if decision.action == DELETE:
+            problem = self.problems.get(("remove", decision.side, decision.path))
+            if problem is None:
+                self.outcome.add("deleted", decision.side, decision.path)
+                return (None, None)
+            return (decision.initiator, decision.target) if problem == "kept" else previous
+        destination = decision.destination()
+        source = decision.source
+        if decision.action == COPY:
+            if ("overwrite", destination, decision.path) in self.problems:
+                return previous
+            sent = decision.now(source)
+            arrived = fresh[(destination, decision.path)]
+            if arrived is None or arrived.error or not same_content(sent, arrived):
+                self._fail("Could not copy %s from the %s to the %s; the next run tries again."
+                           % (decision.path, source, destination))
+                return previous
+            if not unchanged_since_scan(sent, fresh[(source, decision.path)]):
+                sent = decision.before(source)   # changed during the run: the next run sends it again
+            self.outcome.add("updated", destination, decision.path)
+            pair = {source: sent, destination: arrived}
+            return (pair["initiator"], pair["target"])
+        if ("attrs", destination, decision.path) in self.problems or fresh[(destination, decision.path)] is None:
+            return previous
+        self.outcome.add("attributes", destination, decision.path)
+        pair = {source: decision.now(source), destination: fresh[(destination, decision.path)]}
+        return (pair["initiator"], pair["target"])
 
     # -- reporting ----------------------------------------------------------------------------
     def _report_note(self, decision):
@@ -2607,50 +2789,39 @@ class Executor(object):
         else:
             self.out.verbose("%s: %s." % (decision.path, decision.note))
 
-    def _report_plan(self, actions):
-        prefix = "Would " if self.dry else ""
-        per_file = self.out.wants(VERBOSE)
-        for decision in actions:
-            if decision.conflict:
-                loser = decision.destination()
-                self.out.notice("Conflict on %s: changed on both replicas; the %s's version wins (%s), the %s's "
-                                "version %s." % (decision.path, decision.source,
-                                                 "newer" if decision.now(loser) is None or not same_mtime(
-                                                     decision.now(loser).mtime_ns,
-                                                     decision.now(decision.source).mtime_ns)
-                                                 else "CONFLICT_PREVALANCE",
-                                                 loser, "is kept in its backup dir" if decision.backup else
-                                                 "was a directory"))
-                self.outcome.conflicts.append((decision.path, decision.source))
-            elif decision.edit_won:
-                self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
-                                % (decision.path, decision.destination(), decision.source,
-                                   "would be copied" if self.dry else "is copied"))
-            if not per_file:
-                continue
-            if decision.action == COPY:
-                self.out.verbose("%scopy %s %s to the %s." % (prefix, KIND_NAMES.get(
-                    decision.now(decision.source).kind), decision.path, decision.destination()))
-            elif decision.action == DELETE:
-                self.out.verbose("%sdelete %s on the %s." % (prefix, decision.path, decision.side))
-            elif decision.action == ATTRS:
-                self.out.verbose("%supdate attributes of %s on the %s." % (prefix, decision.path,
-                                                                          decision.destination()))
+    def _report_plan(self, decision):
+        if decision.conflict:
+            loser = decision.destination()
+            self.out.notice("Conflict on %s: changed on both replicas; the %s's version wins (%s), the %s's "
+                            "version %s." % (decision.path, decision.source,
+                                             "newer" if decision.now(loser) is None or not same_mtime(
+                                                 decision.now(loser).mtime_ns,
+                                                 decision.now(decision.source).mtime_ns)
+                                             else "CONFLICT_PREVALANCE",
+                                             loser, "is kept in its backup dir" if decision.backup else
+                                             "was a directory"))
+            self.outcome.conflicts.append((decision.path, decision.source))
+        elif decision.edit_won:
+            self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
+                            % (decision.path, decision.destination(), decision.source,
+                               "would be copied" if self.dry else "is copied"))
         if self.dry:
-            for decision in actions:
-                self._count(decision)
-
-    def _count(self, decision):
+            kind = {COPY: "updated", ATTRS: "attributes", DELETE: "deleted"}[decision.action]
+            self.outcome.add(kind, decision.side if decision.action == DELETE else decision.destination(),
+                             decision.path)
+        if not self.out.wants(VERBOSE):
+            return
+        prefix = "Would " if self.dry else ""
         if decision.action == COPY:
-            self.outcome.updated[decision.destination()].append(decision.path)
-        elif decision.action == ATTRS:
-            self.outcome.attributes[decision.destination()].append(decision.path)
+            self.out.verbose("%scopy %s %s to the %s." % (prefix, KIND_NAMES.get(
+                decision.now(decision.source).kind), decision.path, decision.destination()))
         elif decision.action == DELETE:
-            self.outcome.deleted[decision.side].append(decision.path)
+            self.out.verbose("%sdelete %s on the %s." % (prefix, decision.path, decision.side))
+        elif decision.action == ATTRS:
+            self.out.verbose("%supdate attributes of %s on the %s." % (prefix, decision.path,
+                                                                      decision.destination()))
 
-    FAILURES_SHOWN = 50
-
-    def _fail(self, decision, message):
+    def _fail(self, message):
         """Count a failed path; the first ones are named, the rest summed up at the end."""
         self.outcome.failed += 1
         if self.outcome.failed <= self.FAILURES_SHOWN:
@@ -2664,78 +2835,68 @@ class Executor(object):
             self.out.error("%d more paths failed (run with --verbose to list them all); the next run tries them "
                            "again." % hidden)
 
-    # -- carrying out -----------------------------------------------------------------------------
-    def _carry_out(self, actions, results):
-        sides = ("initiator", "target")
-        removals = dict((side, []) for side in sides)
-        overwrites = dict((side, []) for side in sides)
-        transfers = dict((side, []) for side in sides)   # keyed by destination
-        attributes = dict((side, []) for side in sides)
-        for index, decision in enumerate(actions):
-            if decision.action == DELETE:
-                removals[decision.side].append(index)
-            elif decision.action == COPY:
-                destination = decision.destination()
-                transfers[destination].append(index)
-                if decision.now(destination) is not None:
-                    overwrites[destination].append(index)
-            elif decision.action == ATTRS:
-                attributes[decision.destination()].append(index)
+    def _changed_during_run(self, path, side):
+        self.out.notice("%s changed on the %s during the run; it is left for the next run." % (path, side))
 
+    # -- carrying out -----------------------------------------------------------------------------
+    def _carry_out(self):
         soft = self.cfg["SOFT_DELETE"]
         multiple = self.cfg["CONFLICT_BACKUP_MULTIPLE"]
-        blocked = set()
-        for side in sides:
+        for side in OTHER_SIDE:
             # Children before their parents, so emptied directories can go too.
-            order = sorted(removals[side], key=lambda index: path_key(actions[index].path), reverse=True)
-            items = [[actions[index].path, to_wire(actions[index].now(side))] for index in order]
-            answers = self.replicas[side].remove_paths(items, soft, self.stamp, multiple, self.options)
-            for index, answer in zip(order, answers):
-                decision = actions[index]
-                if answer == "ok":
-                    results[index] = (None, None)
-                    self.outcome.deleted[side].append(decision.path)
-                elif answer == "kept":
-                    self.out.notice("Kept directory %s on the %s: it still holds items that are excluded or "
-                                    "new." % (decision.path, side))
-                    results[index] = (decision.initiator, decision.target)
-                elif answer == "changed":
-                    self.out.notice("%s changed on the %s during the run; it is left for the next run."
-                                    % (decision.path, side))
-                else:
-                    self._fail(decision, "Cannot delete %s on the %s replica: %s." % (decision.path, side, answer))
-        for side in sides:
-            items = []
-            for index in overwrites[side]:
-                decision = actions[index]
-                items.append([decision.path, to_wire(decision.now(side)), decision.backup,
-                              decision.now(decision.source).kind])
-            answers = self.replicas[side].prepare_overwrite(items, self.stamp, multiple, self.options)
-            for index, answer in zip(overwrites[side], answers):
-                if answer != "ok":
-                    blocked.add(index)
-                    decision = actions[index]
-                    if answer == "changed":
-                        self.out.notice("%s changed on the %s during the run; it is left for the next run."
-                                        % (decision.path, side))
+            for chunk in in_chunks(children_first(self.lists[("remove", side)]), self.CHUNK):
+                answers = self.replicas[side].remove_paths(chunk, soft, self.stamp, multiple, self.options)
+                for (path, _), answer in zip(chunk, answers):
+                    if answer == "ok":
+                        continue
+                    self.problems[("remove", side, path)] = answer
+                    if answer == "kept":
+                        self.out.notice("Kept directory %s on the %s: it still holds items that are excluded or "
+                                        "new." % (path, side))
+                    elif answer == "changed":
+                        self._changed_during_run(path, side)
                     else:
-                        self._fail(decision, "Cannot replace %s on the %s replica: %s." % (decision.path, side,
+                        self._fail("Cannot delete %s on the %s replica: %s." % (path, side, answer))
+        for side in OTHER_SIDE:
+            for chunk in in_chunks(self.lists[("overwrite", side)], self.CHUNK):
+                answers = self.replicas[side].prepare_overwrite(chunk, self.stamp, multiple, self.options)
+                for item, answer in zip(chunk, answers):
+                    if answer == "ok":
+                        continue
+                    self.problems[("overwrite", side, item[0])] = answer
+                    if answer == "changed":
+                        self._changed_during_run(item[0], side)
+                    else:
+                        self._fail("Cannot replace %s on the %s replica: %s." % (item[0], side, answer))
+        for destination in OTHER_SIDE:
+            self._transfer(OTHER_SIDE[destination], destination)
+        for destination in OTHER_SIDE:
+            for chunk in in_chunks(self.lists[("attrs", destination)], self.CHUNK):
+                answers = self.replicas[destination].set_attributes(chunk, self.options)
+                for item, answer in zip(chunk, answers):
+                    if answer == "ok":
+                        continue
+                    self.problems[("attrs", destination, item[0])] = answer
+                    if answer == "changed":
+                        self._changed_during_run(item[0], destination)
+                    else:
+                        self._fail("Cannot set the attributes of %s on the %s: %s." % (item[0], destination,
                                                                                        answer))
-        for destination in sides:
-            ready = [index for index in transfers[destination] if index not in blocked]
-            if ready:
-                self._transfer(actions, results, ready, OTHER_SIDE[destination], destination)
-        for destination in sides:
-            if attributes[destination]:
-                self._set_attributes(actions, results, attributes[destination], destination)
 
-    def _transfer(self, actions, results, indexes, source, destination):
-        """One rsync for all paths going from source to destination, then verification."""
+    def _transfer(self, source, destination):
+        """One rsync for every path going from source to destination (verified later,
+        while the new state is written)."""
         source_replica, destination_replica = self.replicas[source], self.replicas[destination]
         with tempfile.NamedTemporaryFile("wb", prefix="osync-files-", dir=self.spool_dir) as listing:
-            for index in sorted(indexes, key=lambda index: path_key(actions[index].path)):
-                # "./" keeps rsync from reading a name that starts with # or ; as a comment.
-                listing.write(b"./" + os.fsencode(actions[index].path) + b"\0")
+            count = 0
+            for decision in self._spooled_actions():
+                if decision.action == COPY and decision.source == source \
+                        and ("overwrite", destination, decision.path) not in self.problems:
+                    # "./" keeps rsync from reading a name that starts with # or ; as a comment.
+                    listing.write(b"./" + os.fsencode(decision.path) + b"\0")
+                    count += 1
+            if not count:
+                return
             listing.flush()
             argv = rsync_command(self.cfg, source_replica, destination_replica, listing.name,
                                  verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport)
@@ -2750,49 +2911,6 @@ class Executor(object):
                 source, destination, code, RSYNC_EXIT_MEANINGS.get(code, "unknown error"), one_line(stderr)))
         elif stderr.strip():
             self.out.warn("rsync from the %s to the %s said: %s" % (source, destination, one_line(stderr)))
-        for start in range(0, len(indexes), 2000):
-            self._verify(actions, results, indexes[start:start + 2000], source, destination)
-
-    def _verify(self, actions, results, indexes, source, destination):
-        """Record what arrived: the destination must hold what was sent; the source
-        must still be what the scan saw, or its previous state is kept."""
-        paths = [actions[index].path for index in indexes]
-        now_source = self.replicas[source].stat_paths(paths, self.options)
-        now_destination = self.replicas[destination].stat_paths(paths, self.options)
-        for index, fresh_source, fresh_destination in zip(indexes, now_source, now_destination):
-            decision = actions[index]
-            sent = decision.now(source)
-            if fresh_destination is not None and not fresh_destination.error and same_content(sent, fresh_destination):
-                kept_source = sent if unchanged_since_scan(sent, fresh_source) else decision.before(source)
-                pair = {source: kept_source, destination: fresh_destination}
-                results[index] = (pair["initiator"], pair["target"])
-                self.outcome.updated[destination].append(decision.path)
-            else:
-                self._fail(decision, "Could not copy %s from the %s to the %s; the next run tries again."
-                           % (decision.path, source, destination))
-
-    def _set_attributes(self, actions, results, indexes, destination):
-        source = OTHER_SIDE[destination]
-        items = []
-        for index in indexes:
-            decision = actions[index]
-            mode, uid, gid = self.policy.attributes(decision.now(source))
-            items.append([decision.path, to_wire(decision.now(destination)), mode, uid, gid])
-        answers = self.replicas[destination].set_attributes(items, self.options)
-        paths = [actions[index].path for index in indexes]
-        fresh = self.replicas[destination].stat_paths(paths, self.options)
-        for index, answer, entry in zip(indexes, answers, fresh):
-            decision = actions[index]
-            if answer == "ok" and entry is not None:
-                pair = {source: decision.now(source), destination: entry}
-                results[index] = (pair["initiator"], pair["target"])
-                self.outcome.attributes[destination].append(decision.path)
-            elif answer == "changed":
-                self.out.notice("%s changed on the %s during the run; it is left for the next run."
-                                % (decision.path, destination))
-            else:
-                self._fail(decision, "Cannot set the attributes of %s on the %s: %s." % (decision.path, destination,
-                                                                                       answer))
 
 
 # ======================================================================================
@@ -3099,13 +3217,13 @@ class SyncRun(object):
         self.note_resume()
         policy = self.policy(facts)
         spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
+        executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
+                            self.transport)
         try:
-            previous = self.previous_state()
-            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
-                                self.transport)
-            decisions = plan(previous, self.scan("initiator", spec), self.scan("target", spec), policy)
+            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
+            executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
@@ -3175,7 +3293,7 @@ class SyncRun(object):
                 yield record
         write_state(self.state_path(), self.state_header(),
                     state_lines(counted(baseline(self.scan("initiator", spec), self.scan("target", spec)))))
-        outcome = Outcome()
+        outcome = Outcome(keep_paths=False)
         outcome.entries = counts
         self.write_markers(outcome)
         self.out.notice("Recorded %d paths held by both replicas as the baseline; nothing was synced."
@@ -3200,19 +3318,20 @@ class SyncRun(object):
         initiator = self.replicas["initiator"].location()
         target = self.replicas["target"].location()
         lines = ["Attributes only updates: INITIATOR << >> TARGET"]
-        lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.attributes["target"]]
-        lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.attributes["initiator"]]
+        lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.paths[("attributes", "target")]]
+        lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.paths[("attributes", "initiator")]]
         lines.append("File transfers and simple deletions: INITIATOR << >> TARGET "
                      "(may include file ownership and timestamp attributes)")
-        lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.updated["target"]]
-        lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.updated["initiator"]]
+        lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.paths[("updated", "target")]]
+        lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.paths[("updated", "initiator")]]
         lines.append("File deletions: INITIATOR << >> TARGET")
-        lines += ["DELETE >> %s%s" % (target, path) for path in outcome.deleted["target"]]
-        lines += ["DELETE << %s%s" % (initiator, path) for path in outcome.deleted["initiator"]]
+        lines += ["DELETE >> %s%s" % (target, path) for path in outcome.paths[("deleted", "target")]]
+        lines += ["DELETE << %s%s" % (initiator, path) for path in outcome.paths[("deleted", "initiator")]]
         for side, title in (("initiator", "Initiator"), ("target", "Target")):
-            lines.append("%s has %d updates." % (title, len(outcome.updated[side]) + len(outcome.attributes[side])))
+            lines.append("%s has %d updates." % (title, outcome.counts[("updated", side)]
+                                                 + outcome.counts[("attributes", side)]))
         for side, title in (("initiator", "Initiator"), ("target", "Target")):
-            lines.append("%s has %d deletions." % (title, len(outcome.deleted[side])))
+            lines.append("%s has %d deletions." % (title, outcome.counts[("deleted", side)]))
         for line in lines:
             self.out.always(line, bare=True)
 
