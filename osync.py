@@ -1466,7 +1466,7 @@ class LocalReplica(object):
                          os.path.join(self.work_dir, "deleted"), os.path.join(self.work_dir, "_partial"),
                          self.temp_dir()):
                 if not os.path.isdir(path):
-                    os.makedirs(path)
+                    os.makedirs(path, 0o700)  # backups and deleted files are nobody else's business
         except OSError as error:
             raise ReplicaError("Cannot prepare the work dir of the %s replica (%s): %s."
                                % (self.role, error.filename or self.work_dir, error.strerror))
@@ -3430,7 +3430,6 @@ def early_log_candidates():
 def main(argv=None):
     """Run osync.py with command-line arguments; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    os.umask(0o077)
     os.environ["LC_ALL"] = "C"
     out = Output()
     debug = os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
@@ -3483,7 +3482,6 @@ def agent_main():
     serve replica requests on stdin/stdout until the initiator closes the stream."""
     reader, writer = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must never corrupt the protocol stream
-    os.umask(0o077)
     os.environ["LC_ALL"] = "C"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer.write(AGENT_BANNER + ("%s %s\n" % (VERSION, sys.version.split()[0])).encode("ascii"))

@@ -88,3 +88,21 @@ def test_state_is_shared_between_utf8_and_c_locale_pythons(tmp_path):
     assert not os.path.exists(os.path.join(str(tmp_path / "b"), name))
     assert os.path.exists(os.path.join(str(tmp_path / "b"), ".osync_workdir", "deleted", name))
     assert b"Target has 0 updates." in result.stdout  # nothing else was taken for new
+
+
+def test_new_files_follow_the_umask_when_permissions_are_not_synced(tmp_path):
+    """osync.py keeps its own files private by their modes, not with a umask that would
+    also make every file rsync creates private."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "shared").write_text("x")
+    os.chmod(str(tmp_path / "a" / "shared"), 0o664)
+    old_umask = os.umask(0o022)
+    try:
+        assert run(tmp_path, PRESERVE_PERMISSIONS="no", PRESERVE_EXECUTABILITY="no").returncode == 0
+    finally:
+        os.umask(old_umask)
+    assert os.stat(str(tmp_path / "b" / "shared")).st_mode & 0o777 == 0o644
+    for side in ("a", "b"):
+        assert os.stat(str(tmp_path / side / ".osync_workdir")).st_mode & 0o777 == 0o700
+    assert os.stat(str(tmp_path / "log")).st_mode & 0o777 == 0o600
