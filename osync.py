@@ -18,7 +18,6 @@ planner, executor, run and command line.
 import argparse
 import codecs
 import errno
-import fnmatch
 import hashlib
 import io
 import json
@@ -1340,13 +1339,17 @@ def walk_tree(root, path_filter, options):
         except StopIteration:
             stack.pop()
             continue
-        except OSError as error:
-            stack.pop()
+        if isinstance(info, OSError):
+            # Unreadable, but there: the planner leaves it alone rather than take it for deleted.
+            yield Entry(rel_path, "?", error="cannot read: %s" % info.strerror)
             continue
         try:
             entry = make_entry(abs_path, rel_path, info, options)
-        except OSError:
+        except FileNotFoundError:
             continue  # vanished between the listing and the stat
+        except OSError as error:
+            yield Entry(rel_path, "?", error="cannot read: %s" % error.strerror)
+            continue
         if entry is None:
             continue
         if entry.kind == "d" and not entry.error:
@@ -1380,8 +1383,10 @@ def _listing_items(children, rel_prefix, path_filter, options):
             if path_filter.excluded(rel_path, is_dir):
                 continue
             info = child.stat(follow_symlinks=False)
-        except OSError:
-            continue
+        except FileNotFoundError:
+            continue  # vanished since the listing
+        except OSError as error:
+            info = error
         yield child.path, rel_path, info
 
 
