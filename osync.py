@@ -2840,53 +2840,46 @@ class Executor(object):
             self.out.error("%d more paths failed (run with --verbose to list them all); the next run tries them "
                            "again." % hidden)
 
-    def _changed_during_run(self, path, side):
-        self.out.notice("%s changed on the %s during the run; it is left for the next run." % (path, side))
-
     # -- carrying out -----------------------------------------------------------------------------
     def _carry_out(self):
         soft = self.cfg["SOFT_DELETE"]
         multiple = self.cfg["CONFLICT_BACKUP_MULTIPLE"]
         for side in OTHER_SIDE:
+            replica = self.replicas[side]
             # Children before their parents, so emptied directories can go too.
-            for chunk in in_chunks(children_first(self.lists[("remove", side)]), self.CHUNK):
-                answers = self.replicas[side].remove_paths(chunk, soft, self.stamp, multiple, self.options)
-                for (path, _), answer in zip(chunk, answers):
-                    if answer == "ok":
-                        continue
-                    self.problems[("remove", side, path)] = answer
-                    if answer == "kept":
-                        self.out.notice("Kept directory %s on the %s: it still holds items that are excluded or "
-                                        "new." % (path, side))
-                    elif answer == "changed":
-                        self._changed_during_run(path, side)
-                    else:
-                        self._fail("Cannot delete %s on the %s replica: %s." % (path, side, answer))
+            self._apply("remove", side, children_first(self.lists[("remove", side)]),
+                        lambda chunk: replica.remove_paths(chunk, soft, self.stamp, multiple, self.options),
+                        "Cannot delete %s on the %s replica: %s.")
         for side in OTHER_SIDE:
-            for chunk in in_chunks(self.lists[("overwrite", side)], self.CHUNK):
-                answers = self.replicas[side].prepare_overwrite(chunk, self.stamp, multiple, self.options)
-                for item, answer in zip(chunk, answers):
-                    if answer == "ok":
-                        continue
-                    self.problems[("overwrite", side, item[0])] = answer
-                    if answer == "changed":
-                        self._changed_during_run(item[0], side)
-                    else:
-                        self._fail("Cannot replace %s on the %s replica: %s." % (item[0], side, answer))
+            replica = self.replicas[side]
+            self._apply("overwrite", side, self.lists[("overwrite", side)],
+                        lambda chunk: replica.prepare_overwrite(chunk, self.stamp, multiple, self.options),
+                        "Cannot replace %s on the %s replica: %s.")
         for destination in OTHER_SIDE:
             self._transfer(OTHER_SIDE[destination], destination)
-        for destination in OTHER_SIDE:
-            for chunk in in_chunks(self.lists[("attrs", destination)], self.CHUNK):
-                answers = self.replicas[destination].set_attributes(chunk, self.options)
-                for item, answer in zip(chunk, answers):
-                    if answer == "ok":
-                        continue
-                    self.problems[("attrs", destination, item[0])] = answer
-                    if answer == "changed":
-                        self._changed_during_run(item[0], destination)
-                    else:
-                        self._fail("Cannot set the attributes of %s on the %s: %s." % (item[0], destination,
-                                                                                       answer))
+        for side in OTHER_SIDE:
+            replica = self.replicas[side]
+            self._apply("attrs", side, self.lists[("attrs", side)],
+                        lambda chunk: replica.set_attributes(chunk, self.options),
+                        "Cannot set the attributes of %s on the %s replica: %s.")
+
+    def _apply(self, step, side, items, call, failure):
+        """Run one replica operation over a work list in chunks; remember and report
+        every path that did not come out "ok" (success is the rule, so only those are kept)."""
+        for chunk in in_chunks(items, self.CHUNK):
+            for item, answer in zip(chunk, call(chunk)):
+                if answer == "ok":
+                    continue
+                path = item[0]
+                self.problems[(step, side, path)] = answer
+                if answer == "kept":
+                    self.out.notice("Kept directory %s on the %s: it still holds items that are excluded or new."
+                                    % (path, side))
+                elif answer == "changed":
+                    self.out.notice("%s changed on the %s during the run; it is left for the next run."
+                                    % (path, side))
+                else:
+                    self._fail(failure % (path, side, answer))
 
     def _transfer(self, source, destination):
         """One rsync for every path going from source to destination (verified later,
