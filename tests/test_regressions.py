@@ -106,3 +106,40 @@ def test_new_files_follow_the_umask_when_permissions_are_not_synced(tmp_path):
     for side in ("a", "b"):
         assert os.stat(str(tmp_path / side / ".osync_workdir")).st_mode & 0o777 == 0o700
     assert os.stat(str(tmp_path / "log")).st_mode & 0o777 == 0o600
+
+
+def test_osync_sh_lists_are_the_baseline_of_the_first_run(tmp_path):
+    """Switching from osync.sh: its tree-after lists say what both sides held, so a file
+    deleted since then is a deletion to propagate, not a new file to copy back."""
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "kept").write_text("k")
+        (tmp_path / side / "gone").write_text("g")
+        os.utime(str(tmp_path / side / "kept"), (1000000000, 1000000000))
+        os.utime(str(tmp_path / side / "gone"), (1000000000, 1000000000))
+    state_dir = tmp_path / "a" / ".osync_workdir" / "state"
+    state_dir.mkdir(parents=True)
+    for side in ("initiator", "target"):
+        (state_dir / ("%s-tree-after-quicksync_task" % side)).write_text("gone\nkept\n")
+    os.unlink(str(tmp_path / "a" / "gone"))
+    result = run(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "osync.sh lists" in result.stdout
+    assert not (tmp_path / "b" / "gone").exists()
+    assert (tmp_path / "b" / ".osync_workdir" / "deleted" / "gone").read_text() == "g"
+    assert (tmp_path / "a" / "kept").read_text() == (tmp_path / "b" / "kept").read_text() == "k"
+
+
+def test_a_file_and_a_directory_of_the_same_name_are_resolved(tmp_path):
+    """osync.sh could never finish this (its KNOWNISSUES #1): the directory, which holds
+    files, wins; the file is kept in the backup dir."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "x").mkdir(parents=True)
+    (tmp_path / "a" / "x").write_text("a file")
+    (tmp_path / "b" / "x" / "inside").write_text("in")
+    assert run(tmp_path).returncode == 0
+    for side in ("a", "b"):
+        assert (tmp_path / side / "x" / "inside").read_text() == "in"
+    assert (tmp_path / "a" / ".osync_workdir" / "backup" / "x").read_text() == "a file"
+    second = run(tmp_path, "--summary")
+    assert second.returncode == 0 and "Initiator has 0 updates." in second.stdout
