@@ -2633,6 +2633,7 @@ class Executor(object):
         self.dry = dry
         self.outcome = Outcome(keep_paths=cfg.switch("summary"))
         self.problems = {}            # (step, side, path) -> what went wrong; success is the rule
+        self.state_unchanged = True   # every path still exactly as recorded: no need to rewrite the state
         self.spool = None
         self.lists = {}
 
@@ -2654,11 +2655,14 @@ class Executor(object):
                     pair = (decision.prev_initiator, decision.prev_target)
                 else:
                     pair = (decision.initiator, decision.target)
+                    if pair != (decision.prev_initiator, decision.prev_target):
+                        self.state_unchanged = False
                 if pair[0] is not None or pair[1] is not None:
                     self._count_entries(pair)
                     self.spool.file.write(state_line(decision.path, pair[0], pair[1]))
             else:
                 actions += 1
+                self.state_unchanged = False
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
@@ -3229,10 +3233,11 @@ class SyncRun(object):
             decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
-            for _ in lines:
-                pass
             return outcome
-        write_state(self.state_path(), self.state_header(), lines)
+        if executor.state_unchanged:
+            executor.close()   # every path is exactly as recorded: the state file stays as it is
+        else:
+            write_state(self.state_path(), self.state_header(), lines)
         self.write_markers(outcome)
         if self.cfg["LOG_CONFLICTS"]:
             self.write_conflicts(outcome)
