@@ -515,9 +515,6 @@ class Config(object):
     def __getitem__(self, key):
         return self.values[key]
 
-    def __setitem__(self, key, value):
-        self.values[key] = value
-
     def switch(self, name):
         return self.switches[name]
 
@@ -662,22 +659,18 @@ class ScreenFilter(logging.Filter):
 
 
 class CountingHandler(logging.Handler):
-    """Remembers the worst level logged, and keeps this run's lines for alert mails."""
+    """Counts the warnings and errors logged: they decide the exit code."""
 
     def __init__(self):
         logging.Handler.__init__(self, VERBOSE)
         self.warnings = 0
         self.errors = 0
-        self.lines = []
 
     def emit(self, record):
         if record.levelno >= logging.ERROR:
             self.errors += 1
         elif record.levelno == logging.WARNING:
             self.warnings += 1
-        self.lines.append(self.format(record))
-        if len(self.lines) > 2000:
-            del self.lines[:1000]
 
 
 class Output(object):
@@ -692,8 +685,6 @@ class Output(object):
         self.logfile = None
         self.logger = logging.Logger(PROGRAM, logging.DEBUG)
         self.counter = CountingHandler()
-        self.counter.setLevel(NOTICE)
-        self.counter.setFormatter(LineFormatter(self))
         self.logger.addHandler(self.counter)
         self.pending = []          # records logged before the log file is known
         for stream, errors in ((sys.stdout, False), (sys.stderr, True)):
@@ -715,7 +706,6 @@ class Output(object):
         self.silent = silent
         self.errors_only = errors_only
         self.screen_threshold = logging.DEBUG if debug else (VERBOSE if verbose else NOTICE)
-        self.counter.setLevel(min(self.screen_threshold, NOTICE))
         self.prefix_mode = prefix
 
     def wants(self, level):
@@ -1126,9 +1116,6 @@ class Entry(tuple):
     digest = property(lambda self: self[10])
     error = property(lambda self: self[11])
 
-    def with_path(self, path):
-        return Entry(path, *self[1:])
-
 
 def to_wire(entry):
     """An Entry as a JSON-able list (None stays None)."""
@@ -1426,9 +1413,6 @@ class LocalReplica(object):
         self.state_dir = state_dir or os.path.join(self.work_dir, "state")
         self.lock_path = os.path.join(self.work_dir, "lock")
         self.display = self.root    # how messages name this replica
-
-    def __str__(self):
-        return "%s replica %s" % (self.role, self.root)
 
     def location(self):
         """What rsync is given for this replica's root."""
@@ -1756,9 +1740,6 @@ class RemoteReplica(object):
         self.work_dir = paths["work_dir"]
         self.state_dir = paths["state_dir"]
         self.display = "%s:%s" % (agent.host, self.root)
-
-    def __str__(self):
-        return "%s replica %s:%s" % (self.role, self.agent.host, self.root)
 
     CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes")
     CHUNK = 2000
