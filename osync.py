@@ -812,6 +812,110 @@ def log_file_candidates(instance_id, configured):
 # stop kills them with all their children; plus the signal handlers and the run-time
 # watchdog that turn SIGTERM/SIGINT and the hard time limit into StopRun.
 
+# Children die with osync.py: on Linux each child asks the kernel for SIGTERM when its
+# parent dies (PR_SET_PDEATHSIG); elsewhere a small watcher process, fed the process
+# groups of the running children through a pipe, stops them when the pipe closes without
+# a goodbye.  So nothing osync.py started goes on writing once it is gone (kill -9
+# included), and the pids are recorded in the lock for the run that takes it over.
+
+PR_SET_PDEATHSIG = 1
+LIFELINE_CODE = r"""
+import os, signal, sys, time
+groups = set()
+for line in sys.stdin:
+    word = line.strip()
+    if word == "bye":
+        sys.exit(0)
+    if word[:1] in "+-" and word[1:].isdigit():
+        (groups.add if word[0] == "+" else groups.discard)(int(word[1:]))
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except OSError:
+            pass
+    time.sleep(2)
+"""
+
+
+class Children(object):
+    """The children osync.py has running, and the means to take them down with it."""
+
+    def __init__(self):
+        self.running = {}         # pid -> Popen
+        self.prctl = None
+        self.lifeline = None
+        self.loaded = False
+
+    def _load(self):
+        self.loaded = True
+        if sys.platform.startswith("linux") and not os.environ.get("_OSYNC_LIFELINE"):
+            try:
+                import ctypes
+                self.prctl = ctypes.CDLL(None, use_errno=True).prctl
+                return
+            except (ImportError, OSError, AttributeError):
+                self.prctl = None
+        try:
+            self.lifeline = subprocess.Popen([sys.executable, "-c", LIFELINE_CODE], stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True, universal_newlines=True)
+        except OSError:
+            self.lifeline = None
+
+    def _tell(self, word):
+        try:
+            self.lifeline.stdin.write(word + "\n")
+            self.lifeline.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def start(self, argv, **options):
+        """subprocess.Popen in a new session (so a stop kills the child's whole group),
+        tied to this process's life."""
+        if not self.loaded:
+            self._load()
+        parent = os.getpid()
+        prctl = self.prctl
+
+        def die_with_parent():
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+                if os.getppid() != parent:   # the parent died before the request
+                    os._exit(1)
+        process = subprocess.Popen(argv, start_new_session=True,
+                                   preexec_fn=die_with_parent if prctl is not None else None, **options)
+        self.running[process.pid] = process
+        if self.lifeline is not None:
+            self._tell("+%d" % process.pid)
+        return process
+
+    def pids(self):
+        """The pids of the children still running."""
+        for pid, process in list(self.running.items()):
+            if process.poll() is not None:
+                self.ended(process)
+        return sorted(self.running)
+
+    def ended(self, process):
+        if self.running.pop(process.pid, None) is not None and self.lifeline is not None:
+            self._tell("-%d" % process.pid)
+
+    def close(self):
+        """A clean end: the watcher leaves alone whatever is still registered."""
+        if self.lifeline is not None:
+            self._tell("bye")
+            try:
+                self.lifeline.stdin.close()
+                self.lifeline.wait(timeout=5)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self.lifeline = None
+
+
+CHILDREN = Children()
+
+
 def kill_process_group(process, grace=5.0):
     """Stop a child and everything it started: SIGTERM, then SIGKILL after `grace` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -835,9 +939,8 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
 
     A StopRun (signal or time limit) arriving meanwhile kills the command and propagates."""
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
-                                   start_new_session=True)
+        process = CHILDREN.start(argv, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     except OSError as error:
         return 127, "", "%s: %s" % (argv[0], error.strerror)
     try:
@@ -849,6 +952,9 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
     except BaseException:
         kill_process_group(process, grace=2.0)
         raise
+    finally:
+        if process.poll() is not None:
+            CHILDREN.ended(process)
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
@@ -1558,17 +1664,109 @@ class LocalReplica(object):
                 results.append("changed")
                 continue
             try:
-                if current is not None and current.kind != "d":
+                if current is not None and current.kind != "d" and new_kind == "d":
+                    # rsync does not replace a file by a directory: clear the way here.  Any
+                    # other overwrite is kept by rsync itself (settle_transfers).
                     if backup:
                         self._keep_copy(path, "backup", stamp, multiple, link=True)
-                    if new_kind == "d":
-                        os.unlink(self.abs(path))
-                elif current is not None and new_kind != "d":
+                    os.unlink(self.abs(path))
+                elif current is not None and current.kind == "d" and new_kind != "d":
                     os.rmdir(self.abs(path))
                 results.append("ok")
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
+
+    def transfer_backup_dir(self, stamp):
+        """Where rsync puts what it replaces during this run's transfers: inside backup/, so
+        that what a killed run leaves there is kept like any other backup."""
+        return os.path.join(self.work_dir, "backup", ".transfer-" + stamp)
+
+    def foreign_device_paths(self, paths):
+        """The paths whose nearest existing parent directory is on another filesystem than
+        the work dir (a mount point inside the replica)."""
+        try:
+            work_device = os.lstat(self.temp_dir()).st_dev
+        except OSError:
+            return []
+        devices = {}
+        foreign = []
+        for path in paths:
+            parent = posixpath.dirname(path)
+            while parent not in devices:
+                try:
+                    info = os.lstat(self.abs(parent) if parent else self.root)
+                except OSError:
+                    if parent:
+                        parent = posixpath.dirname(parent)
+                        continue
+                    devices[parent] = work_device
+                    break
+                devices[parent] = info.st_dev if stat.S_ISDIR(info.st_mode) else work_device
+            if devices[parent] != work_device:
+                foreign.append(path)
+        return foreign
+
+    def settle_transfers(self, items, stamp, multiple, options):
+        """After rsync: deal with what it replaced on this replica.  items: [path, what the
+        scan saw here, what was sent, keep a backup].  The replaced version is the one the
+        scan saw: it goes to backup/ when asked, else away.  It is not (an editor saved
+        while the run transferred): the saved version is put back in place ("saved-restored")
+        or, where the path changed yet again, kept in backup/ ("saved-kept").  Returns one answer a path."""
+        replaced_root = self.transfer_backup_dir(stamp)
+        results = []
+        for path, expected, sent, keep in items:
+            replaced = os.path.join(replaced_root, path)
+            try:
+                info = os.lstat(replaced)
+            except (FileNotFoundError, NotADirectoryError):
+                results.append("ok")   # nothing was replaced
+                continue
+            try:
+                replaced_entry = make_entry(replaced, path, info, {})
+                current = self._stat(path, options)
+                arrived = current is not None and from_wire(sent) is not None and same_content(
+                    from_wire(sent), current)
+                if expected is not None and unchanged_since_scan(from_wire(expected), replaced_entry):
+                    still_in_place = unchanged_since_scan(from_wire(expected), current)
+                    if (keep and arrived) or not (arrived or still_in_place):
+                        self._store_replaced(path, replaced, stamp, multiple)
+                    else:
+                        remove_any(replaced)   # not wanted, or the copy failed and the version stayed
+                    results.append("ok")
+                elif arrived:
+                    os.rename(replaced, self.abs(path))
+                    results.append("saved-restored")
+                else:
+                    self._store_replaced(path, replaced, stamp, multiple)
+                    results.append("saved-kept")
+            except OSError as error:
+                results.append("%s: %s" % (error.filename or path, error.strerror))
+        return results
+
+    def _store_replaced(self, path, replaced, stamp, multiple):
+        """Move a version rsync replaced into backup/PATH (dated when `multiple` or taken)."""
+        base = os.path.join(self.work_dir, "backup", path)
+        self._make_parent(os.path.join(self.work_dir, "backup"), path, stamp)
+        if multiple:
+            destination = self._free_name(base + "." + stamp)
+        else:
+            destination = base
+            if lexists(destination):
+                remove_any(destination)
+        os.rename(replaced, destination)
+
+    def finish_transfers(self, stamp):
+        """Remove the run's transfer backup dir once settled; anything still in it is kept."""
+        top = self.transfer_backup_dir(stamp)
+        if not os.path.isdir(top) or os.path.islink(top):
+            return True
+        for directory, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass   # not empty: what it holds stays kept in backup/
+        return True
 
     def remove_paths(self, items, soft, stamp, multiple, options):
         """Delete items (children listed before their parents), moving them into
@@ -1730,7 +1928,7 @@ class RemoteReplica(object):
 
     REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
                     "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
-                    "write_state_file")
+                    "write_state_file", "settle_transfers", "finish_transfers", "foreign_device_paths")
 
     def __init__(self, role, agent, rsync_host, paths):
         self.role = role
@@ -1741,7 +1939,8 @@ class RemoteReplica(object):
         self.state_dir = paths["state_dir"]
         self.display = "%s:%s" % (agent.host, self.root)
 
-    CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes")
+    CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes", "settle_transfers",
+                     "foreign_device_paths")
     CHUNK = 2000
 
     def __getattr__(self, name):
@@ -1763,6 +1962,9 @@ class RemoteReplica(object):
 
     def temp_dir(self):
         return posixpath.join(self.work_dir, "_tmp")
+
+    def transfer_backup_dir(self, stamp):
+        return posixpath.join(self.work_dir, "backup", ".transfer-" + stamp)
 
     def scan(self, filter_spec, options):
         return (from_wire(item) for item in self.agent.stream("scan", filter_spec, options))
@@ -1842,10 +2044,17 @@ def write_atomically(path, chunks):
 # The rsync command line for one direction.  Argv lists only; the paths to transfer are
 # given NUL-separated through --files-from, so no name is ever parsed by a shell.
 
-def rsync_command(cfg, source, destination, list_file, verbose, transport=None):
-    """rsync argv that copies exactly the listed paths from source to destination."""
+def rsync_command(cfg, source, destination, list_file, verbose, transport=None, stamp="", same_device=True):
+    """rsync argv that copies exactly the listed paths from source to destination.
+
+    `same_device` is False for paths on another filesystem than the destination's work
+    dir (a mount point inside the replica): rsync then writes its temp file beside the
+    final name, since from another filesystem it would copy into the final name."""
     # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
-    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--from0", "--files-from=" + list_file]
+    # --ignore-times: every listed path was judged different by osync.py, even one rewritten
+    # with the same size in the same second, which rsync's quick check would skip.
+    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
+            "--files-from=" + list_file]
     for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
                       ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
                       ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
@@ -1858,7 +2067,11 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None):
     argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
     # Files are written to a temp file in the destination's work dir, then renamed into
     # place: a path holds its old or its new content, never a mix.
-    argv.append("--temp-dir=" + destination.temp_dir())
+    if same_device:
+        argv.append("--temp-dir=" + destination.temp_dir())
+    # Whatever rsync replaces is kept aside, so that a version saved on the destination
+    # while the run transfers is never lost (see LocalReplica.settle_transfers).
+    argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
     if cfg["PARTIAL"]:
         argv += ["--partial", "--partial-dir=" + destination.work_dir + "/_partial"]
     if cfg.switch("stats"):
@@ -1979,8 +2192,8 @@ class SshTransport(object):
         if not shutil.which("ssh"):
             raise ReplicaError("ssh is not installed; it is needed for the target %s." % self.destination())
         self.master_stderr = tempfile.TemporaryFile()
-        self.master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=self.master_stderr, start_new_session=True)
+        self.master = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self.master_stderr)
         socket_path = os.path.join(self.control_dir, "master")
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -2019,9 +2232,8 @@ class SshTransport(object):
         tried = []
         for python in interpreters:
             stderr_file = tempfile.TemporaryFile()
-            process = subprocess.Popen(self.command([python, "-c", AGENT_STUB, str(len(source))]),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file,
-                                       start_new_session=True)
+            process = CHILDREN.start(self.command([python, "-c", AGENT_STUB, str(len(source))]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
             try:
                 process.stdin.write(source)
                 process.stdin.flush()
@@ -2375,11 +2587,15 @@ def decide_two_way(decision, policy):
               "target": side_status(decision.prev_target, target)}
     legacy = any(entry is not None and entry.kind == "?" for entry in (decision.prev_initiator, decision.prev_target))
     if initiator is not None and target is not None:
-        if same_content(initiator, target):
+        modified = [side for side in ("initiator", "target") if status[side] in (NEW, CHANGED)]
+        # Changed on one side only: copied even when both now look alike to rsync's quick
+        # check (same size, and mtimes equal to the second where one side has no
+        # sub-second part): a same-size rewrite in the same second must still travel.
+        one_sided = len(modified) == 1 and not legacy and status[OTHER_SIDE[modified[0]]] == SAME
+        if same_content(initiator, target) and not one_sided:
             return decide_attributes(decision, policy)
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:
             return decide_attributes(decision, policy)
-        modified = [side for side in ("initiator", "target") if status[side] in (NEW, CHANGED)]
         if len(modified) == 1:
             return decision.copy(modified[0], policy)
         return decision.copy(newer_side(initiator, target, policy), policy, conflict=True)
@@ -2752,18 +2968,32 @@ class Executor(object):
         destination = decision.destination()
         source = decision.source
         if decision.action == COPY:
-            if ("overwrite", destination, decision.path) in self.problems:
+            if ("overwrite", destination, decision.path) in self.problems \
+                    or ("settle", destination, decision.path) in self.problems:
+                # Not written, or a version saved meanwhile is back in place: both sides are as
+                # they were or newer, and the next run sees them as changed.
                 return previous
             sent = decision.now(source)
             arrived = fresh[(destination, decision.path)]
-            if arrived is None or arrived.error or not same_content(sent, arrived):
+            if arrived is not None and arrived.error:
+                arrived = None
+            pair = {source: sent, destination: arrived}
+            if not unchanged_since_scan(sent, fresh[(source, decision.path)]):
+                # The source changed during the run (a log appended to, a file saved or
+                # deleted): what arrived, if anything, is recorded as the destination's
+                # version and the source's as it was, so the next run sends it again
+                # instead of taking the destination for an edit.
+                self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
+                                % (decision.path, source))
+                pair[source] = decision.before(source)
+                if pair[source] is None and arrived is None:
+                    return previous
+                return (pair["initiator"], pair["target"])
+            if arrived is None or not same_content(sent, arrived):
                 self._fail("Could not copy %s from the %s to the %s; the next run tries again."
                            % (decision.path, source, destination))
                 return previous
-            if not unchanged_since_scan(sent, fresh[(source, decision.path)]):
-                sent = decision.before(source)   # changed during the run: the next run sends it again
             self.outcome.add("updated", destination, decision.path)
-            pair = {source: sent, destination: arrived}
             return (pair["initiator"], pair["target"])
         if ("attrs", destination, decision.path) in self.problems or fresh[(destination, decision.path)] is None:
             return previous
@@ -2844,6 +3074,12 @@ class Executor(object):
             self._transfer(OTHER_SIDE[destination], destination)
         for side in OTHER_SIDE:
             replica = self.replicas[side]
+            self._apply("settle", side, self._settle_items(side),
+                        lambda chunk: replica.settle_transfers(chunk, self.stamp, multiple, self.options),
+                        "Cannot keep what rsync replaced at %s on the %s replica: %s.")
+            replica.finish_transfers(self.stamp)
+        for side in OTHER_SIDE:
+            replica = self.replicas[side]
             self._apply("attrs", side, self.lists[("attrs", side)],
                         lambda chunk: replica.set_attributes(chunk, self.options),
                         "Cannot set the attributes of %s on the %s replica: %s.")
@@ -2863,32 +3099,59 @@ class Executor(object):
                 elif answer == "changed":
                     self.out.notice("%s changed on the %s during the run; it is left for the next run."
                                     % (path, side))
+                elif answer == "saved-restored":
+                    self.out.notice("%s was saved on the %s while the run transferred it: the saved version is "
+                                    "back in place and the next run resolves the conflict." % (path, side))
+                elif answer == "saved-kept":
+                    self.out.notice("%s was saved on the %s while the run transferred it and changed again: the "
+                                    "saved version is kept in its backup dir." % (path, side))
                 else:
                     self._fail(failure % (path, side, answer))
 
+    def _copies_to(self, destination):
+        """The spooled COPY decisions whose destination is still to be written."""
+        for decision in self._spooled_actions():
+            if decision.action == COPY and decision.destination() == destination \
+                    and ("overwrite", destination, decision.path) not in self.problems:
+                yield decision
+
+    def _settle_items(self, destination):
+        for decision in self._copies_to(destination):
+            yield [decision.path, to_wire(decision.now(destination)), to_wire(decision.now(decision.source)),
+                   decision.backup]
+
     def _transfer(self, source, destination):
-        """One rsync for every path going from source to destination (verified later,
-        while the new state is written)."""
-        source_replica, destination_replica = self.replicas[source], self.replicas[destination]
-        with tempfile.NamedTemporaryFile("wb", prefix="osync-files-", dir=self.spool_dir) as listing:
-            count = 0
-            for decision in self._spooled_actions():
-                if decision.action == COPY and decision.source == source \
-                        and ("overwrite", destination, decision.path) not in self.problems:
+        """rsync every path going from source to destination (verified later, while the
+        new state is written): one rsync for the paths on the work dir's filesystem, one
+        more for those below a mount point inside the destination, if any."""
+        destination_replica = self.replicas[destination]
+        with tempfile.NamedTemporaryFile("wb", prefix="osync-files-", dir=self.spool_dir) as local_list, \
+                tempfile.NamedTemporaryFile("wb", prefix="osync-files-", dir=self.spool_dir) as foreign_list:
+            counts = {local_list: 0, foreign_list: 0}
+            sending = (decision.path for decision in self._copies_to(destination))
+            for chunk in in_chunks(sending, self.CHUNK):
+                foreign = set(destination_replica.foreign_device_paths(chunk))
+                for path in chunk:
+                    listing = foreign_list if path in foreign else local_list
                     # "./" keeps rsync from reading a name that starts with # or ; as a comment.
-                    listing.write(b"./" + os.fsencode(decision.path) + b"\0")
-                    count += 1
-            if not count:
-                return
-            listing.flush()
-            argv = rsync_command(self.cfg, source_replica, destination_replica, listing.name,
-                                 verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport)
-            self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
-            code, stdout, stderr = run_command(argv)
+                    listing.write(b"./" + os.fsencode(path) + b"\0")
+                    counts[listing] += 1
+            for listing, same_device in ((local_list, True), (foreign_list, False)):
+                if counts[listing]:
+                    listing.flush()
+                    self._run_rsync(source, destination, listing.name, same_device)
+
+    def _run_rsync(self, source, destination, list_file, same_device):
+        argv = rsync_command(self.cfg, self.replicas[source], self.replicas[destination], list_file,
+                             verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport,
+                             stamp=self.stamp, same_device=same_device)
+        self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
+        code, stdout, stderr = run_command(argv)
         if stdout.strip():
             self.out.verbose("rsync %s -> %s:\n%s" % (source, destination, stdout.strip()))
         if code == 24:
-            self.out.warn("Some files vanished on the %s during the transfer; the next run handles them." % source)
+            self.out.notice("Some files vanished on the %s during the transfer; the next run handles them."
+                            % source)
         elif code not in (0, 23):
             self.out.error("rsync from the %s to the %s failed with exit code %d (%s): %s" % (
                 source, destination, code, RSYNC_EXIT_MEANINGS.get(code, "unknown error"), one_line(stderr)))
@@ -3455,6 +3718,7 @@ def main(argv=None):
         out.debug(traceback.format_exc())
         out.critical("Unexpected internal error: %s: %s. Please report it with the log %s."
                      % (type(error).__name__, error, out.logfile))
+    CHILDREN.close()
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
     out.close()
