@@ -1734,7 +1734,7 @@ class LocalReplica(object):
                     else:
                         remove_any(replaced)   # not wanted, or the copy failed and the version stayed
                     results.append("ok")
-                elif arrived:
+                elif arrived and current.kind != "d" and replaced_entry is not None and replaced_entry.kind != "d":
                     os.rename(replaced, self.abs(path))
                     results.append("saved-restored")
                 else:

@@ -285,6 +285,46 @@ class OsyncMachine(RuleBasedStateMachine):
             self.log("%s: symlink -> file %r = %r" % (side, rel, data[:24]))
         self.user_destroyed(old)
 
+    # ------------------------------------------------------------------ the environment
+
+    @rule(side=side_st, pick=pick_st)
+    def editor_saves_during_a_run(self, side, pick):
+        """A run in which an editor saves a file on `side` (write a temp file, rename it over the
+        file) after osync.py checked it and before rsync replaces anything.  The run must not
+        lose the save; the next checked sync verifies it is still somewhere and that all converges."""
+        rel = self.choose(side, ("file",), pick)
+        if rel is None:
+            return self.skip("%s: editor save during a run, no file" % side)
+        self.record_contents()
+        old = self.contents_at(side, rel)
+        data = self.content(side, rel)
+        saved = self.tmp + b"/editor-save"
+        with open(saved, "wb") as handle:
+            handle.write(data)
+        target_path = self.path(side, rel)
+        done = self.tmp + b"/editor-save.done"
+        script = self.tmp + b"/rsync-editor"
+        quote = lambda path: "'" + os.fsdecode(path).replace("'", "'\\''") + "'"
+        with open(script, "w") as handle:
+            handle.write("#!/bin/sh\n[ -e {done} ] || {{ cp {saved} {dest}.swp && mv {dest}.swp {dest}; touch {done}; }}\n"
+                         "exec {rsync} \"$@\"\n".format(done=quote(done), saved=quote(saved), dest=quote(target_path),
+                                                      rsync=shutil.which("rsync")))
+        os.chmod(script, 0o755)
+        self.log("%s: run, with an editor saving %r = %r before rsync replaces anything" % (side, rel, data[:24]))
+        self.runs += 1
+        result = tu.run_osync(self.roots["initiator"], self.roots["target"], self.logfile,
+                              settings=dict(SETTINGS, RSYNC_EXECUTABLE=os.fsdecode(script)), instance_id="prop")
+        if os.path.exists(done):
+            os.unlink(done)
+            self.pending.add(data)   # saved by the user: never to be lost
+            self.user_destroyed(old)
+            event("editor save raced a transfer")
+        else:
+            self.log("(no rsync ran: nothing raced)")
+        self.dirty = True
+        assert result.returncode in (0, 2), "run with a racing editor failed\n%s\n%s" % (
+            result.describe(), self.describe())
+
     # ------------------------------------------------------------------ runs
 
     @rule(delay=st.floats(min_value=0.0, max_value=0.4), anchor=st.sampled_from(["start", "lock"]))
