@@ -695,7 +695,10 @@ def version_tuple(text):
 # Output
 # ======================================================================================
 # Levels, the time prefix, the log file, the screen switches, and the warning/error
-# counts that decide the exit code.
+# counts that decide the exit code.  Any name reaches the screen and the log under any
+# locale: a name's undecodable bytes (surrogate escapes) are written as those bytes, and
+# a character the screen's encoding lacks as a backslash escape.  A closed or broken
+# screen stream (`| head`) is dropped quietly and the run goes on.
 
 VERBOSE = 15
 NOTICE = 20
@@ -751,6 +754,60 @@ class ScreenFilter(logging.Filter):
         return record.levelno >= self.output.screen_threshold or record.levelno == ALWAYS
 
 
+def screen_bytes(text, encoding):
+    """`text` encoded for a screen stream: never fails, whatever the name or locale."""
+    try:
+        return text.encode(encoding, "surrogateescape")
+    except (UnicodeEncodeError, LookupError):
+        pass
+    parts = []
+    for char in text:
+        try:
+            parts.append(char.encode(encoding, "surrogateescape"))
+        except (UnicodeEncodeError, LookupError):
+            parts.append(char.encode("ascii", "backslashreplace"))
+    return b"".join(parts)
+
+
+class ScreenHandler(logging.Handler):
+    """Writes lines to stdout or stderr by file descriptor, unbuffered, so nothing is left
+    for Python to flush at exit; the first write that fails (EPIPE, EBADF) drops the stream."""
+
+    def __init__(self, stream):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            self.fd = stream.fileno()
+            os.fstat(self.fd)
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            self.fd = None   # started with the stream closed
+
+    def emit(self, record):
+        if self.fd is None:
+            return
+        data = screen_bytes(self.format(record) + "\n", self.encoding)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            self.fd = None
+
+    def handleError(self, record):
+        """Never print logging's own traceback: a line that cannot be shown is dropped."""
+
+
+class LogFileHandler(logging.StreamHandler):
+    """The log file: names as their bytes; a line that cannot be encoded is written escaped."""
+
+    def handleError(self, record):
+        try:
+            text = self.format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+            self.stream.write(text + self.terminator)
+            self.flush()
+        except Exception:
+            pass   # a log file that cannot be written any more: the screen still has the line
+
+
 class CountingHandler(logging.Handler):
     """Counts the warnings and errors logged: they decide the exit code."""
 
@@ -781,7 +838,7 @@ class Output(object):
         self.logger.addHandler(self.counter)
         self.pending = []          # records logged before the log file is known
         for stream, errors in ((sys.stdout, False), (sys.stderr, True)):
-            handler = logging.StreamHandler(stream)
+            handler = ScreenHandler(stream)
             handler.setFormatter(LineFormatter(self, colour=self._is_tty(stream)))
             handler.addFilter(ScreenFilter(self, errors))
             self.logger.addHandler(handler)
@@ -821,7 +878,7 @@ class Output(object):
             except OSError:
                 continue
             stream = os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape")
-            handler = logging.StreamHandler(stream)
+            handler = LogFileHandler(stream)
             handler.setLevel(min(self.screen_threshold, NOTICE))
             handler.setFormatter(LineFormatter(self))
             self.file_handler = handler
@@ -866,6 +923,15 @@ class Output(object):
 
     def critical(self, message):
         self.log(logging.CRITICAL, message)
+
+    def trace(self, text):
+        """Write `text` (a traceback) to the log file only, whatever the log level."""
+        record = self.logger.makeRecord(self.logger.name, logging.ERROR, __file__, 0, text, None, None,
+                                        extra={"bare": False})
+        if self.file_handler is not None:
+            self.file_handler.handle(record)
+        elif self.pending is not None:
+            self.pending.append(record)
 
     def exit_code(self):
         if self.counter.errors:
@@ -3384,11 +3450,16 @@ class SyncRun(object):
         for replica in self.replicas.values():
             replica.write_state_file(marker_file_name(self.instance), marker)
 
+    def report_root(self, side):
+        """How --summary and the conflict list name a replica's root: its path on its own
+        host, without host:, as osync v1.3 prints it (scripts parse these lines)."""
+        return self.replicas[side].root.rstrip("/") + "/"
+
     def write_conflicts(self, outcome):
-        initiator, target = self.replicas["initiator"], self.replicas["target"]
-        lines = ["%s%s << >> %s%s\n" % (initiator.location(), path, target.location(), path)
+        initiator, target = self.report_root("initiator"), self.report_root("target")
+        lines = ["%s%s << >> %s%s\n" % (initiator, path, target, path)
                  for path, winner in outcome.conflicts]
-        initiator.write_state_file("conflicts-%s" % self.instance, "".join(lines))
+        self.replicas["initiator"].write_state_file("conflicts-%s" % self.instance, "".join(lines))
         if lines:
             self.out.notice("File conflicts: INITIATOR << >> TARGET\n%sThere are %d conflicting files."
                             % ("".join(lines), len(lines)))
@@ -3429,8 +3500,7 @@ class SyncRun(object):
 
     def print_summary(self, outcome):
         """The --summary listing, in osync's format."""
-        initiator = self.replicas["initiator"].location()
-        target = self.replicas["target"].location()
+        initiator, target = self.report_root("initiator"), self.report_root("target")
         lines = ["Attributes only updates: INITIATOR << >> TARGET"]
         lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.paths[("attributes", "target")]]
         lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.paths[("attributes", "initiator")]]
@@ -3501,13 +3571,13 @@ def parse_command_line(argv):
     """The Config of this run, or an exit code when only help/version was asked for."""
     args = build_parser().parse_args(argv)
     if args.help:
-        sys.stdout.write(help_text())
+        write_stdout(help_text())
         return 0
     if args.version:
-        sys.stdout.write("%s %s\n" % (PROGRAM, VERSION))
+        write_stdout("%s %s\n" % (PROGRAM, VERSION))
         return 0
     if not argv:
-        sys.stdout.write(help_text())
+        write_stdout(help_text())
         return 1
     if args.config is not None and args.config.startswith("-"):
         raise ConfigError("Unknown option %s. Run %s --help for the options." % (args.config, PROGRAM))
@@ -3549,10 +3619,13 @@ def main(argv=None):
     debug = os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
     try:
         cfg = parse_command_line(argv)
-    except ConfigError as error:
+    except Exception as error:
         out.configure(silent="--silent" in argv, debug=debug)
         out.open_log(early_log_candidates())
-        out.critical(str(error))
+        if isinstance(error, ConfigError):
+            out.critical(str(error))
+        else:
+            report_internal_error(out, error)
         out.close()
         return 1
     if isinstance(cfg, int):
@@ -3566,6 +3639,8 @@ def main(argv=None):
                                           " (dry run)" if cfg.switch("dry") else ""))
     out.notice("Sync task [%s] launched as %s@%s (PID %d)." % (cfg["INSTANCE_ID"], current_user(),
                                                               socket.gethostname(), os.getpid()))
+    for notice in cfg.notices:
+        out.notice(notice)
     for warning in cfg.warnings:
         out.warn(warning)
     try:
@@ -3581,14 +3656,31 @@ def main(argv=None):
         out.critical("Stopped: %s%s. Nothing was lost; the next run continues where this one stopped."
                      % (error.strerror or error, " (%s)" % error.filename if error.filename else ""))
     except Exception as error:  # a bug: say it plainly, keep the traceback in the log
-        import traceback
-        out.debug(traceback.format_exc())
-        out.critical("Unexpected internal error: %s: %s. Please report it with the log %s."
-                     % (type(error).__name__, error, out.logfile))
+        report_internal_error(out, error)
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
     out.close()
     return code
+
+
+def report_internal_error(out, error):
+    """A bug: one sentence on the screen, the traceback in the log file at any log level."""
+    import traceback
+    out.trace("Traceback of the unexpected error:\n" + traceback.format_exc().rstrip())
+    out.critical("Unexpected internal error: %s: %s. Please report it with the log %s."
+                 % (type(error).__name__, error, out.logfile))
+
+
+def write_stdout(text):
+    """Print help or version text; a closed or broken stdout (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        try:   # so that Python's own flush at exit finds nothing to complain about
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        except OSError:
+            pass
 
 
 def agent_main():
