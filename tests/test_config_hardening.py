@@ -237,3 +237,191 @@ def test_huge_pid_in_lock_is_a_dead_lock(lpair):
     r = lpair.run()
     assert r.returncode == 0 and TRACEBACK not in r.output, r.output
     assert snapshot(lpair.target) == expected({"from_i": "i", "from_t": "t"})
+
+
+# ======================================================================================
+# Item: any name reaches the screen and the log
+# ======================================================================================
+
+NAME = "caf\udce9 \u00e9t\u00e9"     # a Latin-1 byte that is not UTF-8, then UTF-8 text
+NAME_BYTES = NAME.encode("utf-8", "surrogateescape")
+
+
+def interpreters():
+    found = [("current", sys.executable)]
+    oldest = pyenv_python("3.6")
+    if oldest:
+        found.append(("3.6", oldest))
+    return found
+
+
+def test_any_name_in_summary_and_conflicts(tmp_path):
+    """--summary and the conflict notice print a non-UTF-8 name as its bytes, on screen and
+    in the log, under every locale and Python 3.6 (under 3.6 with C.UTF-8 logging printed a
+    traceback and the line was lost)."""
+    for number, (python, locale) in enumerate([(p, l) for p in interpreters() for l in ("C", "C.UTF-8")]):
+        pair = Pair(tmp_path / ("p%d" % number))
+        pair.interpreter = python[1]
+        put(pair.initiator, NAME, "v0")
+        put(pair.initiator, "moved " + NAME, "m0")
+        pair.run(expect=0)
+        put(pair.initiator, NAME, "initiator edit", T0 + 10)
+        put(pair.target, NAME, "target edit", T0 + 20)
+        put(pair.initiator, "moved " + NAME, "m1", T0 + 10)
+        r = pair.run("--summary", "--log-conflicts", env={"LC_ALL": locale})
+        context = "Python %s, LC_ALL=%s:\n%s" % (python[0], locale, r.output)
+        assert r.returncode == 0, context
+        assert "Logging error" not in r.output and TRACEBACK not in r.output, context
+        target, initiator = str(pair.target), str(pair.initiator)
+        lines = r.stdout.splitlines()
+        assert "UPDATE >> %s/moved %s" % (target, NAME) in lines, context
+        conflict = "%s/%s << >> %s/%s" % (initiator, NAME, target, NAME)
+        assert conflict in lines, context
+        log = pair.logfile.read_bytes()
+        assert ("UPDATE >> %s/moved " % target).encode() + NAME_BYTES in log, context
+        assert conflict.encode("utf-8", "surrogateescape") in log, context
+
+
+def test_broken_stdout_ends_quietly_and_the_run_finishes(tmp_path):
+    """`osync.py --summary | head -1` with thousands of lines: no traceback, the sync, its
+    state and its log complete, exit code 0.  Likewise with stdout closed."""
+    pair = Pair(tmp_path / "p")
+    for number in range(5000):
+        (pair.initiator / ("f%04d" % number)).write_bytes(b"")
+    argv = [sys.executable, str(OSYNC)] + pair.quick_args() + ["--summary"]
+    process = subprocess.Popen(argv, env=pair.env(), cwd=str(pair.cwd), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read().decode("utf-8", "replace")
+    code = process.wait(timeout=120)
+    assert first, "nothing printed"
+    assert code == 0, stderr
+    assert stderr.strip() == "", "expected nothing on stderr:\n" + stderr[:3000]
+    assert len(os.listdir(str(pair.target))) == 5001   # the files and the work dir
+    assert (pair.initiator / WORKDIR / "state" / "osync.py-state-quicksync_task").exists()
+    assert pair.logfile.read_text().rstrip().endswith("osync.py finished.")
+    # stdout closed from the start
+    put(pair.initiator, "one more", "x")
+    script = 'exec "$@" >&-'
+    r = subprocess.run(["sh", "-c", script, "sh"] + argv, env=pair.env(), cwd=str(pair.cwd),
+                       stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr[:3000]
+    assert (pair.target / "one more").exists()
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    process = subprocess.Popen([sys.executable, str(OSYNC), "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=clean_env(tmp_path / "log"))
+    process.stdout.close()
+    stderr = process.stderr.read().decode("utf-8", "replace")
+    assert process.wait(timeout=60) == 0
+    assert stderr == "", stderr
+
+
+# A bug cannot be provoked through osync.py's inputs once it is fixed, so this one is put
+# in on purpose: the real osync.py, imported, with one function replaced by a failing one.
+BUGGY_RUN = """import sys
+sys.path.insert(0, sys.argv[1])
+import osync
+def broken_filter_spec(cfg):
+    return {}["a key no setting has"]
+osync.filter_spec = broken_filter_spec
+sys.exit(osync.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("switches", [[], ["--silent"], ["--errors-only"]])
+def test_unexpected_error_traceback_goes_to_the_log(lpair, switches):
+    argv = [sys.executable, "-c", BUGGY_RUN, str(OSYNC.parent)] + lpair.quick_args() + switches
+    r = subprocess.run(argv, env=lpair.env(), cwd=str(lpair.cwd), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert TRACEBACK not in r.stdout + r.stderr
+    if not switches == ["--silent"]:
+        errors = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and "KeyError" in errors[0] and str(lpair.logfile) in errors[0], r.stderr
+    log = lpair.logfile.read_text()
+    assert TRACEBACK in log and "broken_filter_spec" in log, log
+    assert snapshot(lpair.target, exclude_workdir=False) == expected({"from_t": "t"})
+
+
+# ======================================================================================
+# Item: old configs keep their meaning
+# ======================================================================================
+
+def test_config_from_the_upgrade_script_runs_clean(lpair):
+    """What upgrade-v1.0x-v1.3x.sh leaves (REMOTE_SYNC emptied, REMOTE_USER/HOST/PORT and
+    REMOTE_RSYNC_PATH kept) is a notice each, not a warning: exit 0 (it was 2)."""
+    conf = lpair.write_conf(lines=["[REMOTE_OPTIONS]", "REMOTE_SYNC=", "REMOTE_USER=backupuser",
+                                   "REMOTE_HOST=backup.example.com", "REMOTE_PORT=22",
+                                   'REMOTE_RSYNC_PATH=""'])
+    r = lpair.run_conf(conf)
+    assert r.returncode == 0, r.output
+    assert "(WARN)" not in r.output
+    for key in ("REMOTE_SYNC", "REMOTE_HOST", "REMOTE_RSYNC_PATH"):
+        assert key in r.stdout, r.stdout
+    assert snapshot(lpair.target) == expected({"from_i": "i", "from_t": "t"})
+
+
+@pytest.mark.parametrize("value", ["no", "false"])
+def test_remote_sync_no_is_a_local_sync(lpair, value):
+    conf = lpair.write_conf(lines=["REMOTE_SYNC=%s" % value, "REMOTE_USER=backupuser",
+                                   "REMOTE_HOST=backup.example.com", "REMOTE_PORT=2222"])
+    r = lpair.run_conf(conf)
+    assert r.returncode == 0 and "(WARN)" not in r.output, r.output
+    assert snapshot(lpair.target) == expected({"from_i": "i", "from_t": "t"})
+
+
+def test_v10_remote_config_reaches_the_ssh_target(rpair):
+    """REMOTE_SYNC=yes with REMOTE_USER/HOST/PORT next to SLAVE_SYNC_DIR is the ssh target
+    it meant, with the upgrade warning (it used to be a local directory of that name)."""
+    sshd = rpair.sshd
+    build(rpair.initiator, {"from_i": "i"})
+    conf = rpair.write_conf(keys={"TARGET_SYNC_DIR": None}, lines=[
+        "SLAVE_SYNC_DIR=%s" % rpair.target, "REMOTE_SYNC=yes", "REMOTE_USER=root",
+        "REMOTE_HOST=127.0.0.1", "REMOTE_PORT=%d" % sshd.port])
+    mark = sshd.mark()
+    r = rpair.run_conf(conf)
+    assert r.returncode == 2, r.output
+    uri = "ssh://root@127.0.0.1:%d/%s" % (sshd.port, rpair.target)
+    warnings = [line for line in r.stderr.splitlines() if "(WARN)" in line]
+    assert any(uri in line and "REMOTE_SYNC" in line for line in warnings), r.stderr
+    assert sshd.connections(mark) > 0, "the target was not reached over ssh"
+    assert snapshot(rpair.target) == expected({"from_i": "i"})
+
+
+def test_remote_rsync_path_is_read_as_rsync_remote_path(rpair, tmp_path):
+    """REMOTE_RSYNC_PATH is the v1.0 name of RSYNC_REMOTE_PATH: the rsync found there runs."""
+    tools = tmp_path / "remote-tools"
+    tools.mkdir()
+    marker = tmp_path / "remote-rsync-was-run"
+    wrapper = tools / "rsync"
+    wrapper.write_text('#!/bin/sh\ntouch %s\nexec rsync "$@"\n' % marker)
+    wrapper.chmod(0o755)
+    build(rpair.initiator, {"from_i": "i"})
+    conf = rpair.write_conf(lines=["REMOTE_RSYNC_PATH=%s" % tools])
+    r = rpair.run_conf(conf)
+    assert r.returncode == 0, r.output
+    assert marker.exists(), "the rsync of REMOTE_RSYNC_PATH was not used"
+    assert snapshot(rpair.target) == expected({"from_i": "i"})
+
+
+def test_remote_summary_and_conflicts_name_the_path_on_the_target(rpair):
+    """As osync v1.3 prints them (scripts parse them): no host: in front."""
+    build(rpair.initiator, {"same": "0", "new": "n"})
+    rpair.run(expect=0)
+    put(rpair.initiator, "same", "initiator edit", T0 + 10)
+    put(rpair.target, "same", "target edit", T0 + 20)
+    put(rpair.initiator, "fresh", "f")
+    r = rpair.run("--summary", "--log-conflicts", expect=0)
+    target, initiator = str(rpair.target), str(rpair.initiator)
+    lines = r.stdout.splitlines()
+    assert "UPDATE >> %s/fresh" % target in lines, r.stdout
+    assert "UPDATE << %s/same" % initiator in lines, r.stdout
+    conflict = "%s/same << >> %s/same" % (initiator, target)
+    assert conflict in lines, r.stdout
+    assert "127.0.0.1:" not in r.stdout, r.stdout
+    state = rpair.initiator / WORKDIR / "state" / "conflicts-quicksync_task"
+    assert state.read_text() == conflict + "\n"
