@@ -2,11 +2,8 @@
 reaches the screen and the log; old osync configs keep their meaning."""
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
