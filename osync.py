@@ -615,7 +615,7 @@ class Config(object):
         names = ", ".join(remote_keys)
         target = self.values["TARGET_SYNC_DIR"]
         if not BOOL_WORDS.get(switch.strip().lower(), False):
-            self.notices.append("%s: %s: obsolete osync v1.0 settings without meaning for a local target; ignored."
+            self.notices.append("%s: %s: obsolete osync v1.0 settings, without meaning while REMOTE_SYNC is off; ignored."
                                 % (path, names))
             return
         if target.startswith("ssh://"):
@@ -635,11 +635,6 @@ class Config(object):
         self.set_from_text("TARGET_SYNC_DIR", uri, switch_where)
         self.warnings.append("%s: %s are osync v1.0 settings: read as TARGET_SYNC_DIR=%s; please write that "
                              "instead." % (path, names, uri))
-
-    def where(self, key):
-        """Where the value of `key` came from, as messages name it."""
-        origin = self.origin[key]
-        return "%s (the default)" % key if origin == "default" else origin
 
     def load_environment(self, environ):
         """Environment variables named like config keys (or their old names) override the file."""
