@@ -277,6 +277,13 @@ SETTINGS = [
 del S
 
 SETTINGS_BY_KEY = dict((s.key, s) for s in SETTINGS if s.key)
+# Whole numbers are bounded so that every value fits what it is handed to (timers,
+# rsync, the SMTP library); keys not listed take 0 to INT_MAXIMUM.
+INT_MAXIMUM = 2 ** 31 - 1
+INT_LIMITS = {
+    "SMTP_PORT": (1, 65535),
+    "MINIMUM_SPACE": (0, 2 ** 50),   # KiB
+}
 OLD_NAMES = dict((old, s.key) for s in SETTINGS for old in s.old_names)
 # osync v1.0 called the replicas master and slave.
 OLD_VALUES = {"master": "initiator", "slave": "target"}
@@ -311,8 +318,14 @@ def convert_value(setting, text):
         except KeyError:
             raise ValueError("%r is not a boolean (use yes or no)" % text)
     if setting.kind == "int":
-        if not re.match(r"^[0-9]+$", text):
+        if not re.match(r"^[0-9]+\Z", text):
             raise ValueError("%r is not a whole number of 0 or more" % text)
+        lowest, highest = INT_LIMITS.get(setting.key, (0, INT_MAXIMUM))
+        # A long run of digits is refused before int() so no limit of Python's own applies.
+        if len(text.lstrip("0")) > len(str(highest)) or int(text) > highest:
+            raise ValueError("%s is too large: the largest value it takes is %d" % (text[:40], highest))
+        if int(text) < lowest:
+            raise ValueError("%s is too small: the smallest value it takes is %d" % (text, lowest))
         return int(text)
     if setting.kind == "choice":
         value = OLD_VALUES.get(text, text)
@@ -375,6 +388,10 @@ def example_config():
 # A strict reader for the shell-assignment subset osync configs use.  It never runs the
 # file: anything that would make a shell run code is an error naming file, line and key.
 
+# Keys of osync v1.0 configs that the Settings table no longer has (Config.apply_legacy_remote).
+LEGACY_REMOTE_KEYS = ("REMOTE_SYNC", "REMOTE_USER", "REMOTE_HOST", "REMOTE_PORT", "REMOTE_RSYNC_PATH")
+# A scheme followed by ":/" (sftp://, SSH://, ssh:/host, rsync://...): meant as a URL, not a directory.
+URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 SHELL_CODE_CHARS = ";|&<>(){}"
 
@@ -471,6 +488,8 @@ def read_config_file(path):
     except OSError as error:
         raise ConfigError("Cannot read config file %s: %s." % (path, error.strerror))
     text = data.decode("utf-8", "surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]   # a byte-order mark some editors write at the start
     assignments = []
     known = {}
 
@@ -480,6 +499,9 @@ def read_config_file(path):
         return os.environ.get(name, "")
 
     for number, line in enumerate(text.splitlines(), 1):
+        if "\0" in line:
+            raise ConfigError("%s:%d: the line holds a NUL byte: this is not a text config file, or it is damaged."
+                              % (path, number))
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -505,6 +527,7 @@ class Config(object):
         self.switches = {}
         self.config_file = None
         self.warnings = []          # reported once the log is open
+        self.notices = []           # likewise, as notices (no effect on the exit code)
         for setting in SETTINGS:
             if setting.key:
                 self.values[setting.key] = default_value(setting, quicksync)
@@ -521,6 +544,8 @@ class Config(object):
     def set_from_text(self, key, text, where):
         """Set a key from a string; `where` names the origin for error messages."""
         setting = SETTINGS_BY_KEY[key]
+        if "\0" in text:
+            raise ConfigError("%s: %s: the value holds a NUL byte, which no setting can hold." % (where, key))
         if setting.kind != "str" and text.strip() == "":
             # An empty value means the documented default, in every mode.
             self.values[key] = default_value(setting, self.quicksync)
@@ -539,15 +564,19 @@ class Config(object):
             raise ConfigError("Config file %s must have a name ending in .conf." % path)
         self.config_file = os.path.abspath(path)
         revision = None
+        legacy = {}
         for number, key, value in read_config_file(path):
             where = "%s:%d" % (path, number)
+            if key in LEGACY_REMOTE_KEYS:
+                legacy[key] = (value, where)
+                continue
             if key in OLD_NAMES:
                 self.warnings.append("%s: %s is the osync v1.0/v1.1 name of %s; please rename it."
                                      % (where, key, OLD_NAMES[key]))
                 key = OLD_NAMES[key]
             if key == "CONFIG_FILE_REVISION":
                 revision = value
-            if key in ("REMOTE_SYNC", "OSYNC_DIR", "COMPRESSION_LEVEL"):
+            if key in ("OSYNC_DIR", "COMPRESSION_LEVEL"):
                 continue  # obsolete internals of osync.sh, without meaning here
             if key not in SETTINGS_BY_KEY:
                 self.warnings.append("%s: %s: unknown setting, ignored." % (where, key))
@@ -557,6 +586,7 @@ class Config(object):
                 self.warnings.append("%s: %s: value %s is the osync v1.0 name of %s; please rename it."
                                      % (where, key, value, OLD_VALUES[value]))
             self.set_from_text(key, value, where)
+        self.apply_legacy_remote(legacy, path)
         if revision is None or not re.match(r"^[0-9]+(\.[0-9]+)*$", revision.strip()):
             self.warnings.append("%s: CONFIG_FILE_REVISION is missing or not a number; "
                                  "add CONFIG_FILE_REVISION=%s." % (path, CONFIG_FILE_REVISION_REQUIRED))
@@ -564,6 +594,47 @@ class Config(object):
             self.warnings.append("%s: written for osync %s; its old names were translated. "
                                  "Compare it with sync.conf and set CONFIG_FILE_REVISION=%s."
                                  % (path, revision, CONFIG_FILE_REVISION_REQUIRED))
+
+    def apply_legacy_remote(self, legacy, path):
+        """osync v1.0 named a remote target with REMOTE_SYNC=yes, REMOTE_USER, REMOTE_HOST
+        and REMOTE_PORT next to a plain path: read that as the ssh:// target it meant.
+        With REMOTE_SYNC=no those keys mean nothing (osync's upgrade script leaves them in
+        place), and REMOTE_RSYNC_PATH is the old name of RSYNC_REMOTE_PATH."""
+        if "REMOTE_RSYNC_PATH" in legacy:
+            value, where = legacy["REMOTE_RSYNC_PATH"]
+            if self.origin["RSYNC_REMOTE_PATH"] == "default":
+                self.set_from_text("RSYNC_REMOTE_PATH", value, where)
+            self.notices.append("%s: REMOTE_RSYNC_PATH is the osync v1.0 name of RSYNC_REMOTE_PATH; read as such."
+                                % where)
+        remote_keys = [key for key in ("REMOTE_SYNC", "REMOTE_USER", "REMOTE_HOST", "REMOTE_PORT") if key in legacy]
+        if not remote_keys:
+            return
+        switch, switch_where = legacy.get("REMOTE_SYNC", ("", path))
+        if switch.strip().lower() not in BOOL_WORDS and switch.strip():
+            raise ConfigError("%s: REMOTE_SYNC: %r is not a boolean (use yes or no)." % (switch_where, switch))
+        names = ", ".join(remote_keys)
+        target = self.values["TARGET_SYNC_DIR"]
+        if not BOOL_WORDS.get(switch.strip().lower(), False):
+            self.notices.append("%s: %s: obsolete osync v1.0 settings, without meaning while REMOTE_SYNC is off; ignored."
+                                % (path, names))
+            return
+        if target.startswith("ssh://"):
+            self.notices.append("%s: %s: obsolete osync v1.0 settings; TARGET_SYNC_DIR already names the ssh "
+                                "target, so they are ignored." % (path, names))
+            return
+        host = legacy.get("REMOTE_HOST", ("", path))[0].strip()
+        if not host:
+            raise ConfigError("%s: REMOTE_SYNC=yes but REMOTE_HOST is not set: set TARGET_SYNC_DIR="
+                              "ssh://user@host:port//absolute/path instead." % switch_where)
+        if not target:
+            return   # reported as "TARGET_SYNC_DIR is not set"
+        user = legacy.get("REMOTE_USER", ("", path))[0].strip()
+        port = legacy.get("REMOTE_PORT", ("", path))[0].strip()
+        uri = "ssh://%s%s%s/%s" % (user + "@" if user else "", "[%s]" % host if ":" in host else host,
+                                   ":" + port if port else "", target)
+        self.set_from_text("TARGET_SYNC_DIR", uri, switch_where)
+        self.warnings.append("%s: %s are osync v1.0 settings: read as TARGET_SYNC_DIR=%s; please write that "
+                             "instead." % (path, names, uri))
 
     def load_environment(self, environ):
         """Environment variables named like config keys (or their old names) override the file."""
@@ -584,11 +655,28 @@ class Config(object):
             if not self.values[key]:
                 raise ConfigError("%s is not set%s." % (
                     key, " in %s" % self.config_file if self.config_file else ""))
-        if not re.match(r"^[A-Za-z0-9_.@+-]+$", self.values["INSTANCE_ID"]):
-            raise ConfigError("INSTANCE_ID %r may only hold letters, digits and _ . @ + -."
-                              % self.values["INSTANCE_ID"])
+        instance = self.values["INSTANCE_ID"]
+        if instance.strip() != instance:
+            raise ConfigError("%s: INSTANCE_ID %r starts or ends with a space or line break; remove it (the lock "
+                              "and state files are named after it)." % (self.origin["INSTANCE_ID"], instance))
+        if not re.match(r"^[A-Za-z0-9_.@+-]+\Z", instance):
+            raise ConfigError("%s: INSTANCE_ID %r may only hold letters, digits and _ . @ + -."
+                              % (self.origin["INSTANCE_ID"], instance))
         if not self.values["PATH_SEPARATOR_CHAR"]:
             raise ConfigError("PATH_SEPARATOR_CHAR must not be empty.")
+        for key in ("SSH_OPTIONAL_ARGS", "RSYNC_OPTIONAL_ARGS"):
+            try:
+                shlex.split(self.values[key])
+            except ValueError as error:
+                raise ConfigError("%s: %s: unbalanced quote or trailing backslash (%s) in %s; quote or escape it "
+                                  "so that the value splits into arguments."
+                                  % (self.origin[key], key, str(error).lower(), self.values[key]))
+        for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR"):
+            value = self.values[key]
+            if URL_LIKE.match(value) and not value.startswith("ssh://"):
+                raise ConfigError("%s: %s %s is neither a local directory nor an ssh:// target: osync.py reaches "
+                                  "a remote replica over ssh only, written ssh://user@host:port//absolute/path."
+                                  % (self.origin[key], key, value))
         for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR", "SSH_RSA_PRIVATE_KEY", "SSH_PASSWORD_FILE"):
             if self.values[key].startswith("~"):
                 self.values[key] = os.path.expanduser(self.values[key])
@@ -602,7 +690,10 @@ def version_tuple(text):
 # Output
 # ======================================================================================
 # Levels, the time prefix, the log file, the screen switches, and the warning/error
-# counts that decide the exit code.
+# counts that decide the exit code.  Any name reaches the screen and the log under any
+# locale: a name's undecodable bytes (surrogate escapes) are written as those bytes, and
+# a character the screen's encoding lacks as a backslash escape.  A closed or broken
+# screen stream (`| head`) is dropped quietly and the run goes on.
 
 VERBOSE = 15
 NOTICE = 20
@@ -658,6 +749,60 @@ class ScreenFilter(logging.Filter):
         return record.levelno >= self.output.screen_threshold or record.levelno == ALWAYS
 
 
+def screen_bytes(text, encoding):
+    """`text` encoded for a screen stream: never fails, whatever the name or locale."""
+    try:
+        return text.encode(encoding, "surrogateescape")
+    except (UnicodeEncodeError, LookupError):
+        pass
+    parts = []
+    for char in text:
+        try:
+            parts.append(char.encode(encoding, "surrogateescape"))
+        except (UnicodeEncodeError, LookupError):
+            parts.append(char.encode("ascii", "backslashreplace"))
+    return b"".join(parts)
+
+
+class ScreenHandler(logging.Handler):
+    """Writes lines to stdout or stderr by file descriptor, unbuffered, so nothing is left
+    for Python to flush at exit; the first write that fails (EPIPE, EBADF) drops the stream."""
+
+    def __init__(self, stream):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            self.fd = stream.fileno()
+            os.fstat(self.fd)
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            self.fd = None   # started with the stream closed
+
+    def emit(self, record):
+        if self.fd is None:
+            return
+        data = screen_bytes(self.format(record) + "\n", self.encoding)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            self.fd = None
+
+    def handleError(self, record):
+        """Never print logging's own traceback: a line that cannot be shown is dropped."""
+
+
+class LogFileHandler(logging.StreamHandler):
+    """The log file: names as their bytes; a line that cannot be encoded is written escaped."""
+
+    def handleError(self, record):
+        try:
+            text = self.format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+            self.stream.write(text + self.terminator)
+            self.flush()
+        except Exception:
+            pass   # a log file that cannot be written any more: the screen still has the line
+
+
 class CountingHandler(logging.Handler):
     """Counts the warnings and errors logged: they decide the exit code."""
 
@@ -688,7 +833,7 @@ class Output(object):
         self.logger.addHandler(self.counter)
         self.pending = []          # records logged before the log file is known
         for stream, errors in ((sys.stdout, False), (sys.stderr, True)):
-            handler = logging.StreamHandler(stream)
+            handler = ScreenHandler(stream)
             handler.setFormatter(LineFormatter(self, colour=self._is_tty(stream)))
             handler.addFilter(ScreenFilter(self, errors))
             self.logger.addHandler(handler)
@@ -728,7 +873,7 @@ class Output(object):
             except OSError:
                 continue
             stream = os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape")
-            handler = logging.StreamHandler(stream)
+            handler = LogFileHandler(stream)
             handler.setLevel(min(self.screen_threshold, NOTICE))
             handler.setFormatter(LineFormatter(self))
             self.file_handler = handler
@@ -773,6 +918,15 @@ class Output(object):
 
     def critical(self, message):
         self.log(logging.CRITICAL, message)
+
+    def trace(self, text):
+        """Write `text` (a traceback) to the log file only, whatever the log level."""
+        record = self.logger.makeRecord(self.logger.name, logging.ERROR, __file__, 0, text, None, None,
+                                        extra={"bare": False})
+        if self.file_handler is not None:
+            self.file_handler.handle(record)
+        elif self.pending is not None:
+            self.pending.append(record)
 
     def exit_code(self):
         if self.counter.errors:
@@ -2088,7 +2242,7 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
 
 
 SSH_URI = re.compile(r"^ssh://(?:(?P<user>[^@/\[\]]+)@)?(?P<host>\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^:/@\[\]]+)"
-                     r"(?::(?P<port>[^/]*))?/(?P<path>.+)$")
+                     r"(?::(?P<port>[^/]*))?/(?P<path>.+)\Z", re.DOTALL)
 
 
 def parse_ssh_uri(uri):
@@ -2100,10 +2254,14 @@ def parse_ssh_uri(uri):
     port = match.group("port")
     if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError("%s is not a valid target: the port %r is not a number from 1 to 65535." % (uri, port))
-    host = match.group("host")
+    host, user = match.group("host"), match.group("user")
+    for part, text in (("host", host), ("user", user)):
+        if text and text.startswith("-"):
+            raise ConfigError("%s is not a valid target: the %s %s starts with '-', which ssh would take as an "
+                              "option; write the %s's real name." % (uri, part, text, part))
     if host.startswith("["):
         host = host[1:-1]
-    return match.group("user"), host, int(port) if port else 22, match.group("path")
+    return user, host, int(port) if port else 22, match.group("path")
 
 
 def ssh_failure(host, port, stderr, code):
@@ -2144,6 +2302,14 @@ class SshTransport(object):
         self.password_file = None
         key = cfg["SSH_RSA_PRIVATE_KEY"]
         self.key = key if key and os.path.isfile(key) else None
+        # A key named on purpose must exist; the default ~/.ssh/id_rsa may be missing (ssh
+        # then uses its agent and other keys), and so may any key when a password file or
+        # Kerberos is there to fall back on, as osync v1.3 does.
+        explicit = cfg.origin["SSH_RSA_PRIVATE_KEY"] != "default"
+        if key and not self.key and explicit and not cfg["SSH_PASSWORD_FILE"] and not cfg["KRB5"]:
+            raise ConfigError("%s: SSH_RSA_PRIVATE_KEY %s does not exist or is not a file: give the path of the ssh "
+                              "private key, or leave SSH_RSA_PRIVATE_KEY unset to use ssh's own keys and agent."
+                              % (cfg.origin["SSH_RSA_PRIVATE_KEY"], key))
         if not self.key and cfg["SSH_PASSWORD_FILE"]:
             if not os.path.isfile(cfg["SSH_PASSWORD_FILE"]):
                 raise ConfigError("SSH_PASSWORD_FILE %s does not exist." % cfg["SSH_PASSWORD_FILE"])
@@ -3219,6 +3385,24 @@ def make_replica(cfg, role):
     return LocalReplica(role, location, state_dir)
 
 
+def process_command_line(pid):
+    """The argv of a running process, from /proc; None where it cannot be known."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            argv = [os.fsdecode(part) for part in handle.read().split(b"\0") if part]
+        if not argv:   # a kernel thread or a zombie: only its name is left
+            with open("/proc/%d/comm" % pid, "rb") as handle:
+                argv = ["[%s]" % os.fsdecode(handle.read().strip())]
+        return argv
+    except OSError:
+        return None
+
+
+def looks_like_osync(argv):
+    """Is this the command line of osync.py (or osync.sh), under whatever interpreter?"""
+    return any(os.path.basename(part) in ("osync.py", "osync.sh", "osync") for part in argv[:4])
+
+
 class SyncRun(object):
     """One run of a sync task."""
 
@@ -3392,7 +3576,14 @@ class SyncRun(object):
             if existing and not re.match(r"^[0-9]+$", owner.strip()):
                 raise ReplicaError("The lock of the %s replica holds %r, which is not PID@INSTANCE_ID; remove it or "
                                    "run with --force-unlock." % (replica.role, existing[:80]))
-            if existing and pid_alive(int(owner)):
+            pid = int(owner) if existing else 0
+            if existing and pid <= INT_MAXIMUM and pid_alive(pid):
+                command = process_command_line(pid)
+                if command is not None and not looks_like_osync(command):
+                    raise ReplicaError("The lock %s/%s/lock holds pid %d, which is running but is not %s (it is `%s`): "
+                                       "if no %s runs for this task, run with --force-unlock."
+                                       % (replica.display, WORK_DIR_NAME, pid, PROGRAM, " ".join(command)[:200],
+                                          PROGRAM))
                 raise ReplicaError("There is already a running instance [%s] of osync for the %s replica %s. "
                                    "Cannot start." % (existing, replica.role, replica.display))
             if (isinstance(replica, RemoteReplica) and existing and owner_instance != self.instance
@@ -3517,11 +3708,16 @@ class SyncRun(object):
         for replica in self.replicas.values():
             replica.write_state_file(marker_file_name(self.instance), marker)
 
+    def report_root(self, side):
+        """How --summary and the conflict list name a replica's root: its path on its own
+        host, without host:, as osync v1.3 prints it (scripts parse these lines)."""
+        return self.replicas[side].root.rstrip("/") + "/"
+
     def write_conflicts(self, outcome):
-        initiator, target = self.replicas["initiator"], self.replicas["target"]
-        lines = ["%s%s << >> %s%s\n" % (initiator.location(), path, target.location(), path)
+        initiator, target = self.report_root("initiator"), self.report_root("target")
+        lines = ["%s%s << >> %s%s\n" % (initiator, path, target, path)
                  for path, winner in outcome.conflicts]
-        initiator.write_state_file("conflicts-%s" % self.instance, "".join(lines))
+        self.replicas["initiator"].write_state_file("conflicts-%s" % self.instance, "".join(lines))
         if lines:
             self.out.notice("File conflicts: INITIATOR << >> TARGET\n%sThere are %d conflicting files."
                             % ("".join(lines), len(lines)))
@@ -3562,8 +3758,7 @@ class SyncRun(object):
 
     def print_summary(self, outcome):
         """The --summary listing, in osync's format."""
-        initiator = self.replicas["initiator"].location()
-        target = self.replicas["target"].location()
+        initiator, target = self.report_root("initiator"), self.report_root("target")
         lines = ["Attributes only updates: INITIATOR << >> TARGET"]
         lines += ["UPDATE >> %s%s" % (target, path) for path in outcome.paths[("attributes", "target")]]
         lines += ["UPDATE << %s%s" % (initiator, path) for path in outcome.paths[("attributes", "initiator")]]
@@ -3634,13 +3829,13 @@ def parse_command_line(argv):
     """The Config of this run, or an exit code when only help/version was asked for."""
     args = build_parser().parse_args(argv)
     if args.help:
-        sys.stdout.write(help_text())
+        write_stdout(help_text())
         return 0
     if args.version:
-        sys.stdout.write("%s %s\n" % (PROGRAM, VERSION))
+        write_stdout("%s %s\n" % (PROGRAM, VERSION))
         return 0
     if not argv:
-        sys.stdout.write(help_text())
+        write_stdout(help_text())
         return 1
     if args.config is not None and args.config.startswith("-"):
         raise ConfigError("Unknown option %s. Run %s --help for the options." % (args.config, PROGRAM))
@@ -3682,10 +3877,13 @@ def main(argv=None):
     debug = os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
     try:
         cfg = parse_command_line(argv)
-    except ConfigError as error:
+    except Exception as error:
         out.configure(silent="--silent" in argv, debug=debug)
         out.open_log(early_log_candidates())
-        out.critical(str(error))
+        if isinstance(error, ConfigError):
+            out.critical(str(error))
+        else:
+            report_internal_error(out, error)
         out.close()
         return 1
     if isinstance(cfg, int):
@@ -3699,6 +3897,8 @@ def main(argv=None):
                                           " (dry run)" if cfg.switch("dry") else ""))
     out.notice("Sync task [%s] launched as %s@%s (PID %d)." % (cfg["INSTANCE_ID"], current_user(),
                                                               socket.gethostname(), os.getpid()))
+    for notice in cfg.notices:
+        out.notice(notice)
     for warning in cfg.warnings:
         out.warn(warning)
     try:
@@ -3714,15 +3914,32 @@ def main(argv=None):
         out.critical("Stopped: %s%s. Nothing was lost; the next run continues where this one stopped."
                      % (error.strerror or error, " (%s)" % error.filename if error.filename else ""))
     except Exception as error:  # a bug: say it plainly, keep the traceback in the log
-        import traceback
-        out.debug(traceback.format_exc())
-        out.critical("Unexpected internal error: %s: %s. Please report it with the log %s."
-                     % (type(error).__name__, error, out.logfile))
+        report_internal_error(out, error)
     CHILDREN.close()
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
     out.close()
     return code
+
+
+def report_internal_error(out, error):
+    """A bug: one sentence on the screen, the traceback in the log file at any log level."""
+    import traceback
+    out.trace("Traceback of the unexpected error:\n" + traceback.format_exc().rstrip())
+    out.critical("Unexpected internal error: %s: %s. Please report it with the log %s."
+                 % (type(error).__name__, error, out.logfile))
+
+
+def write_stdout(text):
+    """Print help or version text; a closed or broken stdout (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        try:   # so that Python's own flush at exit finds nothing to complain about
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        except OSError:
+            pass
 
 
 def agent_main():
