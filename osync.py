@@ -201,7 +201,8 @@ SETTINGS = [
     S("ALERT_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Also send a mail listing the conflicts (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
     S("CONFLICT_BACKUP", "bool", True, "BACKUP_DELETE_OPTIONS",
-      "Keep the old version of every file a sync overwrites in .osync_workdir/backup (the loser of a conflict is always kept)."),
+      "Keep the old version of every file a sync overwrites, the loser of a conflict included, in "
+      ".osync_workdir/backup; with no, nothing is kept (conflicts are still logged)."),
     S("CONFLICT_BACKUP_MULTIPLE", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Keep every backup, named PATH.YYYY.MM.DD-HH.MM.SS, instead of the newest one only."),
     S("CONFLICT_BACKUP_DAYS", "int", 30, "BACKUP_DELETE_OPTIONS",
@@ -2306,9 +2307,9 @@ class Decision(object):
         self.conflict = conflict
         self.edit_won = edit_won
         loser = self.now(OTHER_SIDE[source])
-        # The old version on the destination is kept: always for a conflict's loser,
-        # for any overwrite when CONFLICT_BACKUP is on.
-        self.backup = loser is not None and loser.kind != "d" and (conflict or policy.backup_overwrites)
+        # The old version on the destination is kept when CONFLICT_BACKUP is on, a
+        # conflict's loser like any other overwrite; with it off nothing is kept.
+        self.backup = loser is not None and loser.kind != "d" and policy.backup_overwrites
         return self
 
     def delete(self, side):
@@ -2788,8 +2789,7 @@ class Executor(object):
                                                  decision.now(loser).mtime_ns,
                                                  decision.now(decision.source).mtime_ns)
                                              else "CONFLICT_PREVALANCE",
-                                             loser, "is kept in its backup dir" if decision.backup else
-                                             "was a directory"))
+                                             loser, self._loser_fate(decision)))
             self.outcome.conflicts.append((decision.path, decision.source))
         elif decision.edit_won:
             self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
@@ -2810,6 +2810,16 @@ class Executor(object):
         elif decision.action == ATTRS:
             self.out.verbose("%supdate attributes of %s on the %s." % (prefix, decision.path,
                                                                       decision.destination()))
+
+    @staticmethod
+    def _loser_fate(decision):
+        """What happens to a conflict's losing version, for the conflict notice."""
+        if decision.backup:
+            return "is kept in its backup dir"
+        loser = decision.now(decision.destination())
+        if loser is not None and loser.kind == "d":
+            return "was a directory"
+        return "is replaced (CONFLICT_BACKUP=no)"
 
     def _fail(self, message):
         """Count a failed path; the first ones are named, the rest summed up at the end."""

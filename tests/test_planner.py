@@ -89,11 +89,14 @@ def test_changed_on_one_side_is_copied_and_old_copy_backed_up_when_asked(side, b
     assert not got["a"].conflict
 
 
-def test_changed_on_both_sides_is_a_conflict_and_the_loser_is_always_kept():
+@pytest.mark.parametrize("backup_overwrites", [True, False])
+def test_changed_on_both_sides_is_a_conflict_and_the_loser_kept_as_conflict_backup_says(backup_overwrites):
     prev = state((F("a"), F("a")))
-    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=200, size=8)], backup_overwrites=False)
+    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=200, size=8)],
+                 backup_overwrites=backup_overwrites)
     assert action(got["a"]) == (COPY, "initiator")
-    assert got["a"].conflict and got["a"].backup
+    assert got["a"].conflict
+    assert got["a"].backup is backup_overwrites
 
 
 def test_changed_on_both_sides_to_the_same_content_is_no_conflict():
