@@ -2270,6 +2270,12 @@ NOTHING, COPY, DELETE, ATTRS, SKIP = "nothing", "copy", "delete", "attrs", "skip
 OTHER_SIDE = {"initiator": "target", "target": "initiator"}
 
 
+def unusable_dir_mode(entry):
+    """Is this a directory whose mode lacks owner x (0644, 0600)?  Such a mode is not
+    synced: copied, it would lock the owner out of the other copy."""
+    return entry is not None and entry.kind == "d" and not entry.mode & stat.S_IXUSR
+
+
 class Policy(object):
     """The settings the planner needs, as plain values."""
 
@@ -2377,24 +2383,17 @@ def newer_side(one, other, policy):
     return "initiator" if one.mtime_ns > other.mtime_ns else "target"
 
 
-def unusable_dir_mode(entry):
-    """Is this a directory whose mode lacks owner x (0644, 0600)?  Such a mode is not
-    synced: copied, it would lock the owner out of the other copy."""
-    return entry is not None and entry.kind == "d" and not entry.mode & stat.S_IXUSR
-
-
 def note_unusable_dir_mode(decision, policy):
     """Warn about a directory mode that is not synced because it lacks owner x: when the
     directory is copied, or the other side's mode differs."""
-    if not (policy.permissions or policy.executability):
-        return
     for side in ("initiator", "target"):
         entry = decision.now(side)
         if not unusable_dir_mode(entry):
             continue
         other = decision.now(OTHER_SIDE[side])
         copied = decision.action == COPY and decision.source == side
-        if copied or (other is not None and other.kind == "d" and other.mode != entry.mode):
+        differs = policy.permissions and other is not None and other.kind == "d" and other.mode != entry.mode
+        if copied or differs:
             decision.warning = ("%s on the %s has mode %04o without owner x; its mode is not synced (chmod u+x "
                                 "it to sync it again)." % (decision.path, side, entry.mode))
             return
