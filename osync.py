@@ -201,7 +201,8 @@ SETTINGS = [
     S("ALERT_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Also send a mail listing the conflicts (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
     S("CONFLICT_BACKUP", "bool", True, "BACKUP_DELETE_OPTIONS",
-      "Keep the old version of every file a sync overwrites in .osync_workdir/backup (the loser of a conflict is always kept)."),
+      "Keep the old version of every file a sync overwrites, the loser of a conflict included, in "
+      ".osync_workdir/backup; with no, nothing is kept (conflicts are still logged)."),
     S("CONFLICT_BACKUP_MULTIPLE", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Keep every backup, named PATH.YYYY.MM.DD-HH.MM.SS, instead of the newest one only."),
     S("CONFLICT_BACKUP_DAYS", "int", 30, "BACKUP_DELETE_OPTIONS",
@@ -1577,9 +1578,10 @@ def make_entry(abs_path, rel_path, info, options):
 
 def walk_tree(root, path_filter, options):
     """Yield an Entry for every item below root in canonical order, holding one
-    directory listing per level at most.  An unreadable directory is yielded with its
-    error set and not descended into."""
-    stack = [_sorted_listing(root, "", path_filter, options)]
+    directory listing per level at most.  An unreadable directory, or one holding an
+    item that cannot be stat'ed (no owner x, EIO), is yielded with its error set and
+    not descended into: the planner then leaves its whole subtree alone."""
+    stack = [iter(_sorted_listing(root, "", path_filter, options))]
     while stack:
         try:
             abs_path, rel_path, info = next(stack[-1])
@@ -1605,6 +1607,15 @@ def walk_tree(root, path_filter, options):
             except OSError as error:
                 entry = Entry(*(entry[:11] + ("cannot list directory: %s" % error.strerror,)))
                 listing = None
+            if listing is not None:
+                unreadable = _first_unreadable(listing)
+                if unreadable is not None:
+                    child_path, child_error = unreadable
+                    entry = Entry(*(entry[:11] + ("cannot read %s in it: %s" % (
+                        child_path.rpartition("/")[2], child_error.strerror),)))
+                    listing = None
+                else:
+                    listing = iter(listing)
             yield entry
             if listing is not None:
                 stack.append(listing)
@@ -1613,12 +1624,24 @@ def walk_tree(root, path_filter, options):
 
 
 def _sorted_listing(abs_dir, rel_prefix, path_filter, options):
-    """The children of one directory, sorted by name bytes, filtered; an iterator of
-    (absolute path, relative path, lstat result).  Listing errors raise at once."""
+    """The children of one directory, sorted by name bytes, filtered; a list of
+    (absolute path, relative path, lstat result or the OSError it raised).  Every child
+    is stat'ed here, before the directory itself is yielded, so that a directory with an
+    item that cannot be stat'ed is known as such before the planner sees it.  Listing
+    errors raise at once."""
     with os.scandir(abs_dir) as iterator:
         children = list(iterator)
     children.sort(key=lambda child: os.fsencode(child.name))
-    return _listing_items(children, rel_prefix, path_filter, options)
+    return list(_listing_items(children, rel_prefix, path_filter, options))
+
+
+def _first_unreadable(listing):
+    """(relative path, OSError) of the first child of a listing that could not be
+    stat'ed, None when every child could."""
+    for _, rel_path, info in listing:
+        if isinstance(info, OSError):
+            return rel_path, info
+    return None
 
 
 def _listing_items(children, rel_prefix, path_filter, options):
@@ -2209,6 +2232,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # with the same size in the same second, which rsync's quick check would skip.
     argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
             "--files-from=" + list_file]
+    # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
+    # directory always lets its owner in.
+    argv.append("--chmod=Du+x")
     for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
                       ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
                       ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
@@ -2622,6 +2648,12 @@ NOTHING, COPY, DELETE, ATTRS, SKIP = "nothing", "copy", "delete", "attrs", "skip
 OTHER_SIDE = {"initiator": "target", "target": "initiator"}
 
 
+def unusable_dir_mode(entry):
+    """Is this a directory whose mode lacks owner x (0644, 0600)?  Such a mode is not
+    synced: copied, it would lock the owner out of the other copy."""
+    return entry is not None and entry.kind == "d" and not entry.mode & stat.S_IXUSR
+
+
 class Policy(object):
     """The settings the planner needs, as plain values."""
 
@@ -2637,10 +2669,14 @@ class Policy(object):
         self.group = group
 
     def attributes(self, entry):
-        """The attributes of an entry that are synced: (mode, uid, gid), None where not."""
+        """The attributes of an entry that are synced: (mode, uid, gid), None where not.
+        A directory mode without owner x is never synced: it would make the other copy
+        unusable."""
         if entry is None or entry.kind in ("l", "?"):
             return (None, None, None)
-        if self.permissions:
+        if unusable_dir_mode(entry):
+            mode = None
+        elif self.permissions:
             mode = entry.mode
         elif self.executability and entry.kind == "f":
             mode = entry.mode & 0o111
@@ -2653,7 +2689,7 @@ class Decision(object):
     """What to do with one path.  `source` is the side whose version is copied (COPY,
     ATTRS); `side` the side where something is deleted (DELETE)."""
     __slots__ = ("path", "prev_initiator", "prev_target", "initiator", "target", "action", "source", "side",
-                 "conflict", "edit_won", "backup", "note")
+                 "conflict", "edit_won", "backup", "note", "warning")
 
     def __init__(self, path, prev_initiator, prev_target, initiator, target):
         self.path = path
@@ -2668,6 +2704,7 @@ class Decision(object):
         self.edit_won = False
         self.backup = False
         self.note = ""
+        self.warning = ""     # a sentence for the user about this path, whatever the action
 
     def now(self, side):
         return self.initiator if side == "initiator" else self.target
@@ -2684,9 +2721,9 @@ class Decision(object):
         self.conflict = conflict
         self.edit_won = edit_won
         loser = self.now(OTHER_SIDE[source])
-        # The old version on the destination is kept: always for a conflict's loser,
-        # for any overwrite when CONFLICT_BACKUP is on.
-        self.backup = loser is not None and loser.kind != "d" and (conflict or policy.backup_overwrites)
+        # The old version on the destination is kept when CONFLICT_BACKUP is on, a
+        # conflict's loser like any other overwrite; with it off nothing is kept.
+        self.backup = loser is not None and loser.kind != "d" and policy.backup_overwrites
         return self
 
     def delete(self, side):
@@ -2724,17 +2761,44 @@ def newer_side(one, other, policy):
     return "initiator" if one.mtime_ns > other.mtime_ns else "target"
 
 
+def note_unusable_dir_mode(decision, policy):
+    """Warn about a directory mode that is not synced because it lacks owner x: when the
+    directory is copied, or the other side's mode differs."""
+    for side in ("initiator", "target"):
+        entry = decision.now(side)
+        if not unusable_dir_mode(entry):
+            continue
+        other = decision.now(OTHER_SIDE[side])
+        copied = decision.action == COPY and decision.source == side
+        differs = policy.permissions and other is not None and other.kind == "d" and other.mode != entry.mode
+        if copied or differs:
+            decision.warning = ("%s on the %s has mode %04o without owner x; its mode is not synced (chmod u+x "
+                                "it to sync it again)." % (decision.path, side, entry.mode))
+            return
+
+
+def compared_attributes(policy, one, other):
+    """policy.attributes of two entries, the mode left out of both when either is a
+    directory mode that is not synced."""
+    one_attrs, other_attrs = policy.attributes(one), policy.attributes(other)
+    if unusable_dir_mode(one) or unusable_dir_mode(other):
+        one_attrs, other_attrs = (None,) + one_attrs[1:], (None,) + other_attrs[1:]
+    return one_attrs, other_attrs
+
+
 def decide_attributes(decision, policy):
     """Same content on both sides: sync the attributes if they differ."""
-    initiator_attrs = policy.attributes(decision.initiator)
-    target_attrs = policy.attributes(decision.target)
+    initiator_attrs, target_attrs = compared_attributes(policy, decision.initiator, decision.target)
     if initiator_attrs == target_attrs:
         return decision
     changed = {}
     for side in ("initiator", "target"):
         before = decision.before(side)
-        changed[side] = before is None or before.kind == "?" or policy.attributes(before) != policy.attributes(
-            decision.now(side))
+        if before is None or before.kind == "?":
+            changed[side] = True
+        else:
+            before_attrs, now_attrs = compared_attributes(policy, before, decision.now(side))
+            changed[side] = before_attrs != now_attrs
     if changed["initiator"] != changed["target"]:
         source = "initiator" if changed["initiator"] else "target"
     elif decision.initiator.ctime_ns != decision.target.ctime_ns:
@@ -2845,16 +2909,18 @@ def plan(previous, initiator_scan, target_scan, policy):
         if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
             decision.action = SKIP
         elif broken:
+            # Whatever could not be read, a directory or not on this side, may hold a
+            # subtree on either side: all of it is left alone, attributes included.
             decision.action = SKIP
             decision.note = broken[0].error
-            if broken[0].kind == "d":
-                skipped_prefix = rel_path + "/"
+            skipped_prefix = rel_path + "/"
         else:
             skipped_prefix = None
             if two_way:
                 decide_two_way(decision, policy)
             else:
                 decide_one_way(decision, policy)
+            note_unusable_dir_mode(decision, policy)
         if frames:
             for side in ("initiator", "target"):
                 if decision.action == SKIP or decision.kind_after(side) is not None:
@@ -3011,6 +3077,8 @@ class Executor(object):
                 self.lists[(step, side)] = WorkList(spool_dir)
         actions = 0
         for decision in decisions:
+            if decision.warning:
+                self.out.warn(decision.warning)
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
@@ -3184,8 +3252,7 @@ class Executor(object):
                                                  decision.now(loser).mtime_ns,
                                                  decision.now(decision.source).mtime_ns)
                                              else "CONFLICT_PREVALANCE",
-                                             loser, "is kept in its backup dir" if decision.backup else
-                                             "was a directory"))
+                                             loser, self._loser_fate(decision)))
             self.outcome.conflicts.append((decision.path, decision.source))
         elif decision.edit_won:
             self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
@@ -3206,6 +3273,16 @@ class Executor(object):
         elif decision.action == ATTRS:
             self.out.verbose("%supdate attributes of %s on the %s." % (prefix, decision.path,
                                                                       decision.destination()))
+
+    @staticmethod
+    def _loser_fate(decision):
+        """What happens to a conflict's losing version, for the conflict notice."""
+        if decision.backup:
+            return "is kept in its backup dir"
+        loser = decision.now(decision.destination())
+        if loser is not None and loser.kind == "d":
+            return "was a directory"
+        return "is replaced (CONFLICT_BACKUP=no)"
 
     def _fail(self, message):
         """Count a failed path; the first ones are named, the rest summed up at the end."""

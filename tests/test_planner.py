@@ -89,11 +89,14 @@ def test_changed_on_one_side_is_copied_and_old_copy_backed_up_when_asked(side, b
     assert not got["a"].conflict
 
 
-def test_changed_on_both_sides_is_a_conflict_and_the_loser_is_always_kept():
+@pytest.mark.parametrize("backup_overwrites", [True, False])
+def test_changed_on_both_sides_is_a_conflict_and_the_loser_kept_as_conflict_backup_says(backup_overwrites):
     prev = state((F("a"), F("a")))
-    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=200, size=8)], backup_overwrites=False)
+    got, _ = run(prev, [F("a", mtime=300, size=7)], [F("a", mtime=200, size=8)],
+                 backup_overwrites=backup_overwrites)
     assert action(got["a"]) == (COPY, "initiator")
-    assert got["a"].conflict and got["a"].backup
+    assert got["a"].conflict
+    assert got["a"].backup is backup_overwrites
 
 
 def test_changed_on_both_sides_to_the_same_content_is_no_conflict():
@@ -292,3 +295,33 @@ def test_output_is_in_canonical_order_for_awkward_names():
     paths = [decision.path for decision in decisions]
     assert paths == sorted(names, key=osync.path_key)
     assert paths.index("a") < paths.index("a/b") < paths.index("a/b/c") < paths.index("a b")
+
+
+# ======================================================================================
+# Unreadable items and directory modes without owner x
+# ======================================================================================
+
+@pytest.mark.parametrize("kind", ["?", "f"])
+def test_what_cannot_be_read_leaves_the_other_sides_subtree_alone(kind):
+    """An item that cannot be stat'ed ("?"), or a file that cannot be read, where the
+    other side holds a directory: nothing below it is deleted or copied."""
+    prev = state((D("x"), D("x")), (F("x/y"), F("x/y")), (F("z"), F("z")))
+    broken = Entry("x", kind, error="cannot read: Permission denied")
+    got, _ = run(prev, [broken, F("z", mtime=200)], [D("x"), F("x/y"), F("x/new"), F("z")])
+    assert [got[path].action for path in ("x", "x/new", "x/y")] == [SKIP, SKIP, SKIP]
+    assert action(got["z"]) == (COPY, "initiator")
+
+
+def test_directory_mode_without_owner_x_is_neither_synced_nor_silent():
+    prev = state((D("d"), D("d")), (D("e"), D("e")))
+    got, _ = run(prev, [D("d", mode=0o644, ctime=200), D("e", mode=0o700, ctime=200)], [D("d"), D("e")])
+    assert action(got["d"]) == (NOTHING, None)
+    assert got["d"].warning == ("d on the initiator has mode 0644 without owner x; its mode is not synced "
+                                "(chmod u+x it to sync it again).")
+    assert action(got["e"]) == (ATTRS, "initiator") and not got["e"].warning
+
+
+def test_new_directory_without_owner_x_is_copied_with_a_warning():
+    got, _ = run([], [], [D("d", mode=0o600)])
+    assert action(got["d"]) == (COPY, "target")
+    assert "d on the target has mode 0600 without owner x" in got["d"].warning
