@@ -1442,6 +1442,13 @@ def directory_ids(real_path):
         path = parent
 
 
+def valid_directory_ids(ids):
+    """Is this what directory_ids() returns (the target host's answer is not trusted)?"""
+    return isinstance(ids, list) and len(ids) > 0 and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(number, int) for number in pair)
+        for pair in ids)
+
+
 class LocalReplica(object):
     """One replica on this host.  A remote target runs this same class on its host."""
 
@@ -3169,8 +3176,8 @@ class SyncRun(object):
         are reached (a bind mount, a symlink, ssh to this very host): the device and inode of
         each root are compared with the other root and its ancestors on the same host."""
         initiator, target = facts["initiator"], facts["target"]
-        if not (initiator.get("dir_ids") and target.get("dir_ids")):
-            return   # a side that does not exist yet (dry run)
+        if not (valid_directory_ids(initiator.get("dir_ids")) and valid_directory_ids(target.get("dir_ids"))):
+            return   # a side that does not exist yet (dry run), or an agent that cannot say
         if initiator.get("machine_id") != target.get("machine_id"):
             return
         displays = dict((side, replica.display) for side, replica in self.replicas.items())
@@ -3185,7 +3192,8 @@ class SyncRun(object):
     def check_clocks(self, facts):
         """Conflicts are decided by modification times set on two hosts: a remote clock that
         is off is worth a warning, with both times."""
-        if self.transport is None or "time" not in facts["target"]:
+        remote_time = facts["target"].get("time")
+        if self.transport is None or isinstance(remote_time, bool) or not isinstance(remote_time, (int, float)):
             return
         skew = facts["target"]["time"] - facts["target"]["local_time"]
         if abs(skew) <= CLOCK_SKEW_LIMIT:
