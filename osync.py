@@ -2743,8 +2743,9 @@ class Executor(object):
                 self.close()
                 raise ReplicaError(
                     "This run would delete %d of the %d items on the %s replica %s, more than MAX_DELETION_SHARE "
-                    "(%d%%), so nothing was changed; if that is what you want, run once with --allow-mass-deletion "
-                    "(or raise MAX_DELETION_SHARE)." % (count, held[side], side, self.replicas[side].display, limit))
+                    "(%d%%), so nothing was changed: check that replica, and if those deletions are intended, run "
+                    "once with --allow-mass-deletion (or raise MAX_DELETION_SHARE)."
+                    % (count, held[side], side, self.replicas[side].display, limit))
 
     def close(self):
         for work_list in [self.spool] + list(self.lists.values()):
@@ -3292,11 +3293,18 @@ class SyncRun(object):
 
     def mark_sync_start(self):
         """Before the first change, note this run's sync id in both markers as pending: a
-        run that stops after writing the state, but before the markers, locks no one out."""
+        run that stops after writing the state, but before the markers, locks no one out.
+        The guards have matched each marker with the state, so it takes the state's id."""
+        try:
+            header = read_state_header(self.state_path()) or {}
+        except StateError:
+            header = {}
         for replica in self.replicas.values():
             marker = self.read_marker(replica)
             if marker.get("replicas") != self.pair_identity():
                 marker = {"instance": self.instance, "replicas": self.pair_identity()}
+            if header.get("sync_id") and header.get("replicas") == self.pair_identity():
+                marker["sync_id"] = header["sync_id"]
             marker["pending_sync_id"] = self.sync_id
             replica.write_state_file(marker_file_name(self.instance), json.dumps(marker) + "\n")
 

@@ -47,8 +47,9 @@ def copy_tree(source, destination):
 # --------------------------------------------------------------------------------------
 
 SABOTAGE = """#!/bin/sh
-# rsync, then (on the initiator's side only) make the target's state dir unwritable by
-# putting a file in its place: the run fails after its state, before the target's marker.
+# rsync, then (on the initiator's side only) make a state dir unwritable by putting a file
+# in its place: the run stops after its transfers, before its state (the initiator's
+# state dir) or between its state and the target's marker (the target's state dir).
 for arg in "$@"; do [ "$arg" = "--server" ] && exec rsync "$@"; done
 rsync "$@"
 code=$?
@@ -63,19 +64,21 @@ def test_an_older_target_disk_is_refused_and_a_halfway_run_is_not(pair):
     old_disk = pair.base / "old-disk"
     copy_tree(pair.target, old_disk)          # the disk that will be swapped back in later
 
-    # A run that stops after writing the state but before the target's marker must not
-    # lock the user out.
-    state_dir = pair.target / WORKDIR / "state"
-    wrapper = pair.base / "rsync-sabotage"
-    wrapper.write_text(SABOTAGE.replace("{state}", str(state_dir)))
-    wrapper.chmod(0o755)
-    put(pair.initiator, "c", "c")
-    failed = pair.run(env={"RSYNC_EXECUTABLE": str(wrapper)})
-    assert failed.returncode == 1, describe(failed)
-    os.unlink(str(state_dir))
-    os.rename(str(state_dir) + ".away", str(state_dir))
-    pair.run(expect=0)
-    assert snapshot(pair.target) == expected(files(["a", "b", "c"]))
+    # Runs that stop halfway, after writing the state but before the target's marker, then
+    # before writing the state, must not lock the user out.
+    for name, stopped_side in (("c", "target"), ("c2", "initiator")):
+        state_dir = pair.root(stopped_side) / WORKDIR / "state"
+        wrapper = pair.base / ("rsync-sabotage-" + stopped_side)
+        wrapper.write_text(SABOTAGE.replace("{state}", str(state_dir)))
+        wrapper.chmod(0o755)
+        put(pair.initiator, name, name)
+        failed = pair.run(env={"RSYNC_EXECUTABLE": str(wrapper)})
+        assert failed.returncode == 1, describe(failed)
+        os.unlink(str(state_dir))
+        os.rename(str(state_dir) + ".away", str(state_dir))
+    resumed = pair.run(expect=(0, 2))         # 2: the warning that the last 2 runs did not finish
+    assert "older sync" not in resumed.output and "marker" not in resumed.output, describe(resumed)
+    assert snapshot(pair.target) == expected(files(["a", "b", "c", "c2"]))
 
     put(pair.initiator, "d", "d")
     pair.run(expect=0)
@@ -91,7 +94,7 @@ def test_an_older_target_disk_is_refused_and_a_halfway_run_is_not(pair):
 
     follow_advice(refused.output)
     pair.run(expect=0)
-    every = expected(files(["a", "b", "c", "d", "e"]))
+    every = expected(files(["a", "b", "c", "c2", "d", "e"]))
     assert snapshot(pair.initiator) == every, "following the advice deleted something"
     assert snapshot(pair.target) == every
 
