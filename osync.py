@@ -44,6 +44,8 @@ WORK_DIR_NAME = ".osync_workdir"
 PUSH_FILE_NAME = ".osync-update.push"
 STATE_FORMAT = "osync.py-state"
 STATE_VERSION = 1
+MASS_DELETION_MINIMUM = 10  # the deletion breaker never trips for this many deletions or fewer
+CLOCK_SKEW_LIMIT = 5        # seconds the target host's clock may differ before a warning
 
 
 class OsyncError(Exception):
@@ -217,6 +219,10 @@ SETTINGS = [
     S("SKIP_DELETION", "list", "", "BACKUP_DELETE_OPTIONS",
       "Never propagate deletions to these replicas: initiator, target or initiator,target.",
       option="--skip-deletion", choices=("initiator", "target")),
+    S("MAX_DELETION_SHARE", "int", 50, "BACKUP_DELETE_OPTIONS",
+      "Stop a run, before it changes anything, that would delete more than this percentage of the items a "
+      "replica holds (and more than %d of them, so a small replica can always be tidied); "
+      "--allow-mass-deletion lets one run through; 0 turns the check off." % MASS_DELETION_MINIMUM),
     S("SYNC_TYPE", "choice", "", "BACKUP_DELETE_OPTIONS",
       "Empty for two-way sync, or initiator2target / target2initiator to mirror one way.",
       option="--sync-type", choices=("", "initiator2target", "target2initiator")),
@@ -269,6 +275,8 @@ SETTINGS = [
     S(None, "switch", False, None, "Remove existing locks without checking them.", option="--force-unlock"),
     S(None, "switch", False, None, "Neither check nor take locks.", option="--no-locks"),
     S(None, "switch", False, None, "Same as RESUME_TRY=0.", option="--no-resume"),
+    S(None, "switch", False, None, "Let this run delete more than MAX_DELETION_SHARE of a replica's items.",
+      option="--allow-mass-deletion"),
     S(None, "switch", False, None, "Record both replicas as the baseline for the next run; sync nothing.",
       option="--initialize"),
     S(None, "switch", False, None, "Monitor mode: sync whenever the initiator changes.", option="--on-changes"),
@@ -1686,6 +1694,44 @@ def lexists(path):
     return os.path.lexists(path)
 
 
+def machine_id():
+    """What tells this host from others: the systemd/dbus machine id, else the host name."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, "r") as handle:
+                text = handle.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text:
+            return text
+    return "host:" + socket.gethostname()
+
+
+def directory_ids(real_path):
+    """[device, inode] of a directory and of each of its ancestors up to /, the directory
+    first: the same directory reached through a bind mount has the same pair."""
+    ids = []
+    path = real_path
+    while True:
+        try:
+            info = os.stat(path)
+            ids.append([info.st_dev, info.st_ino])
+        except OSError:
+            if path == real_path:
+                return []
+        parent = os.path.dirname(path)
+        if parent == path:
+            return ids
+        path = parent
+
+
+def valid_directory_ids(ids):
+    """Is this what directory_ids() returns (the target host's answer is not trusted)?"""
+    return isinstance(ids, list) and len(ids) > 0 and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(number, int) for number in pair)
+        for pair in ids)
+
+
 class LocalReplica(object):
     """One replica on this host.  A remote target runs this same class on its host."""
 
@@ -1721,6 +1767,9 @@ class LocalReplica(object):
                 raise ReplicaError("Cannot create the %s replica %s: %s." % (self.role, self.root, error.strerror))
             facts["created"] = True
         facts["realpath"] = os.path.realpath(self.root)
+        facts["machine_id"] = machine_id()
+        facts["dir_ids"] = directory_ids(facts["realpath"])
+        facts["time"] = time.time()
         facts["work_dir"] = os.path.isdir(self.work_dir)
         facts["writable"] = os.access(self.root, os.W_OK | os.X_OK)
         facts["euid"] = os.geteuid()
@@ -2585,13 +2634,30 @@ def write_state(path, header, lines):
     write_atomically(path, chunks())
 
 
+LEGACY_RETIRED_SUFFIX = ".retired-by-osync.py"
+
+
+def legacy_list_paths(state_dir, instance_id):
+    """Where osync.sh keeps its *-tree-after lists: {side: path}."""
+    return dict((side, os.path.join(state_dir, "%s-tree-after-%s" % (side, instance_id)))
+                for side in ("initiator", "target"))
+
+
+def retire_legacy_lists(state_dir, instance_id):
+    """Rename osync.sh's lists once an osync.py state replaces them: they describe the
+    replicas as they were then, and must never be a baseline again."""
+    for path in legacy_list_paths(state_dir, instance_id).values():
+        if os.path.lexists(path):
+            os.replace(path, path + LEGACY_RETIRED_SUFFIX)
+
+
 def read_legacy_state(state_dir, instance_id):
     """Records made from osync.sh's *-tree-after lists, so that a first osync.py run after
     osync.sh knows what both sides held and does not take old deletions for new files.
-    Entries are of kind '?' with the list's time as mtime.  None if there are no lists."""
+    Entries are of kind '?' with the list's time as mtime.  None if there are no lists.
+    They are read once: the run that writes the first osync.py state retires them."""
     lists = {}
-    for side in ("initiator", "target"):
-        path = os.path.join(state_dir, "%s-tree-after-%s" % (side, instance_id))
+    for side, path in legacy_list_paths(state_dir, instance_id).items():
         try:
             with open(path, "rb") as handle:
                 names = [os.fsdecode(line.rstrip(b"\n")) for line in handle if line.strip()]
@@ -3097,6 +3163,7 @@ class Executor(object):
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
+        self._check_deletion_share()
         if actions and not self.dry:
             self._carry_out()
         if self.dry:
@@ -3104,6 +3171,31 @@ class Executor(object):
             self.report_failures()
             return iter(()), self.outcome
         return self._new_state(), self.outcome
+
+    def _check_deletion_share(self):
+        """The mass-deletion breaker: stop before any write when the plan deletes more than
+        MAX_DELETION_SHARE percent of what a replica holds (an emptied or unmounted disk, a
+        wrong path).  Deletions made on both sides are forgotten, never counted here."""
+        limit = self.cfg["MAX_DELETION_SHARE"]
+        if not limit or self.cfg.switch("allow_mass_deletion"):
+            return
+        deletions = {"initiator": 0, "target": 0}
+        held = dict(self.outcome.entries)
+        for decision in self._spooled_actions():
+            for side in OTHER_SIDE:
+                if decision.now(side) is not None:
+                    held[side] += 1
+            if decision.action == DELETE:
+                deletions[decision.side] += 1
+        for side in ("initiator", "target"):
+            count = deletions[side]
+            if count > MASS_DELETION_MINIMUM and count * 100 > limit * held[side]:
+                self.close()
+                raise ReplicaError(
+                    "This run would delete %d of the %d items on the %s replica %s, more than MAX_DELETION_SHARE "
+                    "(%d%%), so nothing was changed: check that replica, and if those deletions are intended, run "
+                    "once with --allow-mass-deletion (or raise MAX_DELETION_SHARE)."
+                    % (count, held[side], side, self.replicas[side].display, limit))
 
     def close(self):
         for work_list in [self.spool] + list(self.lists.values()):
@@ -3499,6 +3591,8 @@ class SyncRun(object):
                         "checksum": cfg["CHECKSUM"]}
         self.missing = set()   # sides that do not exist yet (dry run with CREATE_DIRS)
         self.locked = []
+        self.sync_id = os.urandom(16).hex()   # given to the state and both markers by this run
+        self.legacy_used = False              # the baseline came from osync.sh's lists
 
     def run(self):
         cfg, out = self.cfg, self.out
@@ -3552,6 +3646,7 @@ class SyncRun(object):
             if not self.dry:
                 for replica in self.replicas.values():
                     replica.clear_leftovers()
+                self.mark_sync_start()
             if cfg.switch("initialize"):
                 self.initialize(spec)
                 return
@@ -3569,7 +3664,9 @@ class SyncRun(object):
         facts = {}
         for side, replica in self.replicas.items():
             try:
+                asked = time.time()
                 facts[side] = replica.probe(create and not self.dry)
+                facts[side]["local_time"] = (asked + time.time()) / 2
             except ReplicaError:
                 if not (self.dry and create):
                     raise
@@ -3588,6 +3685,8 @@ class SyncRun(object):
         for inner, outer in ((one, other), (other, one)):
             if inner is not None and inner.startswith(outer.rstrip("/") + "/"):
                 raise ReplicaError("The replica %s lies inside the replica %s; they must not overlap." % (inner, outer))
+        self.check_overlap(facts)
+        self.check_clocks(facts)
         for side, replica in self.replicas.items():
             if not facts[side]["writable"] and not self.dry:
                 raise ReplicaError("The %s replica %s is not writable by this user." % (side, replica.display))
@@ -3596,6 +3695,40 @@ class SyncRun(object):
                 self.out.warn("There is not enough free space on the %s replica %s (%d KiB, MINIMUM_SPACE is %d)."
                               % (side, replica.display, free, self.cfg["MINIMUM_SPACE"]))
         return facts
+
+    def check_overlap(self, facts):
+        """Refuse replicas that are one directory or lie one inside the other, however they
+        are reached (a bind mount, a symlink, ssh to this very host): the device and inode of
+        each root are compared with the other root and its ancestors on the same host."""
+        initiator, target = facts["initiator"], facts["target"]
+        if not (valid_directory_ids(initiator.get("dir_ids")) and valid_directory_ids(target.get("dir_ids"))):
+            return   # a side that does not exist yet (dry run), or an agent that cannot say
+        if initiator.get("machine_id") != target.get("machine_id"):
+            return
+        displays = dict((side, replica.display) for side, replica in self.replicas.items())
+        if initiator["dir_ids"][0] == target["dir_ids"][0]:
+            raise ReplicaError("The initiator %s and the target %s are the same directory; give two different "
+                               "directories." % (displays["initiator"], displays["target"]))
+        for inner, outer in (("target", "initiator"), ("initiator", "target")):
+            if facts[outer]["dir_ids"][0] in facts[inner]["dir_ids"][1:]:
+                raise ReplicaError("The %s %s lies inside the %s %s; they must not overlap: give two separate "
+                                   "directories." % (inner, displays[inner], outer, displays[outer]))
+
+    def check_clocks(self, facts):
+        """Conflicts are decided by modification times set on two hosts: a remote clock that
+        is off is worth a warning, with both times."""
+        remote_time = facts["target"].get("time")
+        if self.transport is None or isinstance(remote_time, bool) or not isinstance(remote_time, (int, float)):
+            return
+        skew = facts["target"]["time"] - facts["target"]["local_time"]
+        if abs(skew) <= CLOCK_SKEW_LIMIT:
+            return
+        def shown(seconds):
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+        self.out.warn("The clock of %s is %d seconds %s this host's (%s there, %s here); conflicts are decided by "
+                      "modification times, so set both clocks right (e.g. with NTP)." % (
+                          self.transport.host, abs(round(skew)), "ahead of" if skew > 0 else "behind",
+                          shown(facts["target"]["time"]), shown(facts["target"]["local_time"])))
 
     def read_marker(self, replica):
         try:
@@ -3618,13 +3751,86 @@ class SyncRun(object):
                     continue  # a marker of another pair of replicas says nothing about these
                 if marker.get("%s_entries" % side, 0):
                     held = max(held, marker["%s_entries" % side])
-                    witnesses.append(os.path.join(witness.state_dir, marker_file_name(self.instance)))
+                    witnesses.append(self.marker_location(witness))
+            if held:
+                witnesses.append(self.state_path())
+            elif not os.path.exists(self.state_path()):
+                held, witnesses = self.legacy_count(side)
             if held:
                 raise ReplicaError(
                     "The %s replica %s has no %s although the last sync left %d items in it: it looks unmounted "
                     "or replaced, so nothing was changed. Mount it; or, if it really is meant to start over, delete "
-                    "%s and %s (the next run then merges both sides and deletes nothing)."
-                    % (side, replica.display, WORK_DIR_NAME, held, " and ".join(witnesses), self.state_path()))
+                    "%s (the next run then merges both sides and deletes nothing)."
+                    % (side, replica.display, WORK_DIR_NAME, held, " and ".join(witnesses)))
+        self.guard_older_sync(facts)
+
+    def legacy_count(self, side):
+        """How many items osync.sh's lists say `side` held, and the lists: (0, []) without lists."""
+        state_dir = self.replicas["initiator"].state_dir
+        records = read_legacy_state(state_dir, self.instance)
+        if not records:
+            return 0, []
+        index = 1 if side == "initiator" else 2
+        held = sum(1 for record in records if record[index] is not None)
+        return held, sorted(legacy_list_paths(state_dir, self.instance).values())
+
+    def marker_location(self, replica):
+        """The marker file of a replica, as the user would find it."""
+        path = posixpath.join(replica.state_dir, marker_file_name(self.instance))
+        return "%s:%s" % (self.transport.destination(), path) if isinstance(replica, RemoteReplica) else path
+
+    def guard_older_sync(self, facts):
+        """Refuse a replica whose marker is not of the sync the state records: an older disk
+        swapped in, a clone or a restored copy would otherwise lose, on both sides, every
+        file added since its own last sync.  Each sync gives both markers and the state one
+        fresh id; a run that stopped halfway leaves its id as pending in the markers."""
+        try:
+            header = read_state_header(self.state_path())
+        except StateError:
+            return   # an unreadable state is not used: the run merges and deletes nothing
+        if not header or header.get("replicas") != self.pair_identity() or not header.get("sync_id"):
+            return
+        last = header["sync_id"]
+        for side, replica in self.replicas.items():
+            if side in self.missing:
+                continue
+            marker = self.read_marker(replica)
+            if marker.get("replicas") != self.pair_identity():
+                marker = {}
+            if last in (marker.get("sync_id"), marker.get("pending_sync_id")):
+                continue
+            if not marker and not facts[side]["work_dir"]:
+                continue   # no work dir at all: guard_unmounted has judged it
+            if marker:
+                raise ReplicaError(
+                    "The %s replica %s has a work dir from an older sync (its marker %s is of sync %s, the state "
+                    "%s of sync %s): it looks like an older disk, a clone or a restored copy, so nothing was "
+                    "changed. Put the current disk back; or, to sync this one as it is, delete %s and %s (the next "
+                    "run then merges both sides and deletes nothing)."
+                    % (side, replica.display, self.marker_location(replica), marker.get("sync_id") or "unknown",
+                       self.state_path(), last, self.marker_location(replica), self.state_path()))
+            raise ReplicaError(
+                "The %s replica %s has a work dir but no marker of the last sync (%s): it looks like another disk, "
+                "a clone or a restored copy, so nothing was changed. Put the current disk back; or, to sync this "
+                "one as it is, delete %s (the next run then merges both sides and deletes nothing)."
+                % (side, replica.display, self.marker_location(replica), self.state_path()))
+
+    def mark_sync_start(self):
+        """Before the first change, note this run's sync id in both markers as pending: a
+        run that stops after writing the state, but before the markers, locks no one out.
+        The guards have matched each marker with the state, so it takes the state's id."""
+        try:
+            header = read_state_header(self.state_path()) or {}
+        except StateError:
+            header = {}
+        for replica in self.replicas.values():
+            marker = self.read_marker(replica)
+            if marker.get("replicas") != self.pair_identity():
+                marker = {"instance": self.instance, "replicas": self.pair_identity()}
+            if header.get("sync_id") and header.get("replicas") == self.pair_identity():
+                marker["sync_id"] = header["sync_id"]
+            marker["pending_sync_id"] = self.sync_id
+            replica.write_state_file(marker_file_name(self.instance), json.dumps(marker) + "\n")
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
@@ -3708,7 +3914,8 @@ class SyncRun(object):
         return identity
 
     def state_header(self):
-        return {"instance": self.instance, "written": self.stamp, "replicas": self.pair_identity()}
+        return {"instance": self.instance, "written": self.stamp, "replicas": self.pair_identity(),
+                "sync_id": self.sync_id}
 
     def previous_state(self):
         path = self.state_path()
@@ -3722,6 +3929,7 @@ class SyncRun(object):
         legacy = read_legacy_state(self.replicas["initiator"].state_dir, self.instance)
         if legacy is not None:
             self.out.notice("No osync.py state yet: using the osync.sh lists of the last run as the baseline.")
+            self.legacy_used = True
             return iter(legacy)
         self.out.notice("No state from an earlier run: this first run merges both replicas and deletes nothing.")
         return iter(())
@@ -3779,11 +3987,20 @@ class SyncRun(object):
         initiator.write_state_file("initiator-last-action-%s" % self.instance, "update-replica\n")
 
     def write_markers(self, outcome):
+        """After the state: both markers get the state's sync id and what each side holds;
+        osync.sh's lists, if this run used them, are retired."""
+        try:
+            header = read_state_header(self.state_path()) or {}
+        except StateError:
+            header = {}
         marker = json.dumps({"instance": self.instance, "written": self.stamp, "replicas": self.pair_identity(),
+                             "sync_id": header.get("sync_id"),
                              "initiator_entries": outcome.entries["initiator"],
                              "target_entries": outcome.entries["target"]}) + "\n"
         for replica in self.replicas.values():
             replica.write_state_file(marker_file_name(self.instance), marker)
+        if self.legacy_used:
+            retire_legacy_lists(self.replicas["initiator"].state_dir, self.instance)
 
     def report_root(self, side):
         """How --summary and the conflict list name a replica's root: its path on its own

@@ -635,11 +635,6 @@ PAIR_KINDS = _pair_kinds()
 # are deselected for the remote kinds.  name -> (predicate on callspec.params or None,
 # why).  Keep this short: everything else must work on a remote target exactly as locally.
 LOCAL_ONLY = {
-    # Both compare the two replicas' real paths on one file system; an ssh:// target is
-    # on another host by definition, so "the same directory" / "one inside the other"
-    # cannot be decided (nor happen) there.
-    "test_initiator_equal_to_target_is_an_error": (None, "compares local real paths"),
-    "test_nested_replicas_are_an_error": (None, "compares local real paths"),
     # A dead lock of *another* instance is taken over on a local replica, but on a remote
     # target the stranger-instance rule applies (reference §5.2: refused unless
     # FORCE_STRANGER_LOCK_RESUME); test_remote.py tests that rule.

@@ -119,6 +119,7 @@ def test_osync_sh_lists_are_the_baseline_of_the_first_run(tmp_path):
         os.utime(str(tmp_path / side / "gone"), (1000000000, 1000000000))
     state_dir = tmp_path / "a" / ".osync_workdir" / "state"
     state_dir.mkdir(parents=True)
+    (tmp_path / "b" / ".osync_workdir" / "state").mkdir(parents=True)   # osync.sh makes it on both sides
     for side in ("initiator", "target"):
         (state_dir / ("%s-tree-after-quicksync_task" % side)).write_text("gone\nkept\n")
     os.unlink(str(tmp_path / "a" / "gone"))
