@@ -72,6 +72,7 @@ class OsyncMachine(RuleBasedStateMachine):
         self.dirty = False     # edits or a killed run since the last checked normal run
         self.actions = []
         self.runs = 0
+        self.syncs = 0         # checked (normal) syncs so far
         self.failed = False    # a check failed: teardown must not run (and fail) another sync
 
     # ------------------------------------------------------------------ helpers
@@ -325,6 +326,42 @@ class OsyncMachine(RuleBasedStateMachine):
         assert result.returncode in (0, 2), "run with a racing editor failed\n%s\n%s" % (
             result.describe(), self.describe())
 
+    @rule()
+    def keep_the_target_disk(self):
+        """Put a copy of the target (work dir included) on the shelf: an older disk, for later."""
+        if self.dirty:
+            return self.skip("keep the target disk: the replicas are not synced")
+        shelf = self.tmp + b"/old-disk"
+        if os.path.lexists(shelf):
+            shutil.rmtree(shelf)
+        shutil.copytree(self.roots["target"], shelf, symlinks=True)
+        self.old_disk_syncs = self.syncs
+        self.log("keep a copy of the target disk (after sync %d)" % self.syncs)
+
+    @rule()
+    def rotate_in_the_old_disk(self):
+        """Mount the older disk at the target's place: the run must refuse and change nothing;
+        then the current disk comes back."""
+        shelf = self.tmp + b"/old-disk"
+        if not os.path.lexists(shelf) or self.syncs == getattr(self, "old_disk_syncs", self.syncs):
+            return self.skip("rotate in the old disk: no older disk on the shelf")
+        current = self.tmp + b"/current-disk"
+        os.rename(self.roots["target"], current)
+        shutil.copytree(shelf, self.roots["target"], symlinks=True)
+        before = {side: tu.full_snapshot(self.roots[side]) for side in SIDES}
+        self.log("rotate in the disk kept after sync %d, run" % self.old_disk_syncs)
+        self.runs += 1
+        result = self.run()
+        for side in SIDES:
+            diff = tu.diff_snapshots(before[side], tu.full_snapshot(self.roots[side]), "before", "after")
+            assert not diff, "a run on an older target disk changed the %s:\n%s\n%s\n%s" % (
+                side, "\n".join(diff), result.describe(), self.describe())
+        assert result.returncode == 1 and "older sync" in result.output, \
+            "an older target disk was not refused\n%s\n%s" % (result.describe(), self.describe())
+        shutil.rmtree(self.roots["target"])
+        os.rename(current, self.roots["target"])
+        self.log("the current disk is back")
+
     # ------------------------------------------------------------------ runs
 
     @rule(delay=st.floats(min_value=0.0, max_value=0.4), anchor=st.sampled_from(["start", "lock"]))
@@ -360,6 +397,7 @@ class OsyncMachine(RuleBasedStateMachine):
         self.record_contents()
         self.log("sync")
         result = self.run()
+        self.syncs += 1
         # 1. exit code
         assert result.returncode in (0, 2), "sync failed\n%s\n%s" % (result.describe(), self.describe())
 
