@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (OSYNC, PAIR_KINDS, RUN_TIMEOUT, T0, WORKDIR, build, check_exit, clean_env, dir_files,
+from conftest import (OSYNC, RUN_TIMEOUT, T0, WORKDIR, build, check_exit, clean_env, dir_files,
                       expected, put, snapshot)
 
 SIDES = ["initiator", "target"]
