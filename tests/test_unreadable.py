@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (OSYNC, PAIR_KINDS, RUN_TIMEOUT, T0, WORKDIR, build, check_exit, clean_env, dir_files,
+from conftest import (OSYNC, RUN_TIMEOUT, T0, WORKDIR, build, check_exit, clean_env, dir_files,
                       expected, put, snapshot)
 
 SIDES = ["initiator", "target"]
@@ -246,6 +246,26 @@ def test_unreadable_directory_is_left_alone_and_synced_once_readable(upair, side
     assert snapshot(upair.initiator) == exp
     assert snapshot(upair.target) == exp
     assert snapshot(upair.workdir(side) / "deleted") == expected({"dir/gone": "g"})
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_directory_deleted_on_the_other_side_while_unreadable_here(upair, side):
+    """The other side deleted dir while its items cannot be stat'ed here: nothing here is
+    deleted, nothing is recreated there; once readable, the deletion is carried out
+    into deleted/, so nothing is lost."""
+    upair_synced(upair, {"dir/a": "a", "dir/sub/b": "b", "top": "top"})
+    broken, intact = upair.root(side), upair.root(other(side))
+    shutil.rmtree(str(intact / "dir"))
+    os.chmod(str(broken / "dir" / "sub"), 0o644)
+    os.chmod(str(broken / "dir"), 0o644)
+    r = upair.run(expect=1)
+    assert snapshot(intact) == expected({"top": "top"})
+    assert snapshot(broken) == expected({"dir/a": "a", "dir/sub/b": "b", "top": "top"})
+    assert "Left dir alone on both replicas" in r.output, r.output
+    make_searchable(broken)
+    upair.run(expect=0)
+    assert snapshot(broken) == expected({"top": "top"})
+    assert snapshot(upair.workdir(side) / "deleted") == expected({"dir/a": "a", "dir/sub/b": "b"})
 
 
 def test_unreadable_file_is_retried_until_it_can_be_read(upair):
