@@ -27,6 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule  # noqa: E402
 
 import treeutil as tu  # noqa: E402
+from test_unreadable import SYSTEM_PYTHON, USER, chown_tree, ensure_plain_user  # noqa: E402
 
 EXAMPLES = int(os.environ.get("OSYNC_HYPOTHESIS_EXAMPLES", "50"))
 STEPS = int(os.environ.get("OSYNC_HYPOTHESIS_STEPS", "15"))
@@ -159,10 +160,16 @@ class OsyncMachine(RuleBasedStateMachine):
         return "actions so far:\n%s\ninitiator:\n%s\ntarget:\n%s" % (
             self.history(), tu.dump_tree(self.roots["initiator"]), tu.dump_tree(self.roots["target"]))
 
-    def run(self):
+    command = None   # how osync.py is started: None for this Python as this user
+
+    def before_run(self):
+        """What the machine does to the trees before each run (nothing here)."""
+
+    def run(self, settings=None):
         self.runs += 1
+        self.before_run()
         return tu.run_osync(self.roots["initiator"], self.roots["target"], self.logfile,
-                            settings=SETTINGS, instance_id="prop")
+                            settings=settings or SETTINGS, instance_id="prop", command=self.command)
 
     # ------------------------------------------------------------------ edits
 
@@ -312,9 +319,7 @@ class OsyncMachine(RuleBasedStateMachine):
                                                       rsync=shutil.which("rsync")))
         os.chmod(script, 0o755)
         self.log("%s: run, with an editor saving %r = %r before rsync replaces anything" % (side, rel, data[:24]))
-        self.runs += 1
-        result = tu.run_osync(self.roots["initiator"], self.roots["target"], self.logfile,
-                              settings=dict(SETTINGS, RSYNC_EXECUTABLE=os.fsdecode(script)), instance_id="prop")
+        result = self.run(settings=dict(SETTINGS, RSYNC_EXECUTABLE=os.fsdecode(script)))
         if os.path.exists(done):
             os.unlink(done)
             self.pending.add(data)   # saved by the user: never to be lost
@@ -350,7 +355,6 @@ class OsyncMachine(RuleBasedStateMachine):
         shutil.copytree(shelf, self.roots["target"], symlinks=True)
         before = {side: tu.full_snapshot(self.roots[side]) for side in SIDES}
         self.log("rotate in the disk kept after sync %d, run" % self.old_disk_syncs)
-        self.runs += 1
         result = self.run()
         for side in SIDES:
             diff = tu.diff_snapshots(before[side], tu.full_snapshot(self.roots[side]), "before", "after")
@@ -369,8 +373,9 @@ class OsyncMachine(RuleBasedStateMachine):
         """SIGKILL a run (and its rsync children) `delay` seconds after it started, or after it took
         the lock of the initiator (so that the kill lands inside the sync more often)."""
         self.record_contents()
+        self.before_run()
         proc = tu.start_osync(self.roots["initiator"], self.roots["target"], self.logfile,
-                              settings=SETTINGS, instance_id="prop")
+                              settings=SETTINGS, instance_id="prop", command=self.command)
         if anchor == "lock":
             lock = tu.join(self.roots["initiator"], tu.WORKDIR + b"/lock")
             deadline = time.time() + 5
@@ -443,9 +448,74 @@ class OsyncMachine(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class OsyncAsUserMachine(OsyncMachine):
+    """The same machine with osync.py run as a user that permission bits apply to (root
+    ignores them), so that directories can be made unreadable: chmod 000 or 644 of a directory
+    on either replica leaves its whole subtree alone on both sides (DESIGN §4.10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.user = ensure_plain_user()
+        os.chmod(self.tmp, 0o755)
+        script = self.tmp + b"/osync.py"
+        shutil.copy(str(tu.OSYNC), script)
+        self.command = ["runuser", "-u", USER, "--", SYSTEM_PYTHON, os.fsdecode(script)]
+
+    def before_run(self):
+        chown_tree(os.fsdecode(self.tmp), self.user)   # what the test built as root
+
+    def subtree(self, side, rel):
+        """Snapshot of whatever is at rel on side (a whole directory, one item, or nothing)."""
+        path = self.path(side, rel)
+        if tu.ltype(path) == "dir":
+            return tu.tree_snapshot(path)
+        if not tu.lexists(path):
+            return {}
+        return {b"": tu.entry(path, os.lstat(path))}
+
+    @rule(side=side_st, pick=pick_st, mode=st.sampled_from([0o000, 0o644, 0o311]))
+    def run_with_an_unreadable_directory(self, side, pick, mode):
+        rel = self.choose(side, ("dir",), pick)
+        if rel is None:
+            return self.skip("%s: unreadable directory, no directory" % side)
+        self.record_contents()
+        path = self.path(side, rel)
+        other_before = self.subtree(self.other(side), rel)
+        os.chmod(path, mode)
+        self.log("%s: chmod %o %r, run" % (side, mode, rel))
+        try:
+            result = self.run()
+        finally:
+            os.chmod(path, 0o755)
+            self.log("%s: chmod 755 %r (fixed)" % (side, rel))
+        self.dirty = True
+        event("unreadable directory, mode %o: exit %d" % (mode, result.returncode))
+        assert result.returncode in (0, 1, 2) and "Traceback" not in result.output, \
+            "run with an unreadable directory\n%s\n%s" % (result.describe(), self.describe())
+        other_after = self.subtree(self.other(side), rel)
+        diff = tu.diff_snapshots(other_before, other_after, "before", "after")
+        assert not diff, "the other side's copy of an unreadable directory changed:\n%s\n%s\n%s" % (
+            "\n".join(diff), result.describe(), self.describe())
+        present = tu.file_contents(self.roots["initiator"]) | tu.file_contents(self.roots["target"])
+        lost = sorted(self.pending - present)
+        assert not lost, "contents lost with an unreadable directory:\n%s\n%s\n%s" % (
+            "\n".join("  %r" % c for c in lost), self.describe(), result.describe())
+
+
 TestOsyncProperties = OsyncMachine.TestCase
 TestOsyncProperties.settings = settings(
     max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+TestOsyncAsUserProperties = OsyncAsUserMachine.TestCase
+TestOsyncAsUserProperties.settings = settings(
+    max_examples=max(5, EXAMPLES // 3),
     stateful_step_count=STEPS,
     deadline=None,
     database=None,

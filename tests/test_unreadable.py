@@ -122,6 +122,9 @@ class UserPair(object):
             self.target_spec = server.spec(str(self.target), user=USER)
             self.extra_args = ["--rsakey=%s" % key]
             self.env.update({"SSH_OPTIONAL_ARGS": server.ssh_optional_args(), "REMOTE_PYTHON": SYSTEM_PYTHON})
+        # a copy the user can read wherever the checkout lives (it may be under /root)
+        self.osync = self.base / "osync.py"
+        shutil.copy(str(OSYNC), str(self.osync))
         chown_tree(self.base, self.user)
 
     def root(self, side):
@@ -134,7 +137,7 @@ class UserPair(object):
         chown_tree(self.base, self.user)   # what the test built as root
         merged = dict(self.env)
         merged.update(env or {})
-        argv = ["runuser", "-u", USER, "--", SYSTEM_PYTHON, str(OSYNC), "--initiator=%s" % self.initiator,
+        argv = ["runuser", "-u", USER, "--", SYSTEM_PYTHON, str(self.osync), "--initiator=%s" % self.initiator,
                 "--target=%s" % self.target_spec, "--non-interactive"] + self.extra_args
         r = subprocess.run(argv, env=clean_env(self.logfile, merged), cwd=str(self.base),
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -39,16 +39,14 @@ def osync_env(logfile, settings=None):
     return env
 
 
-def osync_argv(initiator, target, instance_id="test", extra=()):
-    return [
-        sys.executable,
-        str(OSYNC),
+def osync_argv(initiator, target, instance_id="test", extra=(), command=None):
+    """argv of a run; `command` replaces "python osync.py" (e.g. to run as another user)."""
+    return (command or [sys.executable, str(OSYNC)]) + [
         "--initiator=" + os.fsdecode(b(initiator)),
         "--target=" + os.fsdecode(b(target)),
         "--instance-id=" + instance_id,
         "--non-interactive",
-        *extra,
-    ]
+    ] + list(extra)
 
 
 class RunResult:
@@ -71,17 +69,17 @@ class RunResult:
             self.argv, self.returncode, self.output[-6000:], log)
 
 
-def run_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test", timeout=300):
+def run_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test", timeout=300, command=None):
     """Run osync.py to completion; returns a RunResult (stdout and stderr merged)."""
-    argv = osync_argv(initiator, target, instance_id, extra)
+    argv = osync_argv(initiator, target, instance_id, extra, command)
     proc = subprocess.run(argv, env=osync_env(logfile, settings), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     return RunResult(argv, proc.returncode, proc.stdout.decode("utf-8", "replace"), logfile)
 
 
-def start_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test"):
+def start_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test", command=None):
     """Start osync.py in its own process group (so that the whole run, rsync included, can be killed)."""
-    argv = osync_argv(initiator, target, instance_id, extra)
+    argv = osync_argv(initiator, target, instance_id, extra, command)
     return subprocess.Popen(argv, env=osync_env(logfile, settings), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
