@@ -3318,6 +3318,12 @@ class Executor(object):
             if arrived is None or not same_content(sent, arrived):
                 self._fail("Could not copy %s from the %s to the %s; the next run tries again."
                            % (decision.path, source, destination))
+                if arrived is not None and not unchanged_since_scan(decision.now(destination), arrived):
+                    # The failed copy left the destination neither as it was nor as sent: remember
+                    # that the copy is owed (no version recorded for the source), so that the next
+                    # run copies the source again instead of taking this for an edit.
+                    pair[source] = None
+                    return (pair["initiator"], pair["target"])
                 return previous
             self.outcome.add("updated", destination, decision.path)
             return (pair["initiator"], pair["target"])

@@ -124,6 +124,8 @@ def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, py
     r.output = (r.stdout or "") + (r.stderr or "")
     r.logfile = logfile
     check_exit(r, expect)
+    # Errors are sentences: no run may end in a traceback or a bug report.
+    assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, describe(r)
     return r
 
 

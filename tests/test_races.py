@@ -232,3 +232,25 @@ def test_full_sub_mount_keeps_the_old_file_whole(pair, sub_mount):
     assert (sub_mount / "data").read_bytes() == bigger
     assert os.stat(str(sub_mount / "data")).st_ino != inode, "not replaced by a rename"
     assert (pair.initiator / "mnt" / "data").read_bytes() == bigger
+
+
+def test_a_copy_that_left_a_broken_destination_is_remembered(pair, tmp_path):
+    """rsync fails after it replaced the destination with something that is not what was sent
+    (a torn file): the next run copies the source again and never takes the torn file for an
+    edit that would replace the good source."""
+    good = b"the good version, whole\n" * 100
+    put(pair.initiator, "f", b"old\n")
+    pair.run(expect=0)
+    put(pair.initiator, "f", good, mtime=T0 + 10)
+    dest = pair.target / "f"
+    real = shutil.which("rsync")
+    script = tmp_path / "rsync-tearing"
+    script.write_text("#!/bin/sh\n%s \"$@\"\nhead -c 100 %s > %s.torn && mv %s.torn %s\nexit 11\n" % (
+        real, shell_quote(dest), shell_quote(dest), shell_quote(dest), shell_quote(dest)))
+    script.chmod(0o755)
+    r = pair.run(env={"RSYNC_EXECUTABLE": str(script), "RESUME_TRY": "5"}, expect=1)
+    assert dest.read_bytes() == good[:100], r.output
+    r = pair.run(env={"RESUME_TRY": "5"}, expect=0)
+    assert (pair.initiator / "f").read_bytes() == good, "the torn file replaced the good source" + r.output
+    assert dest.read_bytes() == good
+    pair.assert_converged()
