@@ -3809,12 +3809,12 @@ class SyncRun(object):
                 continue   # no work dir at all: guard_unmounted has judged it
             if marker:
                 raise ReplicaError(
-                    "The %s replica %s has a work dir from an older sync (its marker %s is of sync %s, the state "
-                    "%s of sync %s): it looks like an older disk, a clone or a restored copy, so nothing was "
-                    "changed. Put the current disk back; or, to sync this one as it is, delete %s and %s (the next "
-                    "run then merges both sides and deletes nothing)."
-                    % (side, replica.display, self.marker_location(replica), marker.get("sync_id") or "unknown",
-                       self.state_path(), last, self.marker_location(replica), self.state_path()))
+                    "The %s replica %s has a work dir from an older sync (its marker %s is not of sync %s, the "
+                    "last one, which the state %s records): it looks like an older disk, a clone or a restored "
+                    "copy, so nothing was changed. Put the current disk back; or, to sync this one as it is, delete "
+                    "%s and %s (the next run then merges both sides and deletes nothing)."
+                    % (side, replica.display, self.marker_location(replica), last, self.state_path(),
+                       self.marker_location(replica), self.state_path()))
             raise ReplicaError(
                 "The %s replica %s has a work dir but no marker of the last sync (%s): it looks like another disk, "
                 "a clone or a restored copy, so nothing was changed. Put the current disk back; or, to sync this "
