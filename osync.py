@@ -1898,10 +1898,12 @@ def check_wire_entry(data, host, where):
     return entry
 
 
-def checked_scan(items, host):
+def checked_scan(items, host, path_filter):
     """The agent's scan as Entries, each checked: canonical path, well-formed entry, in
-    strictly increasing canonical order (so no path comes twice), and every entry below
-    the root inside a directory the scan listed just before (as the walk yields them)."""
+    strictly increasing canonical order (so no path comes twice), not excluded by the
+    run's filter (the initiator would overwrite its own excluded file), and every entry
+    below the root inside a directory the scan listed just before (as the walk yields
+    them)."""
     previous_key = None
     previous_path = None
     directories = []     # the listed directories that enclose the latest entry
@@ -1912,6 +1914,8 @@ def checked_scan(items, host):
             raise agent_violation(host, "%s in its scan %s" % (
                 shown_path(entry.path),
                 "twice" if key == previous_key else "out of order (after %s)" % shown_path(previous_path)))
+        if path_filter.excluded(entry.path, entry.kind == "d"):
+            raise agent_violation(host, "%s in its scan, which the run excludes" % shown_path(entry.path))
         parent = posixpath.dirname(entry.path)
         while directories and not (parent == directories[-1] or parent.startswith(directories[-1] + "/")):
             directories.pop()
@@ -1996,6 +2000,7 @@ class RemoteReplica(object):
     out by a LocalReplica in the agent that osync.py runs there.  Every reply is checked
     (checked_scan, checked_stats, REPLY_SHAPES) before the run uses it."""
 
+    # Each of these needs its result's shape in REPLY_SHAPES (or is in CHUNKED_CALLS).
     REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
                     "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
                     "write_state_file")
@@ -2021,7 +2026,8 @@ class RemoteReplica(object):
 
     def _call(self, name, *args):
         result = self.agent.call(name, *args)
-        if not REPLY_SHAPES[name](result):
+        check = REPLY_SHAPES.get(name)    # an operation without a known shape is refused
+        if check is None or not check(result):
             raise agent_violation(self.agent.host, "a reply to %s of the wrong shape" % name)
         if name == "acquire_lock" and result is not None:
             result = printable(result, 200)     # it is shown in messages
@@ -2054,7 +2060,8 @@ class RemoteReplica(object):
         return posixpath.join(self.work_dir, "_tmp")
 
     def scan(self, filter_spec, options):
-        return checked_scan(self.agent.stream("scan", filter_spec, options), self.agent.host)
+        return checked_scan(self.agent.stream("scan", filter_spec, options), self.agent.host,
+                            PathFilter(filter_spec))
 
     def stat_paths(self, paths, options):
         entries = []

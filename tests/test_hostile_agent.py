@@ -198,6 +198,23 @@ def test_scan_lies_end_the_run_before_any_write(rpair, case):
     rpair.run(expect=0)
 
 
+def test_scan_with_an_excluded_path_ends_the_run(rpair):
+    """A path the run excludes is not scanned on the initiator, so a target that reports
+    it would have the initiator's own excluded file overwritten, with no backup."""
+    excluding = {"RSYNC_EXCLUDE_PATTERN": "*.key"}
+    build(rpair.initiator, {"a.txt": "a", "secret.key": "mine"})
+    rpair.run(env=excluding, expect=0)
+    put(rpair.target, "secret.key", "theirs")
+    patch = ("_real_scan = LocalReplica.scan\n"
+             "LocalReplica.scan = lambda self, filter_spec, options: _real_scan(self, [], options)\n")
+    before = rpair.full_snapshot()
+    env = dict(excluding, REMOTE_PYTHON=hostile_python(rpair, patch))
+    r = rpair.run(env=env)
+    assert_refused(r, words=["secret.key", "excludes"])
+    assert rpair.full_snapshot() == before
+    assert (rpair.initiator / "secret.key").read_text() == "mine"
+
+
 # ======================================================================================
 # Stat replies, open and other replies
 # ======================================================================================
