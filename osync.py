@@ -1843,7 +1843,7 @@ def wire_path_problem(path):
         if part in ("", ".", ".."):
             return "it has a component %r" % part
     if path.split("/", 1)[0] == WORK_DIR_NAME:
-        return "it lies in %s" % WORK_DIR_NAME
+        return "it is in the work dir %s" % WORK_DIR_NAME
     try:
         os.fsencode(path)
     except UnicodeError:
@@ -1930,9 +1930,10 @@ def checked_scan(items, host, path_filter):
 
 def checked_stats(paths, reply, host):
     """A stat_paths reply: one entry (or None) for each requested path, about that path."""
-    if not isinstance(reply, list) or len(reply) != len(paths):
-        raise agent_violation(host, "%s stat replies for %d paths" % (
-            len(reply) if isinstance(reply, list) else "no list of", len(paths)))
+    if not isinstance(reply, list):
+        raise agent_violation(host, "a stat reply that is not a list")
+    if len(reply) != len(paths):
+        raise agent_violation(host, "%d stat replies where %d were asked for" % (len(reply), len(paths)))
     entries = []
     for path, data in zip(paths, reply):
         entry = None if data is None else check_wire_entry(data, host, "in a stat reply")
@@ -1950,8 +1951,11 @@ def checked_open_reply(reply, host, path, state_dir):
         raise agent_violation(host, "a malformed reply to open")
     root = reply["root"]
     wanted_root = posixpath.normpath(path)
-    if (not root.startswith("/") or "\0" in root or posixpath.normpath(root) != root
-            or not (root == wanted_root or root.endswith("/" + wanted_root))):
+    if wanted_root.startswith("/"):
+        where_expected = root == wanted_root
+    else:   # relative to the remote user's home, which only that host knows
+        where_expected = wanted_root == "." or root.endswith("/" + wanted_root)
+    if not root.startswith("/") or "\0" in root or posixpath.normpath(root) != root or not where_expected:
         raise agent_violation(host, "the replica root %s for %s" % (shown_path(root), shown_path(path)))
     wanted_work_dir = posixpath.join(root, WORK_DIR_NAME)
     if reply["work_dir"] != wanted_work_dir:

@@ -220,8 +220,8 @@ def test_scan_with_an_excluded_path_ends_the_run(rpair):
 # ======================================================================================
 
 STAT_LIES = {
-    "one-too-many": ("return result + [None]", "stat replies"),
-    "one-too-few": ("return result[:-1]", "stat replies"),
+    "one-too-many": ("return result + [None]", "2 stat replies"),
+    "one-too-few": ("return result[:-1]", "0 stat replies"),
     "other-path": ('return [renamed(entry, "docs/notes") if entry is not None and entry.path == "new.txt" '
                    'else entry for entry in result]', "new.txt"),
     "bad-path": ('return [renamed(entry, "new.txt/../docs/notes") if entry is not None else entry '
