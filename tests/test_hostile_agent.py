@@ -295,6 +295,7 @@ FRAMES = {
 }
 
 
+@pytest.mark.remote_newest
 @pytest.mark.parametrize("case", sorted(FRAMES))
 def test_hostile_frames_end_the_run_with_bounded_memory(rpair, case):
     synced_pair(rpair)
@@ -334,6 +335,7 @@ ESCAPING = {
 }
 
 
+@pytest.mark.remote_newest
 @pytest.mark.parametrize("case", sorted(ESCAPING))
 def test_agent_text_is_one_line_without_escapes(rpair, case):
     build(rpair.initiator, {"a.txt": "a"})
