@@ -957,6 +957,36 @@ class _PendingHandler(logging.Handler):
             self.output.pending.append(record)
 
 
+# Characters that move the cursor, recolour or reorder what a terminal shows, besides
+# the C0/C1 controls: line and paragraph separators, zero-width and bidi controls.
+INVISIBLE_CHARACTERS = frozenset([0x2028, 0x2029, 0xfeff] + list(range(0x200b, 0x2010)) +
+                                 list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a)))
+
+
+def printable(text, limit=500):
+    """Text from elsewhere (a remote agent's error, a process's stderr) as it may reach
+    the screen and the log: one line, no terminal escapes, at most about `limit` chars.
+    Controls become \\xNN (\\uNNNN), a byte that is not UTF-8 (a surrogate) \\xNN."""
+    if not isinstance(text, str):
+        text = repr(text)
+    pieces = []
+    length = 0
+    for char in text:
+        code = ord(char)
+        if 0xdc80 <= code <= 0xdcff:
+            char = "\\x%02x" % (code - 0xdc00)
+        elif code < 0x20 or 0x7f <= code <= 0x9f:
+            char = "\\x%02x" % code
+        elif 0xd800 <= code <= 0xdfff or code in INVISIBLE_CHARACTERS:
+            char = "\\u%04x" % code
+        pieces.append(char)
+        length += len(char)
+        if length > limit:
+            pieces.append(" [...]")
+            break
+    return "".join(pieces)
+
+
 def log_file_candidates(instance_id, configured):
     """Where the log goes, as osync does: LOGFILE, else /var/log, $HOME, the working dir."""
     if configured:
@@ -1237,6 +1267,10 @@ class ProtocolError(Exception):
     """The agent stream ended or carried something that is not a message."""
 
 
+class StreamEnded(ProtocolError):
+    """The stream ended in the middle of a message."""
+
+
 def send_message(stream, message):
     payload = json.dumps(message, separators=(",", ":")).encode("ascii")
     kind = b"J"
@@ -1250,38 +1284,75 @@ def send_message(stream, message):
 def read_exactly(stream, size):
     data = stream.read(size)
     if data is None or len(data) != size:
-        raise ProtocolError("the stream ended")
+        raise StreamEnded("the stream ended")
     return data
 
 
-def read_message(stream):
+# No message may be longer than this, compressed or not: a hostile or broken agent cannot
+# make the initiator allocate more (a scan batch of 1000 entries with 4096-byte names,
+# every byte escaped, still fits).
+MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+def read_message(stream, limit=MESSAGE_LIMIT):
     """The next message, or None at a clean end of stream."""
     header = stream.read(5)
     if not header:
         return None
     if len(header) != 5 or header[:1] not in (b"J", b"Z"):
         raise ProtocolError("unexpected data %r" % header[:40])
-    payload = read_exactly(stream, struct.unpack(">I", header[1:])[0])
+    size = struct.unpack(">I", header[1:])[0]
+    if size > limit:
+        raise ProtocolError("a message of %d bytes announced, more than the limit of %d" % (size, limit))
+    payload = read_exactly(stream, size)
     if header[:1] == b"Z":
-        payload = zlib.decompress(payload)
-    return json.loads(payload.decode("ascii"))
+        payload = bounded_decompress(payload, limit)
+    try:
+        return json.loads(payload.decode("ascii"))
+    except (UnicodeError, ValueError):
+        raise ProtocolError("a message that is not ASCII JSON")
+
+
+def bounded_decompress(payload, limit):
+    """zlib data that must expand to at most `limit` bytes (a zip bomb stops at the limit)."""
+    decompressor = zlib.decompressobj()
+    try:
+        data = decompressor.decompress(payload, limit + 1)
+    except zlib.error as error:
+        raise ProtocolError("a compressed message that cannot be decompressed (%s)" % error)
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise ProtocolError("a compressed message that expands to more than the limit of %d bytes" % limit)
+    if not decompressor.eof:
+        raise ProtocolError("a truncated compressed message")
+    return data
 
 
 class AgentClient(object):
-    """The local end of an agent: sends requests, reads replies, streams scans."""
+    """The local end of an agent: sends requests, reads replies, streams scans.
+
+    What the agent sends is untrusted: a reply that is not a message of the expected
+    shape ends the run with a sentence naming the host (see `violation`), and the
+    connection is not used again."""
 
     def __init__(self, process, host, stderr_file):
         self.process = process
         self.host = host
         self.stderr_file = stderr_file
         self.streaming = None   # the id of a streamed reply not read to its end
+        self.broken = None      # the sentence of a protocol violation: the stream is out of step
 
     def lost(self, what):
         detail = read_tail(self.stderr_file)
         return ReplicaError("The connection to the agent on %s was lost (%s)%s." % (
             self.host, what, ": " + detail if detail else ""))
 
+    def violation(self, what):
+        """The error for a reply osync.py refuses (`what` says what was sent)."""
+        return agent_violation(self.host, what)
+
     def _request(self, op, args):
+        if self.broken is not None:
+            raise ReplicaError(self.broken)
         if self.streaming is not None:
             # An abandoned scan: read the rest of it so the next reply is ours.
             self.streaming = None
@@ -1295,18 +1366,30 @@ class AgentClient(object):
     def _reply(self):
         try:
             reply = read_message(self.process.stdout)
-        except (ProtocolError, OSError, ValueError, zlib.error) as error:
+        except StreamEnded as error:
+            raise self.lost(str(error))
+        except ProtocolError as error:
+            self.broken = str(self.violation(str(error)))
+            raise ReplicaError(self.broken)
+        except (OSError, ValueError) as error:
             raise self.lost(str(error))
         if reply is None:
             raise self.lost("end of stream")
+        if not isinstance(reply, dict):
+            self.broken = str(self.violation("a reply that is not a JSON object"))
+            raise ReplicaError(self.broken)
         reply = transcode(reply, native_text)
         if "error" in reply:
-            raise ReplicaError("On %s: %s" % (self.host, reply["error"]))
+            raise ReplicaError("On %s: %s" % (self.host, printable(reply["error"])))
         return reply
 
     def call(self, op, *args):
         self._request(op, args)
-        return self._reply()["ok"]
+        reply = self._reply()
+        if "ok" not in reply:
+            self.broken = str(self.violation("a reply to %s without a result" % op))
+            raise ReplicaError(self.broken)
+        return reply["ok"]
 
     def stream(self, op, *args):
         """Send a streamed request now; return an iterator over the items of its reply."""
@@ -1322,10 +1405,15 @@ class AgentClient(object):
             except ReplicaError:
                 self.streaming = None
                 raise
-            if reply.get("end"):
+            if reply.get("end") is True:
                 self.streaming = None
                 return
-            for item in reply["batch"]:
+            batch = reply.get("batch")
+            if not isinstance(batch, list):
+                self.streaming = None
+                self.broken = str(self.violation("a scan reply that is neither a batch nor its end"))
+                raise ReplicaError(self.broken)
+            for item in batch:
                 yield item
 
     def close(self):
@@ -1342,12 +1430,19 @@ class AgentClient(object):
 def read_tail(stderr_file, limit=600):
     """The last lines a process wrote to its stderr file, as one line."""
     try:
-        stderr_file.seek(0)
+        stderr_file.seek(0, os.SEEK_END)
+        stderr_file.seek(max(0, stderr_file.tell() - 65536))   # however much was written
         text = stderr_file.read().decode("utf-8", "replace")
     except (OSError, ValueError):
         return ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines)[-limit:]
+    return printable(" ".join(lines)[-limit:], limit)
+
+
+def agent_violation(host, what):
+    """The one sentence that ends a run when the agent sends what osync.py refuses."""
+    return ReplicaError("The agent on %s sent %s, which osync.py refuses; the run stopped (check that host)."
+                        % (host, what))
 
 
 # ======================================================================================
@@ -2148,10 +2243,192 @@ class LocalReplica(object):
         return True
 
 
+# What the agent sends ------------------------------------------------------------------
+# A remote target is untrusted: a path it reports is used on the initiator (rsync writes
+# it, backups are made under it), so every path and every reply is checked here, where it
+# arrives, and anything else ends the run before it is used.
+
+ENTRY_KINDS = ("f", "d", "l", "?")
+ENTRY_INT_FIELDS = ("size", "mtime_ns", "mode", "uid", "gid", "ino", "ctime_ns")
+WIRE_TEXT_LIMIT = 65536     # a link target, digest or error note from the agent
+
+
+def wire_path_problem(path):
+    """Why a relative path from the agent is not canonical, or None when it is."""
+    if not isinstance(path, str):
+        return "not a string"
+    if not path:
+        return "empty"
+    if "\0" in path:
+        return "it contains a NUL byte"
+    if path.startswith("/"):
+        return "it is absolute"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return "it has a component %r" % part
+    if path.split("/", 1)[0] == WORK_DIR_NAME:
+        return "it is in the work dir %s" % WORK_DIR_NAME
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return "it is not a file name"
+    return None
+
+
+def check_wire_path(path, host, where):
+    """`path` if it is relative, canonical and outside the work dir; else the run ends."""
+    problem = wire_path_problem(path)
+    if problem is not None:
+        raise agent_violation(host, "an invalid path %s %s (%s)" % (where, shown_path(path), problem))
+    return path
+
+
+def shown_path(path):
+    return "'%s'" % printable(path, 200) if isinstance(path, str) else printable(repr(path), 200)
+
+
+def entry_problem(data):
+    """Why a wire entry (a to_wire list) is not a well-formed entry, or None."""
+    if not isinstance(data, list) or len(data) != len(Entry.FIELDS):
+        return "not a list of %d fields" % len(Entry.FIELDS)
+    fields = dict(zip(Entry.FIELDS, data))
+    if fields["kind"] not in ENTRY_KINDS:
+        return "kind %s is none of %s" % (printable(repr(fields["kind"]), 40), "/".join(ENTRY_KINDS))
+    for name in ENTRY_INT_FIELDS:
+        value = fields[name]
+        if type(value) is not int or not -2 ** 63 <= value < 2 ** 64:
+            return "its %s %s is not a number" % (name, printable(repr(value), 40))
+    if fields["size"] < 0 or not 0 <= fields["mode"] <= 0o7777:
+        return "its size or mode is out of range"
+    for name in ("link", "digest", "error"):
+        value = fields[name]
+        if not isinstance(value, str) or len(value) > WIRE_TEXT_LIMIT or "\0" in value:
+            return "its %s is not a short text" % name
+    return None
+
+
+def check_wire_entry(data, host, where):
+    """The Entry a wire list from the agent stands for, once it is checked."""
+    if isinstance(data, list) and data:
+        check_wire_path(data[0], host, where)
+    problem = entry_problem(data)
+    if problem is not None:
+        path = data[0] if isinstance(data, list) and data else None
+        raise agent_violation(host, "an invalid entry %s%s (%s)" % (
+            where, " for " + shown_path(path) if isinstance(path, str) else "", problem))
+    entry = Entry(*data)
+    if entry.error and printable(entry.error) != entry.error:
+        entry = Entry(*(entry[:11] + (printable(entry.error),)))
+    return entry
+
+
+def checked_scan(items, host, path_filter):
+    """The agent's scan as Entries, each checked: canonical path, well-formed entry, in
+    strictly increasing canonical order (so no path comes twice), not excluded by the
+    run's filter (the initiator would overwrite its own excluded file), and every entry
+    below the root inside a directory the scan listed just before (as the walk yields
+    them)."""
+    previous_key = None
+    previous_path = None
+    directories = []     # the listed directories that enclose the latest entry
+    for data in items:
+        entry = check_wire_entry(data, host, "in its scan")
+        key = path_key(entry.path)
+        if previous_key is not None and key <= previous_key:
+            raise agent_violation(host, "%s in its scan %s" % (
+                shown_path(entry.path),
+                "twice" if key == previous_key else "out of order (after %s)" % shown_path(previous_path)))
+        if path_filter.excluded(entry.path, entry.kind == "d"):
+            raise agent_violation(host, "%s in its scan, which the run excludes" % shown_path(entry.path))
+        parent = posixpath.dirname(entry.path)
+        while directories and not (parent == directories[-1] or parent.startswith(directories[-1] + "/")):
+            directories.pop()
+        if parent and not (directories and directories[-1] == parent):
+            raise agent_violation(host, "%s in its scan without its directory %s before it" % (
+                shown_path(entry.path), shown_path(parent)))
+        if entry.kind == "d" and not entry.error:
+            directories.append(entry.path)
+        previous_key, previous_path = key, entry.path
+        yield entry
+
+
+def checked_stats(paths, reply, host):
+    """A stat_paths reply: one entry (or None) for each requested path, about that path."""
+    if not isinstance(reply, list):
+        raise agent_violation(host, "a stat reply that is not a list")
+    if len(reply) != len(paths):
+        raise agent_violation(host, "%d stat replies where %d were asked for" % (len(reply), len(paths)))
+    entries = []
+    for path, data in zip(paths, reply):
+        entry = None if data is None else check_wire_entry(data, host, "in a stat reply")
+        if entry is not None and entry.path != path:
+            raise agent_violation(host, "a stat reply for %s where %s was asked" % (
+                shown_path(entry.path), shown_path(path)))
+        entries.append(entry)
+    return entries
+
+
+def checked_open_reply(reply, host, path, state_dir):
+    """The agent's replica paths: absolute, normalised, its work dir inside its root."""
+    if not isinstance(reply, dict) or not all(isinstance(reply.get(key), str)
+                                              for key in ("root", "work_dir", "state_dir", "python")):
+        raise agent_violation(host, "a malformed reply to open")
+    root = reply["root"]
+    wanted_root = posixpath.normpath(path)
+    if wanted_root.startswith("/"):
+        where_expected = root == wanted_root
+    else:   # relative to the remote user's home, which only that host knows
+        where_expected = wanted_root == "." or root.endswith("/" + wanted_root)
+    if not root.startswith("/") or "\0" in root or posixpath.normpath(root) != root or not where_expected:
+        raise agent_violation(host, "the replica root %s for %s" % (shown_path(root), shown_path(path)))
+    wanted_work_dir = posixpath.join(root, WORK_DIR_NAME)
+    if reply["work_dir"] != wanted_work_dir:
+        raise agent_violation(host, "the work dir %s for the root %s" % (shown_path(reply["work_dir"]),
+                                                                        shown_path(root)))
+    wanted_state_dir = state_dir or posixpath.join(wanted_work_dir, "state")
+    if reply["state_dir"] != wanted_state_dir:
+        raise agent_violation(host, "the state dir %s where %s was asked" % (shown_path(reply["state_dir"]),
+                                                                             shown_path(wanted_state_dir)))
+    reply = dict(reply)
+    reply["python"] = printable(reply["python"], 40)
+    return reply
+
+
+def _is_bool(value):
+    return isinstance(value, bool)
+
+
+def _is_text_or_none(value):
+    return value is None or isinstance(value, str)
+
+
+PROBE_FACTS = {"root": lambda value: isinstance(value, str), "realpath": lambda value: isinstance(value, str),
+               "created": _is_bool, "work_dir": _is_bool, "writable": _is_bool,
+               "euid": lambda value: type(value) is int,
+               "free_kb": lambda value: value is None or type(value) is int}
+
+
+def _is_probe(value):
+    return isinstance(value, dict) and all(check(value.get(key)) for key, check in PROBE_FACTS.items())
+
+
+def _is_cleaning(value):
+    return (isinstance(value, list) and len(value) == 2 and type(value[0]) is int and value[0] >= 0
+            and isinstance(value[1], list) and all(isinstance(error, str) for error in value[1]))
+
+
+# The shape of each replica operation's result, checked before it is used.
+REPLY_SHAPES = {"probe": _is_probe, "prepare_work_dir": _is_bool, "clear_leftovers": _is_bool,
+                "acquire_lock": _is_text_or_none, "release_lock": _is_bool, "clean_old": _is_cleaning,
+                "read_state_file": _is_text_or_none, "write_state_file": _is_bool}
+
+
 class RemoteReplica(object):
     """A replica on another host: the same interface as LocalReplica, each call carried
-    out by a LocalReplica in the agent that osync.py runs there."""
+    out by a LocalReplica in the agent that osync.py runs there.  Every reply is checked
+    (checked_scan, checked_stats, REPLY_SHAPES) before the run uses it."""
 
+    # Each of these needs its result's shape in REPLY_SHAPES (or is in CHUNKED_CALLS).
     REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
                     "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
                     "write_state_file", "settle_transfers", "finish_transfers", "foreign_device_paths")
@@ -2173,14 +2450,36 @@ class RemoteReplica(object):
         if name in self.CHUNKED_CALLS:
             return lambda items, *args: self._chunked(name, items, *args)
         if name in self.REMOTE_CALLS:
-            return lambda *args: self.agent.call(name, *args)
+            return lambda *args: self._call(name, *args)
         raise AttributeError(name)
 
+    def _call(self, name, *args):
+        result = self.agent.call(name, *args)
+        check = REPLY_SHAPES.get(name)    # an operation without a known shape is refused
+        if check is None or not check(result):
+            raise agent_violation(self.agent.host, "a reply to %s of the wrong shape" % name)
+        if name == "acquire_lock" and result is not None:
+            result = printable(result, 200)     # it is shown in messages
+        elif name == "clean_old":
+            result = [result[0], [printable(error) for error in result[1]]]
+        return result
+
+    def release_lock(self, content):
+        if self.agent.broken is not None:
+            return False   # the stream is out of step: nothing more can be asked of that agent
+        return self._call("release_lock", content)
+
     def _chunked(self, name, items, *args):
-        """A call on a long list goes as several messages of bounded size, in order."""
+        """A call on a long list goes as several messages of bounded size, in order; each
+        must answer with one result per item (a short text: "ok" or what went wrong)."""
         results = []
         for start in range(0, len(items), self.CHUNK):
-            results += self.agent.call(name, items[start:start + self.CHUNK], *args)
+            chunk = items[start:start + self.CHUNK]
+            answers = self.agent.call(name, chunk, *args)
+            if not isinstance(answers, list) or len(answers) != len(chunk) or \
+                    not all(isinstance(answer, str) for answer in answers):
+                raise agent_violation(self.agent.host, "a reply to %s of the wrong shape" % name)
+            results += [printable(answer) for answer in answers]
         return results
 
     def location(self):
@@ -2193,10 +2492,16 @@ class RemoteReplica(object):
         return posixpath.join(self.work_dir, "backup", ".transfer-" + stamp)
 
     def scan(self, filter_spec, options):
-        return (from_wire(item) for item in self.agent.stream("scan", filter_spec, options))
+        return checked_scan(self.agent.stream("scan", filter_spec, options), self.agent.host,
+                            PathFilter(filter_spec))
 
     def stat_paths(self, paths, options):
-        return [from_wire(item) for item in self._chunked("stat_paths", paths, options)]
+        entries = []
+        for start in range(0, len(paths), self.CHUNK):
+            chunk = paths[start:start + self.CHUNK]
+            reply = self.agent.call("stat_paths", chunk, options)
+            entries += checked_stats(chunk, reply, self.agent.host)
+        return entries
 
 
 def serve_agent(reader, writer):
@@ -2480,10 +2785,19 @@ class SshTransport(object):
                 process.stdin.flush()
             except OSError:
                 pass
-            banner = self._read_banner(process)
+            try:
+                banner = self._read_banner(process)
+            except ReplicaError:
+                kill_process_group(process)
+                raise
             if banner is not None:
                 agent = AgentClient(process, self.host, stderr_file)
-                paths = agent.call("open", role, self.path, state_dir)
+                try:
+                    paths = checked_open_reply(agent.call("open", role, self.path, state_dir), self.host,
+                                               self.path, state_dir)
+                except ReplicaError:
+                    kill_process_group(process)
+                    raise
                 self.out.verbose("Agent on %s runs under Python %s." % (self.host, paths["python"]))
                 return RemoteReplica(role, agent, self.rsync_host(), paths)
             code = process.wait()
@@ -2502,16 +2816,23 @@ class SshTransport(object):
         raise ReplicaError("No suitable Python on %s (tried %s): install Python 3.6 or newer there, or set "
                            "REMOTE_PYTHON to its path." % (self.host, ", ".join(tried)))
 
-    @staticmethod
-    def _read_banner(process):
-        """Skip login noise (motd, echo in .bashrc) up to the agent's banner line."""
-        for _ in range(1000):
-            line = process.stdout.readline()
+    BANNER_LINE_LIMIT = 65536    # bytes of one line of login noise
+    BANNER_LINES_LIMIT = 1000    # lines of login noise
+
+    def _read_banner(self, process):
+        """Skip login noise (motd, echo in .bashrc) up to the agent's banner line; None
+        when the stream ends first.  The noise is bounded: a line too long or too many
+        lines end the run (a hostile host must not make the initiator read forever)."""
+        for _ in range(self.BANNER_LINES_LIMIT):
+            line = process.stdout.readline(self.BANNER_LINE_LIMIT + 1)
             if not line:
                 return None
+            if len(line) > self.BANNER_LINE_LIMIT:
+                raise agent_violation(self.host, "a line of more than %d bytes before the agent's banner"
+                                      % self.BANNER_LINE_LIMIT)
             if line.startswith(AGENT_BANNER):
                 return line
-        return None
+        raise agent_violation(self.host, "more than %d lines before the agent's banner" % self.BANNER_LINES_LIMIT)
 
     def close(self):
         if self.master is not None:
