@@ -2003,15 +2003,15 @@ class LocalReplica(object):
         that what a killed run leaves there is kept like any other backup."""
         return os.path.join(self.work_dir, "backup", ".transfer-" + stamp)
 
-    def foreign_device_paths(self, paths):
-        """The paths whose nearest existing parent directory is on another filesystem than
-        the work dir (a mount point inside the replica)."""
+    def filesystems_of(self, paths):
+        """For each path, "work" when its nearest existing parent directory is on the work
+        dir's filesystem, "other" when it is below a mount point inside the replica."""
         try:
             work_device = os.lstat(self.temp_dir()).st_dev
         except OSError:
-            return []
+            return ["work"] * len(paths)
         devices = {}
-        foreign = []
+        answers = []
         for path in paths:
             parent = posixpath.dirname(path)
             while parent not in devices:
@@ -2024,9 +2024,8 @@ class LocalReplica(object):
                     devices[parent] = work_device
                     break
                 devices[parent] = info.st_dev if stat.S_ISDIR(info.st_mode) else work_device
-            if devices[parent] != work_device:
-                foreign.append(path)
-        return foreign
+            answers.append("work" if devices[parent] == work_device else "other")
+        return answers
 
     def settle_transfers(self, items, stamp, multiple, options):
         """After rsync: deal with what it replaced on this replica.  items: [path, what the
@@ -2420,7 +2419,7 @@ def _is_cleaning(value):
 # The shape of each replica operation's result, checked before it is used.
 REPLY_SHAPES = {"probe": _is_probe, "prepare_work_dir": _is_bool, "clear_leftovers": _is_bool,
                 "acquire_lock": _is_text_or_none, "release_lock": _is_bool, "clean_old": _is_cleaning,
-                "read_state_file": _is_text_or_none, "write_state_file": _is_bool}
+                "read_state_file": _is_text_or_none, "write_state_file": _is_bool, "finish_transfers": _is_bool}
 
 
 class RemoteReplica(object):
@@ -2431,7 +2430,7 @@ class RemoteReplica(object):
     # Each of these needs its result's shape in REPLY_SHAPES (or is in CHUNKED_CALLS).
     REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
                     "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
-                    "write_state_file", "settle_transfers", "finish_transfers", "foreign_device_paths")
+                    "write_state_file", "settle_transfers", "finish_transfers", "filesystems_of")
 
     def __init__(self, role, agent, rsync_host, paths):
         self.role = role
@@ -2443,7 +2442,7 @@ class RemoteReplica(object):
         self.display = "%s:%s" % (agent.host, self.root)
 
     CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes", "settle_transfers",
-                     "foreign_device_paths")
+                     "filesystems_of")
     CHUNK = 2000
 
     def __getattr__(self, name):
@@ -3792,9 +3791,8 @@ class Executor(object):
             counts = {local_list: 0, foreign_list: 0}
             sending = (decision.path for decision in self._copies_to(destination))
             for chunk in in_chunks(sending, self.CHUNK):
-                foreign = set(destination_replica.foreign_device_paths(chunk))
-                for path in chunk:
-                    listing = foreign_list if path in foreign else local_list
+                for path, filesystem in zip(chunk, destination_replica.filesystems_of(chunk)):
+                    listing = local_list if filesystem == "work" else foreign_list
                     # "./" keeps rsync from reading a name that starts with # or ; as a comment.
                     listing.write(b"./" + os.fsencode(path) + b"\0")
                     counts[listing] += 1
