@@ -4055,12 +4055,25 @@ class SyncRun(object):
                           self.transport.host, abs(round(skew)), "ahead of" if skew > 0 else "behind",
                           shown(facts["target"]["time"]), shown(facts["target"]["local_time"])))
 
+    MARKER_FIELDS = {"instance": str, "written": str, "replicas": dict, "sync_id": str, "pending_sync_id": str,
+                     "initiator_entries": int, "target_entries": int}
+
     def read_marker(self, replica):
+        """A replica's marker as a dict of the known fields of the right types; {} when
+        there is none or it is damaged (a marker may come from an untrusted host)."""
         try:
             text = replica.read_state_file(marker_file_name(self.instance))
-            return json.loads(text) if text else {}
+            marker = json.loads(text) if text else {}
         except (ReplicaError, ValueError):
             return {}
+        if not isinstance(marker, dict):
+            return {}
+        checked = {}
+        for field, kind in self.MARKER_FIELDS.items():
+            value = marker.get(field)
+            if isinstance(value, kind) and not isinstance(value, bool) and not (kind is int and value < 0):
+                checked[field] = value
+        return checked
 
     def guard_unmounted(self, facts):
         """Refuse to touch anything when a replica lost its work dir although the last sync

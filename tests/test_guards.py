@@ -255,3 +255,17 @@ def test_a_remote_clock_an_hour_ahead_is_warned_about(pair):
     assert snapshot(pair.target) == expected(files(["a"]))
     plain = pair.run(expect=0)
     assert "clock" not in plain.output
+
+
+@pytest.mark.parametrize("marker", ["[]", '"text"', '{"target_entries": "many", "replicas": 3}', "{not json"])
+def test_a_damaged_marker_is_a_sentence_and_changes_nothing(pair, marker):
+    put(pair.initiator, "keep", b"data\n")
+    pair.run(expect=0)
+    for path in (pair.workdir("target") / "state").glob("osync.py-marker-*"):
+        path.write_text(marker)
+    before = pair.full_snapshot()
+    r = pair.run(expect=(0, 1, 2))
+    if r.returncode == 1:
+        assert pair.full_snapshot() == before
+    assert (pair.initiator / "keep").read_bytes() == b"data\n"
+    assert (pair.target / "keep").read_bytes() == b"data\n"
