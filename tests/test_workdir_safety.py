@@ -196,14 +196,16 @@ def linked_pair(pair, side):
 
 
 def assert_left_alone(result, outside, pair, side):
+    """The file behind the link is where it was, as it was, and nowhere in the work dir;
+    the run says so in one sentence naming the path."""
+    assert (outside / "passwd").read_bytes() == CANARY, describe(result)
+    assert os.stat(str(outside / "passwd")).st_nlink == 1, "the outside file was hard-linked" + describe(result)
+    assert find_content(pair.workdir(side), CANARY) == []
+    assert dir_files(pair.deleted(side)) == [] and dir_files(pair.backup(side)) == []
     assert result.returncode == 1, describe(result)
     assert "Traceback" not in result.output and "internal error" not in result.output, describe(result)
     lines = error_lines(result, "x/passwd")
     assert len(lines) == 1 and "symbolic link" in lines[0], describe(result)
-    assert (outside / "passwd").read_bytes() == CANARY
-    assert os.stat(str(outside / "passwd")).st_nlink == 1, "the outside file was hard-linked somewhere"
-    assert find_content(pair.workdir(side), CANARY) == []
-    assert dir_files(pair.deleted(side)) == [] and dir_files(pair.backup(side)) == []
 
 
 @pytest.mark.parametrize("side", ["initiator", "target"])
