@@ -1588,6 +1588,13 @@ class LocalReplica(object):
             aside = "%s.stale.%d" % (self.lock_path, os.getpid())
             try:
                 os.rename(self.lock_path, aside)
+                moved = self._read_lock(aside)
+                if moved != replace:
+                    # Another run took the dead lock over just before us: its lock goes back.
+                    try:
+                        os.link(aside, self.lock_path)
+                    except FileExistsError:
+                        pass
                 os.unlink(aside)
             except FileNotFoundError:
                 pass
@@ -1645,11 +1652,11 @@ class LocalReplica(object):
             raise ReplicaError("The lock %s of the %s replica is not a regular file (a symbolic link or something "
                                "else); remove it (not what it points to) and run again." % (self.lock_path, self.role))
 
-    def _read_lock(self):
-        """What the lock holds, None when there is none.  Opened without following a
-        link and without blocking on a fifo."""
+    def _read_lock(self, path=None):
+        """What the lock (or the lock moved to `path`) holds, None when there is none.
+        Opened without following a link and without blocking on a fifo."""
         try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path or self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as error:
