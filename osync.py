@@ -1456,11 +1456,11 @@ class LocalReplica(object):
         """The absolute path of rel_path for an operation that deletes, moves, backs up or
         changes it, once lstat shows that none of its parents is a symbolic link.  With
         COPY_SYMLINKS or KEEP_DIRLINKS the scan goes through links, but what lies behind
-        one may be outside the replica, so it is left alone.  Raises OSError naming the
-        link (or the path, when it is not a plain relative path of the replica)."""
+        one may be outside the replica, so it is left alone.  Raises OSError whose text
+        names the link (callers put the path in front)."""
         parts = rel_path.split("/")
         if any(part in ("", ".", "..") for part in parts) or parts[0] == WORK_DIR_NAME:
-            raise OSError(errno.EINVAL, "not a path of the replica", rel_path)
+            raise OSError(errno.EINVAL, "not a path of the replica")
         current = self.root
         for depth, part in enumerate(parts[:-1]):
             current = os.path.join(current, part)
@@ -1469,9 +1469,9 @@ class LocalReplica(object):
             except (FileNotFoundError, NotADirectoryError):
                 break   # nothing there yet: nothing to be reached through
             if stat.S_ISLNK(info.st_mode):
-                raise OSError(errno.ELOOP, "is a symbolic link, and nothing reached through a link is deleted, moved, "
-                                           "backed up or changed, as it may lie outside the replica",
-                              "/".join(parts[:depth + 1]))
+                raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
+                                           "moved, backed up or changed, as it may lie outside the replica"
+                              % "/".join(parts[:depth + 1]))
         return os.path.join(self.root, rel_path)
 
     # -- checks -----------------------------------------------------------------------
@@ -1514,7 +1514,7 @@ class LocalReplica(object):
     def _work_dir_what(self, path):
         if path == self.work_dir:
             return "The work dir of the %s replica" % self.role
-        return "The work dir part %s of the %s replica" % (os.path.basename(path), self.role)
+        return "The %s/ dir in the work dir of the %s replica" % (os.path.basename(path), self.role)
 
     def check_work_dir(self):
         """Check, with lstat and without creating anything (dry runs too), the work dir,
@@ -1848,7 +1848,7 @@ class LocalReplica(object):
                     os.chmod(abs_path, mode)
                 results.append("ok")
             except OSError as error:
-                results.append("%s: %s" % (error.filename or path, error.strerror))
+                results.append("%s: %s" % (path, error.strerror))
         return results
 
     # -- housekeeping -----------------------------------------------------------------------
@@ -1863,7 +1863,7 @@ class LocalReplica(object):
             if not check_private_dir(top, self._work_dir_what(top)):
                 return [0, []]
         except ReplicaError as error:
-            return [0, [str(error)]]
+            return [0, [str(error).rstrip(".")]]
         cutoff = (now if now is not None else time.time()) - days * 86400
         path_filter = PathFilter(filter_spec)
         removed = 0
