@@ -134,6 +134,28 @@ def test_a_work_dir_others_can_write_is_refused(pair, side, part):
 
 
 @pytest.mark.parametrize("side", ["initiator", "target"])
+@pytest.mark.parametrize("problem", ["link", "writable by others"])
+def test_a_custom_state_dir_must_be_a_real_dir_nobody_else_writes(pair, side, problem):
+    """A custom state dir may lie anywhere (the admin's choice), but is never followed
+    through a link nor used when others can write it."""
+    put(pair.initiator, "f", "data")
+    outside = outside_dir(pair)
+    state_dir = pair.base / ("state-" + side)
+    if problem == "link":
+        os.symlink(str(outside), str(state_dir))
+    else:
+        state_dir.mkdir()
+        os.chmod(str(state_dir), 0o777)
+    key = "INITIATOR_CUSTOM_STATE_DIR" if side == "initiator" else "TARGET_CUSTOM_STATE_DIR"
+    result = pair.run(env={key: str(state_dir)})
+    word = "symbolic link" if problem == "link" else "can be written by other users"
+    assert_refused_in_one_sentence(result, word, state_dir)
+    assert "custom state dir" in error_lines(result, word)[0]
+    assert dir_files(outside) == ["canary"]
+    assert not (pair.target / "f").exists()
+
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
 def test_a_linked_lock_is_refused_and_never_read_through(pair, side):
     synced_pair_with_pending_work(pair)
     outside = outside_dir(pair)
