@@ -203,14 +203,15 @@ def test_the_scan_never_lists_the_roots_work_dir(tmp_path, kind):
 
 # -- COPY_SYMLINKS never reaches outside the root ---------------------------------------
 
-def linked_pair(pair, side):
-    """COPY_SYMLINKS=yes, `side` holds x -> a directory outside with `passwd`; synced."""
+def linked_pair(pair, side, option):
+    """COPY_SYMLINKS or KEEP_DIRLINKS on, `side` holds x -> a directory outside with
+    `passwd`; synced (the other side has a real directory x)."""
     outside = pair.base / "outside"
     outside.mkdir()
     (outside / "passwd").write_bytes(CANARY)
     os.utime(str(outside / "passwd"), (T0, T0))
     os.symlink(str(outside), str(pair.root(side) / "x"))
-    env = {"COPY_SYMLINKS": "yes"}
+    env = {option: "yes"}
     pair.run(env=env, expect=0)
     other = pair.root(pair.other(side))
     assert (other / "x" / "passwd").read_bytes() == CANARY
@@ -230,17 +231,19 @@ def assert_left_alone(result, outside, pair, side):
     assert len(lines) == 1 and "symbolic link" in lines[0], describe(result)
 
 
+@pytest.mark.parametrize("option", ["COPY_SYMLINKS", "KEEP_DIRLINKS"])
 @pytest.mark.parametrize("side", ["initiator", "target"])
-def test_a_deletion_never_moves_a_file_reached_through_a_link(pair, side):
-    outside, other, env = linked_pair(pair, side)
+def test_a_deletion_never_moves_a_file_reached_through_a_link(pair, side, option):
+    outside, other, env = linked_pair(pair, side, option)
     (other / "x" / "passwd").unlink()
     result = pair.run(env=env)
     assert_left_alone(result, outside, pair, side)
 
 
+@pytest.mark.parametrize("option", ["COPY_SYMLINKS", "KEEP_DIRLINKS"])
 @pytest.mark.parametrize("side", ["initiator", "target"])
-def test_an_overwrite_never_backs_up_a_file_reached_through_a_link(pair, side):
-    outside, other, env = linked_pair(pair, side)
+def test_an_overwrite_never_backs_up_a_file_reached_through_a_link(pair, side, option):
+    outside, other, env = linked_pair(pair, side, option)
     put(other, "x/passwd", "replaced", mtime=T0 + 100)
     result = pair.run(env=env)
     assert_left_alone(result, outside, pair, side)
