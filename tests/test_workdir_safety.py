@@ -108,11 +108,22 @@ def test_a_work_dir_part_that_is_a_file_is_refused_with_what_to_do(pair, side, p
     assert both_replicas(pair) == before, describe(result)
 
 
+def another_user():
+    """The uid of a user other than the one running the tests: nobody's, else an unused uid."""
+    import pwd
+    try:
+        uid = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        uid = 54321
+    assert uid != os.geteuid()
+    return uid
+
+
 @pytest.mark.parametrize("side", ["initiator", "target"])
 def test_a_work_dir_of_another_user_is_refused(pair, side):
     synced_pair_with_pending_work(pair)
     path = part_path(pair, side, WORKDIR)
-    stranger = 54321   # no user of this host: what matters is that it is not the one running osync
+    stranger = another_user()
     os.chown(str(path), stranger, stranger)
     before = both_replicas(pair)
     result = pair.run()
