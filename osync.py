@@ -1621,6 +1621,8 @@ class PathFilter(object):
             self.rules.append((sign == "+", regex, dir_only, full_path))
 
     def excluded(self, path, is_dir):
+        if path == WORK_DIR_NAME:
+            return True   # the root's work dir is never synced, even as a link or a file
         name = path.rpartition("/")[2]
         if is_dir and name == WORK_DIR_NAME:
             return True
@@ -1827,6 +1829,34 @@ def valid_directory_ids(ids):
         for pair in ids)
 
 
+def check_private_dir(path, what, other_owners=()):
+    """Refuse a directory that osync writes into unless lstat shows a real directory
+    owned by this user (or one of `other_owners`) that nobody else can write: through a
+    link, or a directory someone else controls, a run could be made to empty, replace or
+    delete files outside the replica.  `what` names it ("The work dir of the initiator
+    replica").  Returns False when nothing is there yet."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise ReplicaError("Cannot check %s (%s): %s." % (what.lower(), path, error.strerror))
+    euid = os.geteuid()
+    if stat.S_ISLNK(info.st_mode):
+        raise ReplicaError("%s (%s) is a symbolic link, which osync never follows; remove the link (not what it "
+                           "points to) and run again." % (what, path))
+    if not stat.S_ISDIR(info.st_mode):
+        raise ReplicaError("%s (%s) is not a directory; move it away and run again." % (what, path))
+    if info.st_uid != euid and info.st_uid not in other_owners:
+        raise ReplicaError("%s (%s) belongs to uid %d, not to the user running osync (%s, uid %d); give it to "
+                           "that user (chown) or move it away, and run again."
+                           % (what, path, info.st_uid, current_user(), euid))
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ReplicaError("%s (%s) can be written by other users (mode %04o); remove their write permission "
+                           "(chmod go-w) and run again." % (what, path, stat.S_IMODE(info.st_mode)))
+    return True
+
+
 class LocalReplica(object):
     """One replica on this host.  A remote target runs this same class on its host."""
 
@@ -1835,6 +1865,7 @@ class LocalReplica(object):
         self.root = os.path.abspath(root)
         self.work_dir = os.path.join(self.root, WORK_DIR_NAME)
         self.state_dir = state_dir or os.path.join(self.work_dir, "state")
+        self.custom_state_dir = bool(state_dir)
         self.lock_path = os.path.join(self.work_dir, "lock")
         self.display = self.root    # how messages name this replica
 
@@ -1843,6 +1874,28 @@ class LocalReplica(object):
         return self.root + "/"
 
     def abs(self, rel_path):
+        return os.path.join(self.root, rel_path)
+
+    def inside(self, rel_path):
+        """The absolute path of rel_path for an operation that deletes, moves, backs up or
+        changes it, once lstat shows that none of its parents is a symbolic link.  With
+        COPY_SYMLINKS or KEEP_DIRLINKS the scan goes through links, but what lies behind
+        one may be outside the replica, so it is left alone.  Raises OSError whose text
+        names the link (callers put the path in front)."""
+        parts = rel_path.split("/")
+        if any(part in ("", ".", "..") for part in parts) or parts[0] == WORK_DIR_NAME:
+            raise OSError(errno.EINVAL, "not a path of the replica")
+        current = self.root
+        for depth, part in enumerate(parts[:-1]):
+            current = os.path.join(current, part)
+            try:
+                info = os.lstat(current)
+            except (FileNotFoundError, NotADirectoryError):
+                break   # nothing there yet: nothing to be reached through
+            if stat.S_ISLNK(info.st_mode):
+                raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
+                                           "moved, backed up or changed, as it may lie outside the replica"
+                              % "/".join(parts[:depth + 1]))
         return os.path.join(self.root, rel_path)
 
     # -- checks -----------------------------------------------------------------------
@@ -1875,17 +1928,60 @@ class LocalReplica(object):
             facts["free_kb"] = None
         return facts
 
+    def work_dir_parts(self):
+        """The work dir, then each directory in it that osync writes into."""
+        parts = [self.work_dir]
+        if not self.custom_state_dir:
+            parts.append(self.state_dir)
+        for name in ("backup", "deleted", "_partial"):
+            parts.append(os.path.join(self.work_dir, name))
+        parts.append(self.temp_dir())
+        return parts
+
+    def _work_dir_what(self, path):
+        if path == self.work_dir:
+            return "The work dir of the %s replica" % self.role
+        return "The %s/ dir in the work dir of the %s replica" % (os.path.basename(path), self.role)
+
+    def check_work_dir(self):
+        """Check, with lstat and without creating anything (dry runs too), the work dir,
+        each part of it that exists, the lock and a custom state dir."""
+        if check_private_dir(self.work_dir, self._work_dir_what(self.work_dir)):
+            for path in self.work_dir_parts()[1:]:
+                check_private_dir(path, self._work_dir_what(path))
+            self._check_lock_file()
+        if self.custom_state_dir:
+            self._check_custom_state_dir()
+        return True
+
+    def _check_custom_state_dir(self):
+        """A custom state dir is the admin's choice and may lie anywhere, also be root's;
+        it must still be a real directory that nobody else can write."""
+        check_private_dir(self.state_dir, "The custom state dir of the %s replica" % self.role, other_owners=(0,))
+
     def prepare_work_dir(self):
-        """Create the work dir: state, backup, deleted, _partial and _tmp."""
-        try:
-            for path in (self.work_dir, self.state_dir, os.path.join(self.work_dir, "backup"),
-                         os.path.join(self.work_dir, "deleted"), os.path.join(self.work_dir, "_partial"),
-                         self.temp_dir()):
-                if not os.path.isdir(path):
-                    os.makedirs(path, 0o700)  # backups and deleted files are nobody else's business
-        except OSError as error:
-            raise ReplicaError("Cannot prepare the work dir of the %s replica (%s): %s."
-                               % (self.role, error.filename or self.work_dir, error.strerror))
+        """Create the work dir: state, backup, deleted, _partial and _tmp, each checked
+        with lstat before anything is written into it.  Safe when several runs start at
+        once: a directory another run just made is fine once it passes the check."""
+        for path in self.work_dir_parts():
+            try:
+                os.mkdir(path, 0o700)  # backups and deleted files are nobody else's business
+            except FileExistsError:
+                pass
+            except OSError as error:
+                raise ReplicaError("Cannot prepare the work dir of the %s replica (%s): %s."
+                                   % (self.role, error.filename or path, error.strerror))
+            check_private_dir(path, self._work_dir_what(path))
+        if self.custom_state_dir:
+            try:
+                os.makedirs(self.state_dir, 0o700, exist_ok=True)
+            except FileExistsError:
+                pass   # something that is not a directory: the check below says so
+            except OSError as error:
+                raise ReplicaError("Cannot create the custom state dir of the %s replica (%s): %s."
+                                   % (self.role, error.filename or self.state_dir, error.strerror))
+            self._check_custom_state_dir()
+        self._check_lock_file()
         return True
 
     def temp_dir(self):
@@ -1895,6 +1991,7 @@ class LocalReplica(object):
     def clear_leftovers(self):
         """Remove what a killed run left behind: temp files of transfers in progress and
         half-written state files.  Called once the lock is held."""
+        self.check_work_dir()
         try:
             for name in os.listdir(self.temp_dir()):
                 remove_any(os.path.join(self.temp_dir(), name))
@@ -1913,34 +2010,93 @@ class LocalReplica(object):
         still holds exactly that (a dead run's lock the caller chose to take over) is
         removed first.  Who may take over what is decided by the caller, on the
         initiator's host, where the pid in a lock is alive or not."""
+        check_private_dir(self.work_dir, self._work_dir_what(self.work_dir))
         if replace is not None and self._read_lock() == replace:
             aside = "%s.stale.%d" % (self.lock_path, os.getpid())
             try:
                 os.rename(self.lock_path, aside)
+                moved = self._read_lock(aside)
+                if moved != replace:
+                    # Another run took the dead lock over just before us: its lock goes back.
+                    try:
+                        os.link(aside, self.lock_path)
+                    except FileExistsError:
+                        pass
                 os.unlink(aside)
             except FileNotFoundError:
                 pass
             except OSError as error:
                 raise ReplicaError("Cannot remove the lock %s: %s." % (self.lock_path, error.strerror))
-        try:
-            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        for attempt in range(3):
+            try:
+                created = self._create_lock(content)
+            except OSError as error:
+                raise ReplicaError("Cannot create the lock %s: %s." % (self.lock_path, error.strerror))
+            if created:
+                return None
             existing = self._read_lock()
-            return "" if existing is None else existing
-        except OSError as error:
-            raise ReplicaError("Cannot create the lock %s: %s." % (self.lock_path, error.strerror))
+            if existing is not None:
+                return existing
+            # released between our attempt and the read: try again
+        return ""
+
+    def _create_lock(self, content):
+        """Make the lock appear with its content already in it, so that a run starting
+        at the same moment never reads it empty: the content goes to a temp file that is
+        then hard-linked to the lock name.  False when a lock is there already."""
+        fd, temp = tempfile.mkstemp(prefix="lock.new-", dir=self.work_dir)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(content)
+            try:
+                os.link(temp, self.lock_path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+                    raise
+        finally:
+            os.unlink(temp)
+        # A filesystem without hard links: exclusive create, then write.
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return False
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
-        return None
+        return True
 
-    def _read_lock(self):
+    def _check_lock_file(self):
+        """The lock, when there is one, must be a plain file: never followed through a link."""
         try:
-            with open(self.lock_path, "r", errors="replace") as handle:
-                return handle.read().strip()
+            info = os.lstat(self.lock_path)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise ReplicaError("Cannot check the lock %s: %s." % (self.lock_path, error.strerror))
+        if not stat.S_ISREG(info.st_mode):
+            raise ReplicaError("The lock %s of the %s replica is not a regular file (a symbolic link or something "
+                               "else); remove it (not what it points to) and run again." % (self.lock_path, self.role))
+
+    def _read_lock(self, path=None):
+        """What the lock (or the lock moved to `path`) holds, None when there is none.
+        Opened without following a link and without blocking on a fifo."""
+        try:
+            fd = os.open(path or self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                self._check_lock_file()
             raise ReplicaError("Cannot read the lock %s: %s." % (self.lock_path, error.strerror))
+        with os.fdopen(fd, "r", errors="replace") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._check_lock_file()
+            try:
+                return handle.read(4096).strip()
+            except OSError as error:
+                raise ReplicaError("Cannot read the lock %s: %s." % (self.lock_path, error.strerror))
 
     def release_lock(self, content):
         """Remove the lock if it still holds `content`: never another run's lock."""
@@ -1985,14 +2141,15 @@ class LocalReplica(object):
                 results.append("changed")
                 continue
             try:
+                abs_path = self.inside(path)
                 if current is not None and current.kind != "d" and new_kind == "d":
                     # rsync does not replace a file by a directory: clear the way here.  Any
                     # other overwrite is kept by rsync itself (settle_transfers).
                     if backup:
                         self._keep_copy(path, "backup", stamp, multiple, link=True)
-                    os.unlink(self.abs(path))
+                    os.unlink(abs_path)
                 elif current is not None and current.kind == "d" and new_kind != "d":
-                    os.rmdir(self.abs(path))
+                    os.rmdir(abs_path)
                 results.append("ok")
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
@@ -2050,31 +2207,19 @@ class LocalReplica(object):
                 if expected is not None and unchanged_since_scan(from_wire(expected), replaced_entry):
                     still_in_place = unchanged_since_scan(from_wire(expected), current)
                     if (keep and arrived) or not (arrived or still_in_place):
-                        self._store_replaced(path, replaced, stamp, multiple)
+                        self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)
                     else:
                         remove_any(replaced)   # not wanted, or the copy failed and the version stayed
                     results.append("ok")
                 elif arrived and current.kind != "d" and replaced_entry is not None and replaced_entry.kind != "d":
-                    os.rename(replaced, self.abs(path))
+                    os.rename(replaced, self.inside(path))
                     results.append("saved-restored")
                 else:
-                    self._store_replaced(path, replaced, stamp, multiple)
+                    self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)
                     results.append("saved-kept")
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
-
-    def _store_replaced(self, path, replaced, stamp, multiple):
-        """Move a version rsync replaced into backup/PATH (dated when `multiple` or taken)."""
-        base = os.path.join(self.work_dir, "backup", path)
-        self._make_parent(os.path.join(self.work_dir, "backup"), path, stamp)
-        if multiple:
-            destination = self._free_name(base + "." + stamp)
-        else:
-            destination = base
-            if lexists(destination):
-                remove_any(destination)
-        os.rename(replaced, destination)
 
     def finish_transfers(self, stamp):
         """Remove the run's transfer backup dir once settled; anything still in it is kept."""
@@ -2102,8 +2247,8 @@ class LocalReplica(object):
             if not unchanged_since_scan(expected, current):
                 results.append("changed")
                 continue
-            abs_path = self.abs(path)
             try:
+                abs_path = self.inside(path)
                 if current.kind == "d":
                     if os.listdir(abs_path):
                         results.append("kept")
@@ -2121,16 +2266,20 @@ class LocalReplica(object):
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
 
-    def _keep_copy(self, path, area, stamp, multiple, link):
-        """Put the item at `path` into backup/ or deleted/ under the same relative path.
-        link=True keeps the item in place (hard link, or a copy where links fail);
-        link=False moves it.  With `multiple`, or when the name is taken in deleted/,
-        older copies are kept: the new one gets a .YYYY.MM.DD-HH.MM.SS suffix."""
-        source = self.abs(path)
-        base = os.path.join(self.work_dir, area, path)
-        self._make_parent(os.path.join(self.work_dir, area), path, stamp)
+    def _keep_copy(self, path, area, stamp, multiple, link, source=None):
+        """Put the item at `path` (or at `source`, a version rsync replaced) into backup/ or
+        deleted/ under the same relative path.  link=True keeps the item in place (hard
+        link, or a copy where links fail); link=False moves it.  With `multiple`, or when
+        the name is taken in deleted/, older copies are kept: the new one gets a
+        .YYYY.MM.DD-HH.MM.SS suffix."""
+        source = source or self.inside(path)
+        area_root = os.path.join(self.work_dir, area)
+        if not check_private_dir(area_root, self._work_dir_what(area_root)):
+            raise OSError(errno.ENOENT, "the work dir has no %s/" % area, area_root)
+        base = os.path.join(area_root, path)
+        self._make_parent(area_root, path, stamp)
         if multiple and (area == "backup" or lexists(base)):
-            destination = self._free_name(base + "." + stamp)
+            destination = self._free_name(base, "." + stamp)
         else:
             destination = base
             if lexists(destination):
@@ -2152,13 +2301,29 @@ class LocalReplica(object):
                 shutil.move(source, destination)
 
     @staticmethod
-    def _free_name(base):
-        candidate = base
+    def _free_name(base, suffix=""):
+        """A free name for base + suffix, then base + suffix + ".1", ".2"...  The name part
+        of base is shortened (at a character boundary, counted in bytes) so that the name
+        fits the filesystem's limit with the whole suffix kept."""
+        directory, name = os.path.split(base)
+        try:
+            name_max = os.pathconf(directory, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        name_bytes = os.fsencode(name)
         number = 0
-        while lexists(candidate):
+        while True:
+            tail = os.fsencode(suffix + (".%d" % number if number else ""))
+            room = max(name_max - len(tail), 1)
+            cut = len(name_bytes)
+            if cut > room:
+                cut = room
+                while cut > 1 and 0x80 <= name_bytes[cut] <= 0xBF:
+                    cut -= 1   # never split a UTF-8 character
+            candidate = os.path.join(directory, os.fsdecode(name_bytes[:cut] + tail))
+            if not lexists(candidate):
+                return candidate
             number += 1
-            candidate = "%s.%d" % (base, number)
-        return candidate
 
     def _make_parent(self, area_root, path, stamp):
         """Create the parent directories of area_root/path; an older item that stands where
@@ -2167,7 +2332,7 @@ class LocalReplica(object):
         for part in path.split("/")[:-1]:
             current = os.path.join(current, part)
             if lexists(current) and not (os.path.isdir(current) and not os.path.islink(current)):
-                os.rename(current, self._free_name(current + "." + stamp))
+                os.rename(current, self._free_name(current, "." + stamp))
             if not lexists(current):
                 os.mkdir(current, 0o700)
 
@@ -2180,12 +2345,13 @@ class LocalReplica(object):
             if not unchanged_since_scan(expected, current):
                 results.append("changed")
                 continue
-            abs_path = self.abs(path)
             try:
+                abs_path = self.inside(path)
                 if (uid is not None or gid is not None) and os.geteuid() == 0:
                     os.chown(abs_path, -1 if uid is None else uid, -1 if gid is None else gid,
                              follow_symlinks=False)
-                if mode is not None and current.kind != "l":
+                # chmod would follow a link (COPY_SYMLINKS shows it as its target): leave it be
+                if mode is not None and current.kind != "l" and not os.path.islink(abs_path):
                     os.chmod(abs_path, mode)
                 results.append("ok")
             except OSError as error:
@@ -2198,8 +2364,13 @@ class LocalReplica(object):
         then the directories that this leaves empty and old.  Excluded paths are kept.
         Returns [removed count, [error sentences]]."""
         top = os.path.join(self.work_dir, area)
-        if days <= 0 or not os.path.isdir(top):
+        if days <= 0:
             return [0, []]
+        try:
+            if not check_private_dir(top, self._work_dir_what(top)):
+                return [0, []]
+        except ReplicaError as error:
+            return [0, [str(error).rstrip(".")]]
         cutoff = (now if now is not None else time.time()) - days * 86400
         path_filter = PathFilter(filter_spec)
         removed = 0
@@ -2228,6 +2399,7 @@ class LocalReplica(object):
     # -- small state files ---------------------------------------------------------------------
     def read_state_file(self, name):
         """Text of a file of the state dir, or None when it does not exist."""
+        self._check_state_dir()
         try:
             with open(os.path.join(self.state_dir, name), "r", encoding="utf-8", errors="surrogateescape") as handle:
                 return handle.read()
@@ -2236,8 +2408,16 @@ class LocalReplica(object):
         except OSError as error:
             raise ReplicaError("Cannot read %s in the state dir %s: %s." % (name, self.state_dir, error.strerror))
 
+    def _check_state_dir(self):
+        if self.custom_state_dir:
+            self._check_custom_state_dir()
+        else:
+            check_private_dir(self.work_dir, self._work_dir_what(self.work_dir))
+            check_private_dir(self.state_dir, self._work_dir_what(self.state_dir))
+
     def write_state_file(self, name, text):
         """Replace a file of the state dir atomically (temp file, fsync, rename)."""
+        self._check_state_dir()
         write_atomically(os.path.join(self.state_dir, name), [text])
         return True
 
@@ -2419,7 +2599,8 @@ def _is_cleaning(value):
 # The shape of each replica operation's result, checked before it is used.
 REPLY_SHAPES = {"probe": _is_probe, "prepare_work_dir": _is_bool, "clear_leftovers": _is_bool,
                 "acquire_lock": _is_text_or_none, "release_lock": _is_bool, "clean_old": _is_cleaning,
-                "read_state_file": _is_text_or_none, "write_state_file": _is_bool, "finish_transfers": _is_bool}
+                "read_state_file": _is_text_or_none, "write_state_file": _is_bool, "finish_transfers": _is_bool,
+                "check_work_dir": _is_bool}
 
 
 class RemoteReplica(object):
@@ -2428,7 +2609,7 @@ class RemoteReplica(object):
     (checked_scan, checked_stats, REPLY_SHAPES) before the run uses it."""
 
     # Each of these needs its result's shape in REPLY_SHAPES (or is in CHUNKED_CALLS).
-    REMOTE_CALLS = ("probe", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
+    REMOTE_CALLS = ("probe", "check_work_dir", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
                     "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
                     "write_state_file", "settle_transfers", "finish_transfers", "filesystems_of")
 
@@ -3962,6 +4143,8 @@ class SyncRun(object):
     def run_checked(self, spec):
         cfg, out = self.cfg, self.out
         facts = self.check_replicas()
+        for replica in self.replicas.values():
+            replica.check_work_dir()   # before anything is read from or written to a work dir
         self.guard_unmounted(facts)
         if not self.dry:
             for replica in self.replicas.values():
