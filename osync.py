@@ -4074,8 +4074,9 @@ def process_command_line(pid):
 
 
 def looks_like_osync(argv):
-    """Is this the command line of osync.py (or osync.sh), under whatever interpreter?"""
-    return any(os.path.basename(part) in ("osync.py", "osync.sh", "osync") for part in argv[:4])
+    """Is this the command line of osync.py (or osync.sh, osync-batch.py, a Python that
+    imports osync), under whatever interpreter?"""
+    return any("osync" in os.path.basename(part) for part in argv[:4])
 
 
 class SyncRun(object):
