@@ -1039,6 +1039,7 @@ class Children(object):
         self.prctl = None
         self.lifeline = None
         self.loaded = False
+        self.on_change = None     # called with the running pids whenever they change
 
     def _load(self):
         self.loaded = True
@@ -1081,7 +1082,12 @@ class Children(object):
         self.running[process.pid] = process
         if self.lifeline is not None:
             self._tell("+%d" % process.pid)
+        self._changed()
         return process
+
+    def _changed(self):
+        if self.on_change is not None:
+            self.on_change(sorted(self.running))
 
     def pids(self):
         """The pids of the children still running."""
@@ -1091,8 +1097,10 @@ class Children(object):
         return sorted(self.running)
 
     def ended(self, process):
-        if self.running.pop(process.pid, None) is not None and self.lifeline is not None:
-            self._tell("-%d" % process.pid)
+        if self.running.pop(process.pid, None) is not None:
+            if self.lifeline is not None:
+                self._tell("-%d" % process.pid)
+            self._changed()
 
     def close(self):
         """A clean end: the watcher leaves alone whatever is still registered."""
@@ -1768,6 +1776,7 @@ def _listing_items(children, rel_prefix, path_filter, options):
 # The replica -------------------------------------------------------------------------------
 
 def pid_alive(pid):
+    """Is a process with this pid running on this host (a zombie is not)?"""
     if pid <= 0 or pid == os.getpid():
         return False
     try:
@@ -1775,8 +1784,23 @@ def pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
         return True
-    return True
+
+
+def process_start_time(pid):
+    """When a process started (clock ticks since boot, from /proc), to tell it from a later
+    process that got the same pid; "" where it cannot be known."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            fields = handle.read().rpartition(b")")[2].split()
+        return fields[19].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
 
 
 def remove_any(path):
@@ -2105,6 +2129,39 @@ class LocalReplica(object):
                 os.unlink(self.lock_path)
             except OSError:
                 pass
+        return True
+
+    def children_path(self):
+        return self.lock_path + ".children"
+
+    def record_children(self, pids):
+        """Write beside the lock the children the run has going ("PID STARTTIME" lines), so
+        that a run taking over after a crash can wait for any that outlived it."""
+        lines = ["%d %s\n" % (pid, process_start_time(pid)) for pid in pids]
+        write_atomically(self.children_path(), lines)
+        return True
+
+    def recorded_children(self):
+        """The [pid, start time] pairs a run recorded beside the lock ([] when none)."""
+        if not check_private_dir(self.work_dir, self._work_dir_what(self.work_dir)):
+            return []
+        try:
+            with open(self.children_path(), "rb") as handle:
+                text = handle.read(65536).decode("ascii", "replace")
+        except OSError:
+            return []
+        found = []
+        for line in text.splitlines():
+            parts = line.split()
+            if parts and parts[0].isdigit() and len(parts[0]) < 10:
+                found.append([int(parts[0]), parts[1] if len(parts) > 1 else ""])
+        return found
+
+    def forget_children(self):
+        try:
+            os.unlink(self.children_path())
+        except OSError:
+            pass
         return True
 
     # -- scanning -----------------------------------------------------------------------
@@ -4357,8 +4414,40 @@ class SyncRun(object):
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
             return
-        for side in ("initiator", "target"):
-            self.take_lock(self.replicas[side])
+        initiator = self.replicas["initiator"]
+        self.take_lock(initiator)
+        self.stop_orphaned_children(initiator)
+        CHILDREN.on_change = initiator.record_children
+        initiator.record_children(CHILDREN.pids())
+        self.take_lock(self.replicas["target"])
+
+    ORPHAN_WAIT = 10
+
+    def stop_orphaned_children(self, initiator):
+        """Children of a run that died without cleaning up (recorded beside the lock) may still
+        write to the replicas: wait a little for them to end, then stop them, before this run
+        touches anything."""
+        orphans = [pid for pid, started in initiator.recorded_children()
+                   if pid_alive(pid) and started and process_start_time(pid) == started]
+        if orphans:
+            self.out.notice("Processes %s of an earlier run are still running; waiting for them to end."
+                            % ", ".join(str(pid) for pid in orphans))
+            deadline = time.time() + self.ORPHAN_WAIT
+            while time.time() < deadline and any(pid_alive(pid) for pid in orphans):
+                time.sleep(0.1)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in orphans:
+                    if pid_alive(pid):
+                        try:
+                            os.kill(pid, sig)
+                        except OSError:
+                            pass
+                time.sleep(1)
+            left = [pid for pid in orphans if pid_alive(pid)]
+            if left:
+                raise ReplicaError("Processes %s of an earlier run cannot be stopped; stop them and run again."
+                                   % ", ".join(str(pid) for pid in left))
+        initiator.forget_children()
 
     def take_lock(self, replica):
         """Lock one replica.  A lock whose pid runs on this host refuses; a dead one is
@@ -4402,6 +4491,9 @@ class SyncRun(object):
         raise ReplicaError("Cannot take the lock of the %s replica: other runs keep taking it." % replica.role)
 
     def release_locks(self):
+        if CHILDREN.on_change is not None:
+            CHILDREN.on_change = None
+            self.replicas["initiator"].forget_children()
         while self.locked:
             replica, content = self.locked.pop()
             try:

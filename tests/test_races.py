@@ -254,3 +254,37 @@ def test_a_copy_that_left_a_broken_destination_is_remembered(pair, tmp_path):
     assert (pair.initiator / "f").read_bytes() == good, "the torn file replaced the good source" + r.output
     assert dest.read_bytes() == good
     pair.assert_converged()
+
+
+def test_a_takeover_waits_for_the_children_of_the_dead_run(pair):
+    """A run that died without cleaning up recorded its children beside the lock: the run that
+    takes the dead lock over stops any of them still running before it touches anything."""
+    put(pair.initiator, "f", b"data\n")
+    pair.run(expect=0)
+    orphan = subprocess.Popen(["sleep", "300"])
+    try:
+        with open("/proc/%d/stat" % orphan.pid, "rb") as handle:
+            started = handle.read().rpartition(b")")[2].split()[19].decode()
+        workdir = pair.workdir("initiator")
+        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
+        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, started))
+        r = pair.run(expect=0)
+        assert "of an earlier run are still running" in r.output, r.output
+        assert orphan.wait(timeout=5) is not None
+        assert not (workdir / "lock.children").exists()
+        assert not (workdir / "lock").exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_the_lock_names_the_children_of_the_run(pair, tmp_path):
+    put(pair.initiator, "f", b"data\n")
+    children = pair.workdir("initiator") / "lock.children"
+    seen = tmp_path / "seen"
+    env = rsync_wrapper(tmp_path, "cat %s > %s" % (shell_quote(children), shell_quote(seen)))
+    pair.run(env=env, expect=0)
+    recorded = [int(line.split()[0]) for line in seen.read_text().splitlines()]
+    assert recorded, "no child was recorded beside the lock while rsync ran"
+    assert not children.exists()
