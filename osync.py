@@ -3444,8 +3444,10 @@ def decide_two_way(decision, policy):
         modified = [side for side in ("initiator", "target") if status[side] in (NEW, CHANGED)]
         # Changed on one side only: copied even when both now look alike to rsync's quick
         # check (same size, and mtimes equal to the second where one side has no
-        # sub-second part): a same-size rewrite in the same second must still travel.
-        one_sided = len(modified) == 1 and not legacy and status[OTHER_SIDE[modified[0]]] == SAME
+        # sub-second part): a same-size rewrite in the same second must still travel.  With
+        # content digests on both sides (CHECKSUM) the comparison is exact and decides.
+        one_sided = len(modified) == 1 and not legacy and status[OTHER_SIDE[modified[0]]] == SAME \
+            and not (initiator.digest and target.digest)
         if same_content(initiator, target) and not one_sided:
             return decide_attributes(decision, policy)
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:

@@ -325,3 +325,23 @@ def test_new_directory_without_owner_x_is_copied_with_a_warning():
     got, _ = run([], [], [D("d", mode=0o600)])
     assert action(got["d"]) == (COPY, "target")
     assert "d on the target has mode 0600 without owner x" in got["d"].warning
+
+
+@pytest.mark.parametrize("side", ["initiator", "target"])
+def test_same_size_rewrite_in_the_same_second_is_copied(side):
+    """Changed on one side only, to the same size and a time the other side matches to the
+    second (it keeps no sub-second part): rsync's quick check calls them equal, the state
+    knows better."""
+    synced = F("a", mtime=100)
+    rewritten = Entry("a", "f", 3, 100 * 10 ** 9 + 1, 0o644, 0, 0, 2, 101 * 10 ** 9)
+    here, there = (rewritten, synced) if side == "initiator" else (synced, rewritten)
+    got, _ = run(state((synced, synced)), [here], [there])
+    assert action(got["a"]) == (COPY, side)
+    assert not got["a"].conflict
+
+
+def test_same_size_rewrite_with_equal_digests_is_not_copied():
+    synced = Entry("a", "f", 3, 100 * 10 ** 9, 0o644, 0, 0, 1, 100 * 10 ** 9, "", "d1")
+    touched = Entry("a", "f", 3, 100 * 10 ** 9 + 1, 0o644, 0, 0, 1, 101 * 10 ** 9, "", "d1")
+    got, _ = run(state((synced, synced)), [touched], [synced])
+    assert action(got["a"]) == (NOTHING, None)
