@@ -1943,6 +1943,7 @@ class LocalReplica(object):
         facts["dir_ids"] = directory_ids(facts["realpath"])
         facts["time"] = time.time()
         facts["work_dir"] = os.path.isdir(self.work_dir)
+        facts["readable"] = os.access(self.root, os.R_OK | os.X_OK)
         facts["writable"] = os.access(self.root, os.W_OK | os.X_OK)
         facts["euid"] = os.geteuid()
         try:
@@ -2639,7 +2640,7 @@ def _is_text_or_none(value):
 
 
 PROBE_FACTS = {"root": lambda value: isinstance(value, str), "realpath": lambda value: isinstance(value, str),
-               "created": _is_bool, "work_dir": _is_bool, "writable": _is_bool,
+               "created": _is_bool, "work_dir": _is_bool, "readable": _is_bool, "writable": _is_bool,
                "euid": lambda value: type(value) is int,
                "free_kb": lambda value: value is None or type(value) is int}
 
@@ -4241,7 +4242,8 @@ class SyncRun(object):
                 self.out.notice("The %s replica %s does not exist; a real run would create it." % (
                     side, replica.display))
                 self.missing.add(side)
-                facts[side] = {"realpath": os.path.abspath(replica.root), "work_dir": False, "writable": True,
+                facts[side] = {"realpath": os.path.abspath(replica.root), "work_dir": False, "readable": True,
+                               "writable": True,
                                "free_kb": None, "euid": os.geteuid(), "created": False}
             if facts[side]["created"]:
                 self.out.notice("Created the %s replica %s (CREATE_DIRS)." % (side, replica.display))
@@ -4256,6 +4258,9 @@ class SyncRun(object):
         self.check_overlap(facts)
         self.check_clocks(facts)
         for side, replica in self.replicas.items():
+            if not facts[side]["readable"]:
+                raise ReplicaError("The %s replica %s cannot be read by this user; nothing was changed. Give the user "
+                                   "read and search permission on it (chmod u+rx) and run again." % (side, replica.display))
             if not facts[side]["writable"] and not self.dry:
                 raise ReplicaError("The %s replica %s is not writable by this user." % (side, replica.display))
             free = facts[side]["free_kb"]

@@ -293,6 +293,7 @@ def test_unreadable_initiator_root_changes_nothing(upair, mode):
     os.chmod(str(upair.initiator), mode)
     r = upair.run(expect=1)
     assert str(upair.initiator) in r.output, r.output
+    assert "cannot be read by this user" in r.output, r.output
     assert snapshot(upair.target, mtimes=True) == before
     os.chmod(str(upair.initiator), 0o755)
     upair.run(expect=0)
