@@ -3687,6 +3687,7 @@ class Executor(object):
         self.outcome = Outcome(keep_paths=cfg.switch("summary"))
         self.problems = {}            # (step, side, path) -> what went wrong; success is the rule
         self.state_unchanged = True   # every path still exactly as recorded: no need to rewrite the state
+        self.rsync_failed = set()     # destinations an rsync of this run did not fully write
         self.spool = None
         self.lists = {}
 
@@ -3873,6 +3874,14 @@ class Executor(object):
                 if pair[source] is None and arrived is None:
                     return previous
                 return (pair["initiator"], pair["target"])
+            if arrived is not None and not same_content(sent, arrived) and destination not in self.rsync_failed \
+                    and not unchanged_since_scan(decision.now(destination), arrived):
+                # rsync wrote every path and said so: what is there now was saved after it (an
+                # editor).  Both sides are newer than the state, so the next run resolves the
+                # conflict by mtime instead of sending the older source over the save.
+                self.out.notice("%s was saved on the %s after the run wrote it: the saved version stays and the "
+                                "next run resolves the conflict." % (decision.path, destination))
+                return previous
             if arrived is None or not same_content(sent, arrived):
                 self._fail("Could not copy %s from the %s to the %s; the next run tries again."
                            % (decision.path, source, destination))
@@ -4045,6 +4054,8 @@ class Executor(object):
                              stamp=self.stamp, same_device=same_device)
         self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
         code, stdout, stderr = run_command(argv)
+        if code not in (0, 24):
+            self.rsync_failed.add(destination)
         if stdout.strip():
             self.out.verbose("rsync %s -> %s:\n%s" % (source, destination, stdout.strip()))
         if code == 24:

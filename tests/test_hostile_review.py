@@ -1,0 +1,55 @@
+"""Attacks on the guarantees of DESIGN §4 from a hostile tester's chair: an editor saving
+at the worst moment, kill -9 between steps, odd names and mounts, hostile lock files.
+Every test runs the real osync.py (locally and over ssh through the ``pair`` fixture)."""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import T0, dir_files, put
+
+CONTENT_EDIT = b"the initiator's edit\n"
+CONTENT_SAVE = b"saved by the user's editor right after rsync wrote the file\n"
+
+
+def shell_quote(path):
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def rsync_then(tmp_path, after_rsync):
+    """An RSYNC_EXECUTABLE that runs the real rsync, then the shell lines `after_rsync`, and
+    exits with rsync's own code: whatever it does happens after rsync put its files in place
+    and before osync.py looks at them again."""
+    script = tmp_path / "rsync-then"
+    script.write_text("#!/bin/sh\n%s \"$@\"\ncode=$?\n%s\nexit $code\n" % (shutil.which("rsync"), after_rsync))
+    script.chmod(0o755)
+    return {"RSYNC_EXECUTABLE": str(script)}
+
+
+def editor_save(path, content_file, done):
+    """Shell lines for an editor's save of `path` (temp file renamed over it), done once."""
+    return "[ -e {done} ] || {{ cp {saved} {doc}.swp && mv {doc}.swp {doc} && touch {done}; }}".format(
+        done=shell_quote(done), saved=shell_quote(content_file), doc=shell_quote(path))
+
+
+def test_editor_save_right_after_rsync_wrote_the_file_is_not_overwritten(pair, tmp_path):
+    """The editor saves on the destination after rsync renamed the new version in place and
+    before the run verified it.  The save is newer than anything the run sent: the next run
+    must see a conflict the save wins, not a copy the run still owes."""
+    put(pair.initiator, "doc.txt", b"first version\n")
+    pair.run(expect=0)
+    put(pair.initiator, "doc.txt", CONTENT_EDIT, mtime=T0 + 100)
+    doc = pair.target / "doc.txt"
+    saved = tmp_path / "saved"
+    saved.write_bytes(CONTENT_SAVE)
+    done = tmp_path / "saved.done"
+    r = pair.run(env=rsync_then(tmp_path, editor_save(doc, saved, done)), expect=(0, 1, 2))
+    assert doc.read_bytes() == CONTENT_SAVE, r.output
+    r = pair.run(expect=0)
+    assert doc.read_bytes() == CONTENT_SAVE, "the next run overwrote the editor's save with older content" + r.output
+    assert (pair.initiator / "doc.txt").read_bytes() == CONTENT_SAVE, r.output
+    kept = [p for p in pair.backup("initiator").rglob("*") if p.is_file() and p.read_bytes() == CONTENT_EDIT]
+    assert kept, "the initiator's edit is not kept in its backup dir" + r.output
+    pair.assert_converged()
