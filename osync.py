@@ -1811,6 +1811,29 @@ def remove_any(path):
         os.unlink(path)
 
 
+def move_into_place(source, destination):
+    """Rename source over destination.  Across filesystems (a mount point inside the
+    replica) it is first copied beside the destination, so that the swap is still one
+    rename: the path holds one version or the other, never a partial copy."""
+    try:
+        os.rename(source, destination)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    staging = tempfile.mkdtemp(prefix=".osync-", dir=os.path.dirname(destination))
+    try:
+        copy = os.path.join(staging, "item")
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), copy)
+        else:
+            shutil.copy2(source, copy)
+        os.rename(copy, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    os.unlink(source)
+
+
 def lexists(path):
     return os.path.lexists(path)
 
@@ -2269,7 +2292,7 @@ class LocalReplica(object):
                         remove_any(replaced)   # not wanted, or the copy failed and the version stayed
                     results.append("ok")
                 elif arrived and current.kind != "d" and replaced_entry is not None and replaced_entry.kind != "d":
-                    os.rename(replaced, self.inside(path))
+                    move_into_place(replaced, self.inside(path))
                     results.append("saved-restored")
                 else:
                     self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)

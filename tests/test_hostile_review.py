@@ -53,3 +53,45 @@ def test_editor_save_right_after_rsync_wrote_the_file_is_not_overwritten(pair, t
     kept = [p for p in pair.backup("initiator").rglob("*") if p.is_file() and p.read_bytes() == CONTENT_EDIT]
     assert kept, "the initiator's edit is not kept in its backup dir" + r.output
     pair.assert_converged()
+
+
+
+def rsync_after(tmp_path, before_rsync):
+    """An RSYNC_EXECUTABLE that runs the shell lines `before_rsync`, then the real rsync: the
+    window between osync.py's last check of the destination and rsync's write."""
+    script = tmp_path / "rsync-after"
+    script.write_text("#!/bin/sh\n%s\nexec %s \"$@\"\n" % (before_rsync, shutil.which("rsync")))
+    script.chmod(0o755)
+    return {"RSYNC_EXECUTABLE": str(script)}
+
+
+@pytest.fixture
+def target_sub_mount(pair):
+    """A tmpfs mounted at target/mnt: a directory of the replica on another filesystem than
+    its work dir (a careless admin's "bigger disk")."""
+    mount_point = pair.target / "mnt"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
+def test_editor_save_below_a_sub_mount_is_put_back_in_place(pair, tmp_path, target_sub_mount):
+    """rsync keeps what it replaces in the work dir, on another filesystem than the file below
+    the mount point: the editor's save made during the transfer must still come back."""
+    put(pair.initiator, "mnt/doc.txt", b"first version\n")
+    pair.run(expect=0)
+    put(pair.initiator, "mnt/doc.txt", CONTENT_EDIT, mtime=T0 + 100)
+    doc = target_sub_mount / "doc.txt"
+    saved = tmp_path / "saved"
+    saved.write_bytes(CONTENT_SAVE)
+    done = tmp_path / "saved.done"
+    r = pair.run(env=rsync_after(tmp_path, editor_save(doc, saved, done)), expect=0)
+    assert doc.read_bytes() == CONTENT_SAVE, "the editor's save was overwritten" + r.output
+    assert "was saved on the target while the run transferred it" in r.output, r.output
+    r = pair.run(expect=0)
+    assert doc.read_bytes() == CONTENT_SAVE, r.output
+    assert (pair.initiator / "mnt" / "doc.txt").read_bytes() == CONTENT_SAVE, r.output
+    pair.assert_converged()
