@@ -2498,7 +2498,7 @@ class LocalReplica(object):
     def write_state_file(self, name, text):
         """Replace a file of the state dir atomically (temp file, fsync, rename)."""
         self._check_state_dir()
-        write_atomically(os.path.join(self.state_dir, name), [text])
+        write_atomically(os.path.join(self.state_dir, name), [text] if isinstance(text, str) else text)
         return True
 
 
@@ -3711,6 +3711,7 @@ class Executor(object):
         self.problems = {}            # (step, side, path) -> what went wrong; success is the rule
         self.state_unchanged = True   # every path still exactly as recorded: no need to rewrite the state
         self.rsync_failed = set()     # destinations an rsync of this run did not fully write
+        self.journal_name = None      # the state dir file that notes the transfers until settled
         self.spool = None
         self.lists = {}
 
@@ -4001,19 +4002,74 @@ class Executor(object):
             self._apply("overwrite", side, self.lists[("overwrite", side)],
                         lambda chunk: replica.prepare_overwrite(chunk, self.stamp, multiple, self.options),
                         "Cannot replace %s on the %s replica: %s.")
+        journal = self.write_transfer_journal(multiple)
         for destination in OTHER_SIDE:
             self._transfer(OTHER_SIDE[destination], destination)
-        for side in OTHER_SIDE:
-            replica = self.replicas[side]
-            self._apply("settle", side, self._settle_items(side),
-                        lambda chunk: replica.settle_transfers(chunk, self.stamp, multiple, self.options),
-                        "Cannot keep what rsync replaced at %s on the %s replica: %s.")
-            replica.finish_transfers(self.stamp)
+        self.settle_all(self.stamp, multiple, lambda side: self._settle_items(side))
+        if journal:
+            os.unlink(journal)
         for side in OTHER_SIDE:
             replica = self.replicas[side]
             self._apply("attrs", side, self.lists[("attrs", side)],
                         lambda chunk: replica.set_attributes(chunk, self.options),
                         "Cannot set the attributes of %s on the %s replica: %s.")
+
+    def settle_all(self, stamp, multiple, items_of):
+        """Deal with what the transfers of the run `stamp` replaced, on both replicas."""
+        for side in OTHER_SIDE:
+            replica = self.replicas[side]
+            self._apply("settle", side, items_of(side),
+                        lambda chunk: replica.settle_transfers(chunk, stamp, multiple, self.options),
+                        "Cannot keep what rsync replaced at %s on the %s replica: %s.")
+            replica.finish_transfers(stamp)
+
+    def journal_path(self):
+        return os.path.join(self.replicas["initiator"].state_dir, self.journal_name)
+
+    def write_transfer_journal(self, multiple):
+        """Before rsync replaces anything: note in the initiator's state dir what the settle
+        step will need, so that a run killed before it settled (kill -9, power loss) is
+        settled by the next one: a version saved meanwhile goes back in place instead of
+        staying replaced by the older one.  Returns the journal's path."""
+        def lines():
+            yield json.dumps({"stamp": self.stamp, "multiple": multiple}) + "\n"
+            for side in OTHER_SIDE:
+                for item in self._settle_items(side):
+                    yield json.dumps([side, item]) + "\n"
+        if not self.journal_name:
+            return None
+        self.replicas["initiator"].write_state_file(self.journal_name, lines())
+        return self.journal_path()
+
+    def settle_interrupted_transfers(self, spool_dir):
+        """Settle the transfers of an earlier run that stopped before it could (its journal
+        is still there), before this run scans anything."""
+        self.spool_dir = spool_dir
+        path = self.journal_path()
+        try:
+            with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                header = json.loads(handle.readline() or "{}")
+                stamp = header.get("stamp") if isinstance(header, dict) else None
+                if not isinstance(stamp, str) or not re.match(r"^[0-9.-]+\Z", stamp):
+                    raise ValueError("no stamp")
+                self.out.notice("An earlier run stopped before it checked what its transfers replaced; checking "
+                                "it now.")
+                items = {"initiator": WorkList(self.spool_dir), "target": WorkList(self.spool_dir)}
+                try:
+                    for line in handle:
+                        side, item = json.loads(line)
+                        items[side].add(item)
+                    self.settle_all(stamp, bool(header.get("multiple")), lambda side: items[side])
+                finally:
+                    for work_list in items.values():
+                        work_list.close()
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise ReplicaError("Cannot read the transfer journal %s: %s." % (path, error.strerror))
+        except (ValueError, KeyError, TypeError) as error:
+            self.out.warn("The transfer journal %s cannot be read (%s); it is removed." % (path, error))
+        os.unlink(path)
 
     def _apply(self, step, side, items, call, failure):
         """Run one replica operation over a work list in chunks; remember and report
@@ -4587,8 +4643,9 @@ class SyncRun(object):
         self.note_resume()
         policy = self.policy(facts)
         spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
-        executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
-                            self.transport)
+        if not self.dry:
+            self.executor(policy).settle_interrupted_transfers(spool_dir)
+        executor = self.executor(policy)
         try:
             decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
@@ -4596,8 +4653,7 @@ class SyncRun(object):
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
-            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
-                                self.transport)
+            executor = self.executor(policy)
             decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
@@ -4613,6 +4669,13 @@ class SyncRun(object):
             self.replicas["initiator"].write_state_file("initiator-last-action-%s" % self.instance, "synced\n")
             self.replicas["initiator"].write_state_file("resume-count-%s" % self.instance, "0\n")
         return outcome
+
+    def executor(self, policy):
+        executor = Executor(self.cfg, self.out, self.replicas, policy, self.options, self.stamp, self.dry,
+                            self.transport)
+        if not self.dry:
+            executor.journal_name = "transfers-%s" % self.instance
+        return executor
 
     def note_resume(self):
         """osync's resume bookkeeping: every run continues where the previous one stopped,

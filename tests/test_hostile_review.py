@@ -95,3 +95,29 @@ def test_editor_save_below_a_sub_mount_is_put_back_in_place(pair, tmp_path, targ
     assert doc.read_bytes() == CONTENT_SAVE, r.output
     assert (pair.initiator / "mnt" / "doc.txt").read_bytes() == CONTENT_SAVE, r.output
     pair.assert_converged()
+
+
+def test_kill_9_between_rsync_and_settling_loses_no_save(pair, tmp_path):
+    """The editor saves on the destination, rsync replaces the save (keeping it in the
+    run's transfer dir), and osync.py is killed with -9 before it could put the save back.
+    The next run must not take the older sent version for the synced one: the save comes
+    back and wins the conflict (it is newer), the initiator's edit is kept in its backup."""
+    put(pair.initiator, "doc.txt", b"first version\n")
+    pair.run(expect=0)
+    put(pair.initiator, "doc.txt", CONTENT_EDIT, mtime=T0 + 100)
+    doc = pair.target / "doc.txt"
+    saved = tmp_path / "saved"
+    saved.write_bytes(CONTENT_SAVE)
+    done = tmp_path / "saved.done"
+    script = tmp_path / "rsync-killing"
+    script.write_text("#!/bin/sh\n%s\n%s \"$@\"\nkill -9 $PPID\nsleep 1\n" % (
+        editor_save(doc, saved, done), shutil.which("rsync")))
+    script.chmod(0o755)
+    pair.run(env={"RSYNC_EXECUTABLE": str(script)}, expect=-9)
+    assert doc.read_bytes() == CONTENT_EDIT, "rsync did not replace the save: the attack missed its window"
+    r = pair.run(expect=(0, 2))
+    assert doc.read_bytes() == CONTENT_SAVE, "the editor's save stayed replaced by older content" + r.output
+    assert (pair.initiator / "doc.txt").read_bytes() == CONTENT_SAVE, r.output
+    kept = [p for p in pair.backup("initiator").rglob("*") if p.is_file() and p.read_bytes() == CONTENT_EDIT]
+    assert kept, "the initiator's edit is not kept in its backup dir" + r.output
+    pair.assert_converged()
