@@ -4517,23 +4517,27 @@ class SyncRun(object):
         """Children of a run that died without cleaning up (recorded beside the lock) may still
         write to the replicas: wait a little for them to end, then stop them, before this run
         touches anything."""
-        orphans = [pid for pid, started in initiator.recorded_children()
-                   if pid_alive(pid) and started and process_start_time(pid) == started]
+        def still_running(pid, started):
+            # The same process, not a later one that got its pid once it ended.
+            return pid_alive(pid) and process_start_time(pid) == started
+
+        orphans = [(pid, started) for pid, started in initiator.recorded_children()
+                   if started and still_running(pid, started)]
         if orphans:
             self.out.notice("Processes %s of an earlier run are still running; waiting for them to end."
-                            % ", ".join(str(pid) for pid in orphans))
+                            % ", ".join(str(pid) for pid, _ in orphans))
             deadline = time.time() + self.ORPHAN_WAIT
-            while time.time() < deadline and any(pid_alive(pid) for pid in orphans):
+            while time.time() < deadline and any(still_running(pid, started) for pid, started in orphans):
                 time.sleep(0.1)
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                for pid in orphans:
-                    if pid_alive(pid):
+                for pid, started in orphans:
+                    if still_running(pid, started):
                         try:
                             os.kill(pid, sig)
                         except OSError:
                             pass
                 time.sleep(1)
-            left = [pid for pid in orphans if pid_alive(pid)]
+            left = [pid for pid, started in orphans if still_running(pid, started)]
             if left:
                 raise ReplicaError("Processes %s of an earlier run cannot be stopped; stop them and run again."
                                    % ", ".join(str(pid) for pid in left))

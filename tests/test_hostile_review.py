@@ -2,6 +2,7 @@
 at the worst moment, kill -9 between steps, odd names and mounts, hostile lock files.
 Every test runs the real osync.py (locally and over ssh through the ``pair`` fixture)."""
 import os
+import signal
 import shutil
 import subprocess
 import time
@@ -121,3 +122,63 @@ def test_kill_9_between_rsync_and_settling_loses_no_save(pair, tmp_path):
     kept = [p for p in pair.backup("initiator").rglob("*") if p.is_file() and p.read_bytes() == CONTENT_EDIT]
     assert kept, "the initiator's edit is not kept in its backup dir" + r.output
     pair.assert_converged()
+
+
+
+
+def start_time(pid):
+    with open("/proc/%d/stat" % pid, "rb") as handle:
+        return handle.read().rpartition(b")")[2].split()[19].decode()
+
+
+def spawn_with_pid(wanted, attempts=200):
+    """A `sleep` that got the pid `wanted` (a freed pid handed out again, as a busy host
+    does), through the kernel's ns_last_pid; None when other processes kept taking it."""
+    for _ in range(attempts):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+                handle.write(str(wanted - 1))
+        except OSError:
+            return None
+        process = subprocess.Popen(["sleep", "300"])
+        if process.pid == wanted:
+            return process
+        process.kill()
+        process.wait()
+    return None
+
+
+def test_a_reused_pid_of_an_orphan_is_never_stopped(pair):
+    """A child recorded by a dead run ends while the next run waits for it, and its pid is
+    handed to an unrelated process: that process must not be sent SIGTERM or SIGKILL."""
+    if pair.kind != "local":
+        pytest.skip("the orphans are the initiator's processes: one kind is enough")
+    put(pair.initiator, "f", b"data\n")
+    pair.run(expect=0)
+    orphan = subprocess.Popen(["sleep", "300"])
+    impostor = None
+    process = None
+    try:
+        workdir = pair.workdir("initiator")
+        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
+        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, start_time(orphan.pid)))
+        process = pair.popen()
+        deadline = time.time() + 20
+        while not (workdir / "lock").read_text().startswith("%d@" % process.pid):
+            assert time.time() < deadline and process.poll() is None, "the run never took the lock"
+            time.sleep(0.02)
+        time.sleep(0.5)                       # it is waiting for the orphan now
+        os.kill(process.pid, signal.SIGSTOP)
+        orphan.kill()
+        orphan.wait()
+        impostor = spawn_with_pid(orphan.pid)
+        os.kill(process.pid, signal.SIGCONT)
+        if impostor is None:
+            pytest.skip("could not hand the orphan's pid to another process")
+        process.communicate(timeout=60)
+        assert impostor.poll() is None, "an unrelated process that got the orphan's pid was stopped"
+    finally:
+        for other in (orphan, impostor, process):
+            if other is not None and other.poll() is None:
+                other.kill()
+                other.wait()
