@@ -1792,6 +1792,15 @@ def pid_alive(pid):
         return True
 
 
+def boot_id():
+    """What tells this boot of the host from the others ("-" where it cannot be known)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            return handle.read(64).decode("ascii", "replace").strip() or "-"
+    except OSError:
+        return "-"
+
+
 def process_start_time(pid):
     """When a process started (clock ticks since boot, from /proc), to tell it from a later
     process that got the same pid; "" where it cannot be known."""
@@ -2160,12 +2169,15 @@ class LocalReplica(object):
     def record_children(self, pids):
         """Write beside the lock the children the run has going ("PID STARTTIME" lines), so
         that a run taking over after a crash can wait for any that outlived it."""
-        lines = ["%d %s\n" % (pid, process_start_time(pid)) for pid in pids]
+        boot = boot_id()
+        lines = ["%d %s %s\n" % (pid, process_start_time(pid), boot) for pid in pids]
         write_atomically(self.children_path(), lines)
         return True
 
     def recorded_children(self):
-        """The [pid, start time] pairs a run recorded beside the lock ([] when none)."""
+        """The [pid, start time] pairs a run recorded beside the lock ([] when none).  Those
+        recorded before the host last booted are left out: their pids and start times now
+        belong to other processes."""
         if not check_private_dir(self.work_dir, self._work_dir_what(self.work_dir)):
             return []
         try:
@@ -2174,8 +2186,11 @@ class LocalReplica(object):
         except OSError:
             return []
         found = []
+        boot = boot_id()
         for line in text.splitlines():
             parts = line.split()
+            if len(parts) > 2 and parts[2] != boot:
+                continue
             if parts and parts[0].isdigit() and len(parts[0]) < 10:
                 found.append([int(parts[0]), parts[1] if len(parts) > 1 else ""])
         return found

@@ -182,3 +182,40 @@ def test_a_reused_pid_of_an_orphan_is_never_stopped(pair):
             if other is not None and other.poll() is None:
                 other.kill()
                 other.wait()
+
+
+def test_a_child_recorded_before_the_host_booted_is_never_stopped(pair):
+    """lock.children survives a reboot (power loss during a run).  Pids and start times
+    count again from zero at boot: a process that now has a recorded pid and start time is
+    not the dead run's child and must be left alone."""
+    if pair.kind != "local":
+        pytest.skip("the orphans are the initiator's processes: one kind is enough")
+    put(pair.initiator, "f", b"data\n")
+    pair.run(expect=0)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        workdir = pair.workdir("initiator")
+        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
+        (workdir / "lock.children").write_text("%d %s 0f0e0d0c-0000-4000-8000-000000000000\n" % (
+            bystander.pid, start_time(bystander.pid)))
+        r = pair.run(expect=0)
+        assert bystander.poll() is None, "a process of this boot was stopped as an orphan of an earlier boot"
+        assert "of an earlier run are still running" not in r.output, r.output
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_children_are_recorded_with_this_boot(pair, tmp_path):
+    put(pair.initiator, "f", b"data\n")
+    children = pair.workdir("initiator") / "lock.children"
+    seen = tmp_path / "seen"
+    script = tmp_path / "rsync-peek"
+    script.write_text("#!/bin/sh\ncat %s > %s\nexec %s \"$@\"\n" % (
+        shell_quote(children), shell_quote(seen), shutil.which("rsync")))
+    script.chmod(0o755)
+    pair.run(env={"RSYNC_EXECUTABLE": str(script)}, expect=0)
+    with open("/proc/sys/kernel/random/boot_id") as handle:
+        boot = handle.read().strip()
+    lines = seen.read_text().splitlines()
+    assert lines and all(line.split()[2:] == [boot] for line in lines), lines
