@@ -3910,6 +3910,11 @@ class Executor(object):
                 self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
                                 % (decision.path, source))
                 pair[source] = decision.before(source)
+                if pair[source] is None and fresh[(source, decision.path)] is None and arrived is not None:
+                    # New, copied, then deleted on the source: recorded as held by both, so
+                    # that the next run carries the deletion over instead of keeping the
+                    # copy on one side only.
+                    pair[source] = sent
                 if pair[source] is None and arrived is None:
                     return previous
                 return (pair["initiator"], pair["target"])

@@ -219,3 +219,20 @@ def test_the_children_are_recorded_with_this_boot(pair, tmp_path):
         boot = handle.read().strip()
     lines = seen.read_text().splitlines()
     assert lines and all(line.split()[2:] == [boot] for line in lines), lines
+
+
+def test_a_new_file_deleted_during_its_transfer_is_deleted_on_the_other_side(pair, tmp_path):
+    """A new file (an editor's temp file, a download in progress) is copied, then deleted on
+    its side while the run is still going.  The deletion is the user's last word: the next
+    run carries it over (soft-deleted) instead of keeping the copy on one side forever."""
+    put(pair.initiator, "keep.txt", b"kept\n")
+    pair.run(expect=0)
+    put(pair.initiator, "download.part", b"a file that lived for one run\n")
+    gone = pair.initiator / "download.part"
+    r = pair.run(env=rsync_then(tmp_path, "rm -f %s" % shell_quote(gone)), expect=(0, 2))
+    assert (pair.target / "download.part").exists(), "the attack missed: rsync did not copy the file" + r.output
+    r = pair.run(expect=(0, 2))
+    assert not (pair.initiator / "download.part").exists(), "the deleted file came back" + r.output
+    assert not (pair.target / "download.part").exists(), "the deletion was never carried over" + r.output
+    assert (pair.deleted("target") / "download.part").exists(), r.output
+    pair.assert_converged()
