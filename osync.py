@@ -3907,8 +3907,12 @@ class Executor(object):
                 # deleted): what arrived, if anything, is recorded as the destination's
                 # version and the source's as it was, so the next run sends it again
                 # instead of taking the destination for an edit.
-                self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
-                                % (decision.path, source))
+                if fresh[(source, decision.path)] is None:
+                    self.out.notice("%s was deleted on the %s during its transfer; the next run deletes it on the "
+                                    "%s too." % (decision.path, source, destination))
+                else:
+                    self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
+                                    % (decision.path, source))
                 pair[source] = decision.before(source)
                 if pair[source] is None and fresh[(source, decision.path)] is None and arrived is not None:
                     # New, copied, then deleted on the source: recorded as held by both, so

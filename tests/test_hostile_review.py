@@ -231,6 +231,7 @@ def test_a_new_file_deleted_during_its_transfer_is_deleted_on_the_other_side(pai
     gone = pair.initiator / "download.part"
     r = pair.run(env=rsync_then(tmp_path, "rm -f %s" % shell_quote(gone)), expect=(0, 2))
     assert (pair.target / "download.part").exists(), "the attack missed: rsync did not copy the file" + r.output
+    assert "download.part was deleted on the initiator during its transfer" in r.output, r.output
     r = pair.run(expect=(0, 2))
     assert not (pair.initiator / "download.part").exists(), "the deleted file came back" + r.output
     assert not (pair.target / "download.part").exists(), "the deletion was never carried over" + r.output
