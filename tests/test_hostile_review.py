@@ -237,3 +237,31 @@ def test_a_new_file_deleted_during_its_transfer_is_deleted_on_the_other_side(pai
     assert not (pair.target / "download.part").exists(), "the deletion was never carried over" + r.output
     assert (pair.deleted("target") / "download.part").exists(), r.output
     pair.assert_converged()
+
+
+def killing_rsync(tmp_path):
+    """An RSYNC_EXECUTABLE that runs the real rsync, then kills osync.py with -9: the run dies
+    after rsync replaced its files and before it settled them."""
+    script = tmp_path / "rsync-then-kill"
+    script.write_text("#!/bin/sh\n%s \"$@\"\nkill -9 $PPID\nsleep 1\n" % shutil.which("rsync"))
+    script.chmod(0o755)
+    return {"RSYNC_EXECUTABLE": str(script)}
+
+
+@pytest.mark.parametrize("conflict_backup", ["yes", "no"])
+def test_kill_9_after_rsync_leaves_backups_where_the_settings_say(pair, tmp_path, conflict_backup):
+    """The version rsync replaced before the run was killed ends up where a finished run
+    would have put it: in backup/<path> with CONFLICT_BACKUP=yes, nowhere with =no."""
+    env = {"CONFLICT_BACKUP": conflict_backup}
+    put(pair.initiator, "f", b"one\n")
+    pair.run(env=env, expect=0)
+    put(pair.initiator, "f", b"two\n", mtime=T0 + 10)
+    pair.run(env=dict(env, **killing_rsync(tmp_path)), expect=-9)
+    assert (pair.target / "f").read_bytes() == b"two\n"
+    r = pair.run(env=env, expect=0)
+    kept = dir_files(pair.backup("target"))
+    if conflict_backup == "yes":
+        assert kept == ["f"] and (pair.backup("target") / "f").read_bytes() == b"one\n", (kept, r.output)
+    else:
+        assert kept == [], "CONFLICT_BACKUP=no, yet a replaced version was kept: %s%s" % (kept, r.output)
+    pair.assert_converged(env=env)
