@@ -4068,32 +4068,32 @@ class Executor(object):
     def settle_interrupted_transfers(self, spool_dir):
         """Settle the transfers of an earlier run that stopped before it could (its journal
         is still there), before this run scans anything."""
-        self.spool_dir = spool_dir
         path = self.journal_path()
+        items = {"initiator": WorkList(spool_dir), "target": WorkList(spool_dir)}
         try:
-            with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-                header = json.loads(handle.readline() or "{}")
-                stamp = header.get("stamp") if isinstance(header, dict) else None
-                if not isinstance(stamp, str) or not re.match(r"^[0-9.-]+\Z", stamp):
-                    raise ValueError("no stamp")
-                self.out.notice("An earlier run stopped before it checked what its transfers replaced; checking "
-                                "it now.")
-                items = {"initiator": WorkList(self.spool_dir), "target": WorkList(self.spool_dir)}
-                try:
+            try:
+                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                    header = json.loads(handle.readline() or "{}")
+                    stamp = header.get("stamp") if isinstance(header, dict) else None
+                    if not isinstance(stamp, str) or not re.match(r"^[0-9.-]+\Z", stamp):
+                        raise ValueError("it names no run")
                     for line in handle:
                         side, item = json.loads(line)
                         items[side].add(item)
-                    self.settle_all(stamp, bool(header.get("multiple")), lambda side: items[side])
-                finally:
-                    for work_list in items.values():
-                        work_list.close()
-        except FileNotFoundError:
-            return
-        except OSError as error:
-            raise ReplicaError("Cannot read the transfer journal %s: %s." % (path, error.strerror))
-        except (ValueError, KeyError, TypeError) as error:
-            self.out.warn("The transfer journal %s cannot be read (%s); it is removed." % (path, error))
-        os.unlink(path)
+            except FileNotFoundError:
+                return
+            except OSError as error:
+                raise ReplicaError("Cannot read the transfer journal %s: %s." % (path, error.strerror))
+            except (ValueError, KeyError, TypeError) as error:
+                self.out.warn("The transfer journal %s cannot be read (%s); it is removed." % (path, error))
+            else:
+                self.out.notice("An earlier run stopped before it checked what its transfers replaced; checking "
+                                "it now.")
+                self.settle_all(stamp, bool(header.get("multiple")), lambda side: items[side])
+            os.unlink(path)
+        finally:
+            for work_list in items.values():
+                work_list.close()
 
     def _apply(self, step, side, items, call, failure):
         """Run one replica operation over a work list in chunks; remember and report
