@@ -1792,6 +1792,15 @@ def pid_alive(pid):
         return True
 
 
+def boot_id():
+    """What tells this boot of the host from the others ("-" where it cannot be known)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            return handle.read(64).decode("ascii", "replace").strip() or "-"
+    except OSError:
+        return "-"
+
+
 def process_start_time(pid):
     """When a process started (clock ticks since boot, from /proc), to tell it from a later
     process that got the same pid; "" where it cannot be known."""
@@ -1809,6 +1818,29 @@ def remove_any(path):
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def move_into_place(source, destination):
+    """Rename source over destination.  Across filesystems (a mount point inside the
+    replica) it is first copied beside the destination, so that the swap is still one
+    rename: the path holds one version or the other, never a partial copy."""
+    try:
+        os.rename(source, destination)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    staging = tempfile.mkdtemp(prefix=".osync-", dir=os.path.dirname(destination))
+    try:
+        copy = os.path.join(staging, "item")
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), copy)
+        else:
+            shutil.copy2(source, copy)
+        os.rename(copy, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    os.unlink(source)
 
 
 def lexists(path):
@@ -2138,12 +2170,15 @@ class LocalReplica(object):
     def record_children(self, pids):
         """Write beside the lock the children the run has going ("PID STARTTIME" lines), so
         that a run taking over after a crash can wait for any that outlived it."""
-        lines = ["%d %s\n" % (pid, process_start_time(pid)) for pid in pids]
+        boot = boot_id()
+        lines = ["%d %s %s\n" % (pid, process_start_time(pid), boot) for pid in pids]
         write_atomically(self.children_path(), lines)
         return True
 
     def recorded_children(self):
-        """The [pid, start time] pairs a run recorded beside the lock ([] when none)."""
+        """The [pid, start time] pairs a run recorded beside the lock ([] when none).  Those
+        recorded before the host last booted are left out: their pids and start times now
+        belong to other processes."""
         if not check_private_dir(self.work_dir, self._work_dir_what(self.work_dir)):
             return []
         try:
@@ -2152,8 +2187,11 @@ class LocalReplica(object):
         except OSError:
             return []
         found = []
+        boot = boot_id()
         for line in text.splitlines():
             parts = line.split()
+            if len(parts) > 2 and parts[2] != boot:
+                continue
             if parts and parts[0].isdigit() and len(parts[0]) < 10:
                 found.append([int(parts[0]), parts[1] if len(parts) > 1 else ""])
         return found
@@ -2270,7 +2308,7 @@ class LocalReplica(object):
                         remove_any(replaced)   # not wanted, or the copy failed and the version stayed
                     results.append("ok")
                 elif arrived and current.kind != "d" and replaced_entry is not None and replaced_entry.kind != "d":
-                    os.rename(replaced, self.inside(path))
+                    move_into_place(replaced, self.inside(path))
                     results.append("saved-restored")
                 else:
                     self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)
@@ -2476,7 +2514,7 @@ class LocalReplica(object):
     def write_state_file(self, name, text):
         """Replace a file of the state dir atomically (temp file, fsync, rename)."""
         self._check_state_dir()
-        write_atomically(os.path.join(self.state_dir, name), [text])
+        write_atomically(os.path.join(self.state_dir, name), [text] if isinstance(text, str) else text)
         return True
 
 
@@ -3690,6 +3728,8 @@ class Executor(object):
         self.outcome = Outcome(keep_paths=cfg.switch("summary"))
         self.problems = {}            # (step, side, path) -> what went wrong; success is the rule
         self.state_unchanged = True   # every path still exactly as recorded: no need to rewrite the state
+        self.rsync_failed = set()     # destinations an rsync of this run did not fully write
+        self.journal_name = None      # the state dir file that notes the transfers until settled
         self.spool = None
         self.lists = {}
 
@@ -3870,12 +3910,29 @@ class Executor(object):
                 # deleted): what arrived, if anything, is recorded as the destination's
                 # version and the source's as it was, so the next run sends it again
                 # instead of taking the destination for an edit.
-                self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
-                                % (decision.path, source))
+                if fresh[(source, decision.path)] is None:
+                    self.out.notice("%s was deleted on the %s during its transfer; the next run deletes it on the "
+                                    "%s too." % (decision.path, source, destination))
+                else:
+                    self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
+                                    % (decision.path, source))
                 pair[source] = decision.before(source)
+                if pair[source] is None and fresh[(source, decision.path)] is None and arrived is not None:
+                    # New, copied, then deleted on the source: recorded as held by both, so
+                    # that the next run carries the deletion over instead of keeping the
+                    # copy on one side only.
+                    pair[source] = sent
                 if pair[source] is None and arrived is None:
                     return previous
                 return (pair["initiator"], pair["target"])
+            if arrived is not None and not same_content(sent, arrived) and destination not in self.rsync_failed \
+                    and not unchanged_since_scan(decision.now(destination), arrived):
+                # rsync wrote every path and said so: what is there now was saved after it (an
+                # editor).  Both sides are newer than the state, so the next run resolves the
+                # conflict by mtime instead of sending the older source over the save.
+                self.out.notice("%s was saved on the %s after the run wrote it: the saved version stays and the "
+                                "next run resolves the conflict." % (decision.path, destination))
+                return previous
             if arrived is None or not same_content(sent, arrived):
                 self._fail("Could not copy %s from the %s to the %s; the next run tries again."
                            % (decision.path, source, destination))
@@ -3972,19 +4029,74 @@ class Executor(object):
             self._apply("overwrite", side, self.lists[("overwrite", side)],
                         lambda chunk: replica.prepare_overwrite(chunk, self.stamp, multiple, self.options),
                         "Cannot replace %s on the %s replica: %s.")
+        journal = self.write_transfer_journal(multiple)
         for destination in OTHER_SIDE:
             self._transfer(OTHER_SIDE[destination], destination)
-        for side in OTHER_SIDE:
-            replica = self.replicas[side]
-            self._apply("settle", side, self._settle_items(side),
-                        lambda chunk: replica.settle_transfers(chunk, self.stamp, multiple, self.options),
-                        "Cannot keep what rsync replaced at %s on the %s replica: %s.")
-            replica.finish_transfers(self.stamp)
+        self.settle_all(self.stamp, multiple, lambda side: self._settle_items(side))
+        if journal:
+            os.unlink(journal)
         for side in OTHER_SIDE:
             replica = self.replicas[side]
             self._apply("attrs", side, self.lists[("attrs", side)],
                         lambda chunk: replica.set_attributes(chunk, self.options),
                         "Cannot set the attributes of %s on the %s replica: %s.")
+
+    def settle_all(self, stamp, multiple, items_of):
+        """Deal with what the transfers of the run `stamp` replaced, on both replicas."""
+        for side in OTHER_SIDE:
+            replica = self.replicas[side]
+            self._apply("settle", side, items_of(side),
+                        lambda chunk: replica.settle_transfers(chunk, stamp, multiple, self.options),
+                        "Cannot keep what rsync replaced at %s on the %s replica: %s.")
+            replica.finish_transfers(stamp)
+
+    def journal_path(self):
+        return os.path.join(self.replicas["initiator"].state_dir, self.journal_name)
+
+    def write_transfer_journal(self, multiple):
+        """Before rsync replaces anything: note in the initiator's state dir what the settle
+        step will need, so that a run killed before it settled (kill -9, power loss) is
+        settled by the next one: a version saved meanwhile goes back in place instead of
+        staying replaced by the older one.  Returns the journal's path."""
+        def lines():
+            yield json.dumps({"stamp": self.stamp, "multiple": multiple}) + "\n"
+            for side in OTHER_SIDE:
+                for item in self._settle_items(side):
+                    yield json.dumps([side, item]) + "\n"
+        if not self.journal_name:
+            return None
+        self.replicas["initiator"].write_state_file(self.journal_name, lines())
+        return self.journal_path()
+
+    def settle_interrupted_transfers(self, spool_dir):
+        """Settle the transfers of an earlier run that stopped before it could (its journal
+        is still there), before this run scans anything."""
+        path = self.journal_path()
+        items = {"initiator": WorkList(spool_dir), "target": WorkList(spool_dir)}
+        try:
+            try:
+                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                    header = json.loads(handle.readline() or "{}")
+                    stamp = header.get("stamp") if isinstance(header, dict) else None
+                    if not isinstance(stamp, str) or not re.match(r"^[0-9.-]+\Z", stamp):
+                        raise ValueError("it names no run")
+                    for line in handle:
+                        side, item = json.loads(line)
+                        items[side].add(item)
+            except FileNotFoundError:
+                return
+            except OSError as error:
+                raise ReplicaError("Cannot read the transfer journal %s: %s." % (path, error.strerror))
+            except (ValueError, KeyError, TypeError) as error:
+                self.out.warn("The transfer journal %s cannot be read (%s); it is removed." % (path, error))
+            else:
+                self.out.notice("An earlier run stopped before it checked what its transfers replaced; checking "
+                                "it now.")
+                self.settle_all(stamp, bool(header.get("multiple")), lambda side: items[side])
+            os.unlink(path)
+        finally:
+            for work_list in items.values():
+                work_list.close()
 
     def _apply(self, step, side, items, call, failure):
         """Run one replica operation over a work list in chunks; remember and report
@@ -4048,6 +4160,8 @@ class Executor(object):
                              stamp=self.stamp, same_device=same_device)
         self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
         code, stdout, stderr = run_command(argv)
+        if code not in (0, 24):
+            self.rsync_failed.add(destination)
         if stdout.strip():
             self.out.verbose("rsync %s -> %s:\n%s" % (source, destination, stdout.strip()))
         if code == 24:
@@ -4434,23 +4548,27 @@ class SyncRun(object):
         """Children of a run that died without cleaning up (recorded beside the lock) may still
         write to the replicas: wait a little for them to end, then stop them, before this run
         touches anything."""
-        orphans = [pid for pid, started in initiator.recorded_children()
-                   if pid_alive(pid) and started and process_start_time(pid) == started]
+        def still_running(pid, started):
+            # The same process, not a later one that got its pid once it ended.
+            return pid_alive(pid) and process_start_time(pid) == started
+
+        orphans = [(pid, started) for pid, started in initiator.recorded_children()
+                   if started and still_running(pid, started)]
         if orphans:
             self.out.notice("Processes %s of an earlier run are still running; waiting for them to end."
-                            % ", ".join(str(pid) for pid in orphans))
+                            % ", ".join(str(pid) for pid, _ in orphans))
             deadline = time.time() + self.ORPHAN_WAIT
-            while time.time() < deadline and any(pid_alive(pid) for pid in orphans):
+            while time.time() < deadline and any(still_running(pid, started) for pid, started in orphans):
                 time.sleep(0.1)
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                for pid in orphans:
-                    if pid_alive(pid):
+                for pid, started in orphans:
+                    if still_running(pid, started):
                         try:
                             os.kill(pid, sig)
                         except OSError:
                             pass
                 time.sleep(1)
-            left = [pid for pid in orphans if pid_alive(pid)]
+            left = [pid for pid, started in orphans if still_running(pid, started)]
             if left:
                 raise ReplicaError("Processes %s of an earlier run cannot be stopped; stop them and run again."
                                    % ", ".join(str(pid) for pid in left))
@@ -4560,8 +4678,9 @@ class SyncRun(object):
         self.note_resume()
         policy = self.policy(facts)
         spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
-        executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
-                            self.transport)
+        if not self.dry:
+            self.executor(policy).settle_interrupted_transfers(spool_dir)
+        executor = self.executor(policy)
         try:
             decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
@@ -4569,8 +4688,7 @@ class SyncRun(object):
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
-            executor = Executor(self.cfg, out, self.replicas, policy, self.options, self.stamp, self.dry,
-                                self.transport)
+            executor = self.executor(policy)
             decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
@@ -4586,6 +4704,13 @@ class SyncRun(object):
             self.replicas["initiator"].write_state_file("initiator-last-action-%s" % self.instance, "synced\n")
             self.replicas["initiator"].write_state_file("resume-count-%s" % self.instance, "0\n")
         return outcome
+
+    def executor(self, policy):
+        executor = Executor(self.cfg, self.out, self.replicas, policy, self.options, self.stamp, self.dry,
+                            self.transport)
+        if not self.dry:
+            executor.journal_name = "transfers-%s" % self.instance
+        return executor
 
     def note_resume(self):
         """osync's resume bookkeeping: every run continues where the previous one stopped,
