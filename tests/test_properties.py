@@ -14,6 +14,7 @@ Longer runs: OSYNC_HYPOTHESIS_EXAMPLES=500 OSYNC_HYPOTHESIS_STEPS=30 python3 -m 
 (OSYNC_HYPOTHESIS_SHRINK_SECONDS caps the time spent shrinking a failure, 120 s by default).
 """
 
+import json
 import os
 import shutil
 import sys
@@ -314,7 +315,7 @@ class OsyncMachine(RuleBasedStateMachine):
         script = self.tmp + b"/rsync-editor"
         quote = lambda path: "'" + os.fsdecode(path).replace("'", "'\\''") + "'"
         with open(script, "w") as handle:
-            handle.write("#!/bin/sh\n[ -e {done} ] || {{ cp {saved} {dest}.swp && mv {dest}.swp {dest}; touch {done}; }}\n"
+            handle.write("#!/bin/sh\n[ -e {done} ] || {{ cp {saved} {dest}.swp && mv {dest}.swp {dest} && touch {done}; }}\n"
                          "exec {rsync} \"$@\"\n".format(done=quote(done), saved=quote(saved), dest=quote(target_path),
                                                       rsync=shutil.which("rsync")))
         os.chmod(script, 0o755)
@@ -331,6 +332,15 @@ class OsyncMachine(RuleBasedStateMachine):
         assert result.returncode in (0, 2), "run with a racing editor failed\n%s\n%s" % (
             result.describe(), self.describe())
 
+    def last_sync_id(self):
+        """The id of the last sync that wrote the state (a run that changed nothing keeps it)."""
+        path = tu.join(self.roots["initiator"], tu.WORKDIR + b"/state/osync.py-state-prop")
+        try:
+            with open(path, "rb") as handle:
+                return json.loads(handle.readline().decode()).get("sync_id")
+        except (OSError, ValueError):
+            return None
+
     @rule()
     def keep_the_target_disk(self):
         """Put a copy of the target (work dir included) on the shelf: an older disk, for later."""
@@ -341,6 +351,7 @@ class OsyncMachine(RuleBasedStateMachine):
             shutil.rmtree(shelf)
         shutil.copytree(self.roots["target"], shelf, symlinks=True)
         self.old_disk_syncs = self.syncs
+        self.old_disk_sync_id = self.last_sync_id()
         self.log("keep a copy of the target disk (after sync %d)" % self.syncs)
 
     @rule()
@@ -348,8 +359,8 @@ class OsyncMachine(RuleBasedStateMachine):
         """Mount the older disk at the target's place: the run must refuse and change nothing;
         then the current disk comes back."""
         shelf = self.tmp + b"/old-disk"
-        if not os.path.lexists(shelf) or self.syncs == getattr(self, "old_disk_syncs", self.syncs):
-            return self.skip("rotate in the old disk: no older disk on the shelf")
+        if not os.path.lexists(shelf) or self.last_sync_id() == getattr(self, "old_disk_sync_id", None):
+            return self.skip("rotate in the old disk: no disk on the shelf older than the last sync")
         current = self.tmp + b"/current-disk"
         os.rename(self.roots["target"], current)
         shutil.copytree(shelf, self.roots["target"], symlinks=True)
