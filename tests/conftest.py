@@ -49,29 +49,44 @@ RUN_TIMEOUT = 120
 # never depend on the clock or on sub-second mtime resolution.
 T0 = int(time.time()) - 6 * 3600
 
-# Every config key (and old key name, and debugging variable) that must not leak
-# from the caller's environment into a test run.
-CONFIG_KEYS = frozenset("""
-CONFIG_FILE_REVISION INSTANCE_ID INITIATOR_SYNC_DIR TARGET_SYNC_DIR SSH_RSA_PRIVATE_KEY
-SSH_PASSWORD_FILE KRB5 _REMOTE_TOKEN CREATE_DIRS LOGFILE MINIMUM_SPACE BANDWIDTH SUDO_EXEC
-RSYNC_EXECUTABLE RSYNC_REMOTE_PATH RSYNC_PATTERN_FIRST RSYNC_INCLUDE_PATTERN
-RSYNC_EXCLUDE_PATTERN RSYNC_INCLUDE_FROM RSYNC_EXCLUDE_FROM PATH_SEPARATOR_CHAR
-INITIATOR_CUSTOM_STATE_DIR TARGET_CUSTOM_STATE_DIR SSH_COMPRESSION SSH_OPTIONAL_ARGS
-SSH_IGNORE_KNOWN_HOSTS SSH_CONTROLMASTER REMOTE_HOST_PING REMOTE_3RD_PARTY_HOSTS
-RSYNC_OPTIONAL_ARGS PRESERVE_PERMISSIONS PRESERVE_OWNER PRESERVE_GROUP
-PRESERVE_EXECUTABILITY PRESERVE_ACL PRESERVE_XATTR COPY_SYMLINKS KEEP_DIRLINKS
-PRESERVE_HARDLINKS CHECKSUM RSYNC_COMPRESS SOFT_MAX_EXEC_TIME HARD_MAX_EXEC_TIME
-KEEP_LOGGING MIN_WAIT MAX_WAIT LOG_CONFLICTS ALERT_CONFLICTS CONFLICT_BACKUP
-CONFLICT_BACKUP_MULTIPLE CONFLICT_BACKUP_DAYS CONFLICT_PREVALANCE SOFT_DELETE
-SOFT_DELETE_DAYS SKIP_DELETION SYNC_TYPE RESUME_SYNC RESUME_TRY FORCE_STRANGER_LOCK_RESUME
-PARTIAL DELTA_COPIES DESTINATION_MAILS ALWAYS_SEND_MAILS MAIL_BODY_CHARSET SENDER_MAIL
-SMTP_SERVER SMTP_PORT SMTP_ENCRYPTION SMTP_USER SMTP_PASSWORD LOCAL_RUN_BEFORE_CMD
-LOCAL_RUN_AFTER_CMD REMOTE_RUN_BEFORE_CMD REMOTE_RUN_AFTER_CMD MAX_EXEC_TIME_PER_CMD_BEFORE
-MAX_EXEC_TIME_PER_CMD_AFTER STOP_ON_CMD_ERROR RUN_AFTER_CMD_ON_ERROR COMPRESSION_LEVEL
-OSYNC_DIR MASTER_SYNC_DIR SLAVE_SYNC_DIR SYNC_ID _DEBUG _PARANOIA_DEBUG SLEEP_TIME
-IGNORE_OS_TYPE _LOGGER_SILENT _LOGGER_VERBOSE _LOGGER_ERR_ONLY _LOGGER_PREFIX
-REMOTE_PYTHON SSH_AUTH_SOCK MAX_DELETION_SHARE _OSYNC_LIFELINE
-""".split())
+# osync.py is importable without side effects: the settings table is the one list of the
+# keys a caller's environment could set for a run.
+sys.path.insert(0, str(REPO))
+import osync  # noqa: E402
+
+# Variables osync.py reads from the environment besides the settings (debugging and
+# internals), the obsolete keys of osync v1.0 configs, those osync.sh read, and the ssh
+# agent (a run must use the key a test gives it, never the caller's agent).
+INTERNAL_VARIABLES = ("_DEBUG", "_OSYNC_LIFELINE", "_PARANOIA_DEBUG", "_LOGGER_SILENT", "_LOGGER_VERBOSE",
+                      "_LOGGER_ERR_ONLY", "_LOGGER_PREFIX", "SLEEP_TIME", "IGNORE_OS_TYPE",
+                      "OSYNC_DIR", "COMPRESSION_LEVEL", "SSH_AUTH_SOCK")
+
+
+def _config_keys():
+    """Every name that must not leak from the caller's environment into a test run."""
+    keys = set(INTERNAL_VARIABLES) | set(osync.LEGACY_REMOTE_KEYS)
+    for setting in osync.SETTINGS:
+        if setting.key:
+            keys.add(setting.key)
+        keys.update(setting.old_names)
+    return frozenset(keys)
+
+
+CONFIG_KEYS = _config_keys()
+
+
+# In strict mode (OSYNC_TEST_STRICT=1, which .ci/run sets) a missing prerequisite fails the
+# test that needs it; otherwise it skips, so that a developer's machine runs what it can.
+STRICT = os.environ.get("OSYNC_TEST_STRICT", "").strip().lower() in ("1", "yes", "true")
+
+
+def need(reason):
+    """Stop a test whose prerequisite (a program, root, pyenv's Python...) is missing:
+    a skip, or in strict mode a failure, with `reason` (what is missing, how to get it)."""
+    if STRICT:
+        pytest.fail("missing prerequisite (OSYNC_TEST_STRICT=1 makes this a failure): %s" % reason,
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 # --------------------------------------------------------------------------------------
@@ -114,26 +129,63 @@ def check_exit(r, expect):
     assert r.returncode in allowed, "expected exit code %s%s" % (expect, describe(r))
 
 
-def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, python=None):
-    """Run osync.py with exactly `argv`; returns the CompletedProcess (text, surrogateescape)."""
+def osync_command(argv, python=None, prefix=(), script=None, code=None):
+    """The command line of one run: `prefix` (e.g. runuser -u USER --), the Python (this
+    one by default), osync.py (or a copy of it at `script`), then `argv`.  With `code`, the
+    Python runs that code instead of the script, with the repository directory as its
+    first argument (code that imports osync, changes it and calls osync.main)."""
+    program = ["-c", code, str(REPO)] if code is not None else [str(script or OSYNC)]
+    return ([str(word) for word in prefix] + [str(python or sys.executable)] + program
+            + [str(word) for word in argv])
+
+
+def check_no_internal_error(r):
+    """Errors are sentences: no run may end in a traceback or a bug report."""
+    assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, describe(r)
+
+
+def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, python=None,
+              prefix=(), script=None, code=None, internal_error_expected=False):
+    """Run osync.py with exactly `argv` to its end; returns the CompletedProcess (text,
+    surrogateescape, .output = stdout + stderr).  `env` comes from clean_env().  Every run
+    is checked for a traceback, unless the test provokes an internal error on purpose
+    (internal_error_expected)."""
     assert OSYNC.exists(), "%s does not exist" % OSYNC
-    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
+    cmd = osync_command(argv, python, prefix, script, code)
     r = subprocess.run(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, errors="surrogateescape", timeout=timeout)
     r.output = (r.stdout or "") + (r.stderr or "")
     r.logfile = logfile
     check_exit(r, expect)
-    # Errors are sentences: no run may end in a traceback or a bug report.
-    assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, describe(r)
+    if not internal_error_expected:
+        check_no_internal_error(r)
     return r
 
 
-def popen_osync(argv, env, cwd, python=None):
-    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
-    return subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, errors="surrogateescape")
+def popen_osync(argv, env, cwd, python=None, prefix=(), script=None, code=None, **popen_options):
+    """Start osync.py (see osync_command) without waiting; `env` comes from clean_env().
+    By default stdout and stderr are text pipes; `popen_options` override that (binary
+    pipes, files, preexec_fn for resource limits, start_new_session...).  Whoever reads
+    the output checks it with check_no_internal_error."""
+    options = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+               "universal_newlines": True, "errors": "surrogateescape"}
+    options.update(popen_options)
+    if not options.get("universal_newlines"):
+        options.pop("errors", None)
+    return subprocess.Popen(osync_command(argv, python, prefix, script, code), env=env,
+                            cwd=str(cwd) if cwd is not None else None, **options)
+
+
+def finish_osync(process, timeout=RUN_TIMEOUT, logfile=None, expect=None):
+    """Wait for a text-mode popen_osync run; returns it as run_osync would."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    r = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    r.output = (stdout or "") + (stderr or "")
+    r.logfile = logfile
+    check_exit(r, expect)
+    check_no_internal_error(r)
+    return r
 
 
 # --------------------------------------------------------------------------------------
@@ -515,11 +567,11 @@ class SshServer:
 def sshd():
     """The session's sshd: see SshServer."""
     if not os.path.exists(SSHD):
-        pytest.skip("%s is not installed (openssh-server): tests/run installs it" % SSHD)
+        need("%s is not installed (openssh-server): tests/run installs it" % SSHD)
     if not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-        pytest.skip("the ssh client is not installed (openssh-client)")
+        need("the ssh client is not installed (openssh-client)")
     if os.geteuid() != 0:
-        pytest.skip("the sshd fixture needs root (it logs in as root)")
+        need("the sshd fixture needs root (it logs in as root)")
     # Not under pytest's tmp dir (mode 0700): sshd reads a user's authorized_keys as that
     # user, and the tests log in as other local users too.
     import tempfile
@@ -740,15 +792,15 @@ def make_pair(kind, base, request=None):
     if kind == "local-oldest":
         python = pyenv_python("3.6")
         if python is None:
-            pytest.skip("pair kind local-oldest needs Python 3.6 from pyenv")
+            need("pair kind local-oldest needs Python 3.6 from pyenv")
         local = Pair(base)
         local.interpreter = python
         return local
     if kind in REMOTE_PYTHONS:
         python = pyenv_python(REMOTE_PYTHONS[kind])
         if python is None:
-            pytest.skip("pair kind %s needs Python %s from pyenv (none under %s/versions)"
-                        % (kind, REMOTE_PYTHONS[kind], pyenv_root()))
+            need("pair kind %s needs Python %s from pyenv (none under %s/versions)"
+                 % (kind, REMOTE_PYTHONS[kind], pyenv_root()))
         assert request is not None, "a remote pair needs the pytest request (for sshd)"
         server = request.getfixturevalue("sshd")
         return RemotePair(base, kind, server, python)
