@@ -32,7 +32,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -40,14 +39,16 @@ from pathlib import Path
 
 import pytest
 
+# The tree helpers live in treeutil.py (str, Path or bytes paths); the tests import them
+# from here or from there.
+from treeutil import (T0, WORKDIR_NAME, build, chattr_supported, dir_files, expected,  # noqa: F401
+                      files_only, find_content, link, mkdir, put, remove, snapshot, snapshot_workdir,
+                      strip_prefix)
+
 REPO = Path(__file__).resolve().parent.parent
 OSYNC = REPO / "osync.py"
-WORKDIR = ".osync_workdir"
+WORKDIR = WORKDIR_NAME
 RUN_TIMEOUT = 120
-
-# A fixed base for file mtimes, well in the past (whole seconds), so that tests
-# never depend on the clock or on sub-second mtime resolution.
-T0 = int(time.time()) - 6 * 3600
 
 # osync.py is importable without side effects: the settings table is the one list of the
 # keys a caller's environment could set for a run.
@@ -838,148 +839,8 @@ def pair_factory(pair_kind, tmp_path, request):
 
 
 # --------------------------------------------------------------------------------------
-# Tree helpers
+# Processes and rsync
 # --------------------------------------------------------------------------------------
-
-def _b(content):
-    if isinstance(content, str):
-        return content.encode("utf-8", "surrogateescape")
-    return content
-
-
-def put(root, rel, content=b"x", mtime=T0):
-    """Write a file (parents created) with `content` and mtime (None: leave as is)."""
-    p = Path(root) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
-        p.unlink()
-    p.write_bytes(_b(content))
-    if mtime is not None:
-        os.utime(str(p), (mtime, mtime))
-    return p
-
-
-def mkdir(root, rel, mtime=None):
-    p = Path(root) / rel
-    p.mkdir(parents=True, exist_ok=True)
-    if mtime is not None:
-        os.utime(str(p), (mtime, mtime))
-    return p
-
-
-def link(root, rel, target):
-    p = Path(root) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.is_symlink() or p.exists():
-        p.unlink()
-    os.symlink(str(target), str(p))
-    return p
-
-
-def remove(root, rel):
-    p = Path(root) / rel
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
-        p.unlink()
-    elif p.is_dir():
-        shutil.rmtree(str(p))
-    else:
-        raise FileNotFoundError(str(p))
-
-
-def build(root, entries, mtime=T0):
-    """Create entries: {relpath: bytes|str (file), None (dir), ("l", target) (link)}."""
-    for rel, v in entries.items():
-        if v is None:
-            mkdir(root, rel)
-        elif isinstance(v, tuple) and v[0] == "l":
-            link(root, rel, v[1])
-        else:
-            put(root, rel, v, mtime)
-
-
-def expected(entries):
-    """The snapshot() a tree built from `entries` has (parent dirs added)."""
-    out = {}
-    for rel, v in entries.items():
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            out["/".join(parts[:i])] = ("d",)
-        if v is None:
-            out[rel] = ("d",)
-        elif isinstance(v, tuple) and v[0] == "l":
-            out[rel] = ("l", str(v[1]))
-        else:
-            out[rel] = ("f", _b(v))
-    return out
-
-
-def snapshot(root, mtimes=False, exclude_workdir=True):
-    """{relpath: ("f", bytes) | ("d",) | ("l", target)} of a tree; the top-level
-    .osync_workdir is left out.  With mtimes, files are ("f", bytes, mtime_ns)."""
-    root = Path(root)
-    out = {}
-
-    def walk(d, prefix):
-        with os.scandir(str(d)) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            rel = prefix + e.name
-            if exclude_workdir and rel == WORKDIR:
-                continue
-            if e.is_symlink():
-                out[rel] = ("l", os.readlink(e.path))
-            elif e.is_dir():
-                out[rel] = ("d",)
-                walk(e.path, rel + "/")
-            elif e.is_file():
-                with open(e.path, "rb") as f:
-                    data = f.read()
-                if mtimes:
-                    out[rel] = ("f", data, e.stat(follow_symlinks=False).st_mtime_ns)
-                else:
-                    out[rel] = ("f", data)
-            else:
-                out[rel] = ("other", stat.S_IFMT(e.stat(follow_symlinks=False).st_mode))
-
-    if root.is_dir():
-        walk(root, "")
-    return out
-
-
-def snapshot_workdir(root, mtimes=False):
-    """snapshot() of <root>/.osync_workdir ({} when it does not exist)."""
-    return snapshot(Path(root) / WORKDIR, mtimes=mtimes, exclude_workdir=False)
-
-
-def files_only(snap):
-    return {k: v for k, v in snap.items() if v[0] != "d"}
-
-
-def find_content(root, content):
-    """Relative paths of the regular files under `root` whose content is `content`."""
-    root = Path(root)
-    content = _b(content)
-    hits = []
-    if not root.is_dir():
-        return hits
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink() and p.read_bytes() == content:
-            hits.append(p.relative_to(root).as_posix())
-    return hits
-
-
-def dir_files(d):
-    """Names of the non-directory entries anywhere under d (relative paths)."""
-    d = Path(d)
-    if not d.is_dir():
-        return []
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                  if p.is_symlink() or not p.is_dir())
-
-
-def strip_prefix(line):
-    return re.sub(r"^\s*(R?TIME: [0-9.]+ - |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - )", "", line)
-
 
 def pid_is_dead(pid):
     try:
@@ -989,29 +850,6 @@ def pid_is_dead(pid):
     except PermissionError:
         return False
     return False
-
-
-def chattr_supported(directory):
-    """True if `chattr +i` works on files in `directory`."""
-    if not shutil.which("chattr"):
-        return False
-    probe = Path(directory) / ".chattr_probe"
-    probe.write_text("x")
-    try:
-        ok = subprocess.run(["chattr", "+i", str(probe)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL).returncode == 0
-        if ok:
-            try:
-                probe.unlink()
-                ok = False          # immutable flag did not stop the unlink
-            except OSError:
-                pass
-    finally:
-        subprocess.run(["chattr", "-i", str(probe)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        if probe.exists():
-            probe.unlink()
-    return ok
 
 
 @pytest.fixture
