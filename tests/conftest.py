@@ -55,9 +55,11 @@ RUN_TIMEOUT = 120
 sys.path.insert(0, str(REPO))
 import osync  # noqa: E402
 
-# Variables osync.py reads from the environment besides the settings (debugging and
-# internals), the obsolete keys of osync v1.0 configs, those osync.sh read, and the ssh
-# agent (a run must use the key a test gives it, never the caller's agent).
+# Names to drop besides the settings and their old names: what osync.py reads outside the
+# settings table (_DEBUG, _OSYNC_LIFELINE), the osync.sh internals a config of it may hold
+# (osync.py skips OSYNC_DIR and COMPRESSION_LEVEL), the debugging variables osync.sh read,
+# and the ssh agent (a run must use the key a test gives it, never the caller's agent).
+# The v1.0 remote keys come from osync.LEGACY_REMOTE_KEYS.
 INTERNAL_VARIABLES = ("_DEBUG", "_OSYNC_LIFELINE", "_PARANOIA_DEBUG", "_LOGGER_SILENT", "_LOGGER_VERBOSE",
                       "_LOGGER_ERR_ONLY", "_LOGGER_PREFIX", "SLEEP_TIME", "IGNORE_OS_TYPE",
                       "OSYNC_DIR", "COMPRESSION_LEVEL", "SSH_AUTH_SOCK")
