@@ -1,7 +1,8 @@
 """Awkward names (DESIGN §4.8: any name works).
 
 For every name, every kind of entry (a file, a directory holding a file, a symlink) and every pair kind
-(the shared `pair` fixture; local-oldest and remote-newest run a subset): create it on the initiator
+(the shared `pair` fixture; the kinds other than local run the names of conftest.NAMES_SUBSET one at a
+time, for the suite's time, and every name in the all-at-once test): create it on the initiator
 and sync, edit it on the target and sync, delete it on the initiator and sync; the edit and the deletion
 must travel, the overwritten version must land in backup/ and the deleted one in deleted/<same name>.
 Then all the names at once in one tree, changed on both sides, synced, and a second run changes nothing.
