@@ -32,7 +32,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -40,38 +39,57 @@ from pathlib import Path
 
 import pytest
 
+# The tree helpers live in treeutil.py (str, Path or bytes paths); the tests import them
+# from here or from there.
+from treeutil import (T0, WORKDIR_NAME, build, chattr_supported, dir_files, expected,  # noqa: F401
+                      files_only, find_content, link, mkdir, put, remove, snapshot, snapshot_workdir,
+                      strip_prefix)
+
 REPO = Path(__file__).resolve().parent.parent
 OSYNC = REPO / "osync.py"
-WORKDIR = ".osync_workdir"
+WORKDIR = WORKDIR_NAME
 RUN_TIMEOUT = 120
 
-# A fixed base for file mtimes, well in the past (whole seconds), so that tests
-# never depend on the clock or on sub-second mtime resolution.
-T0 = int(time.time()) - 6 * 3600
+# osync.py is importable without side effects: the settings table is the one list of the
+# keys a caller's environment could set for a run.
+sys.path.insert(0, str(REPO))
+import osync  # noqa: E402
 
-# Every config key (and old key name, and debugging variable) that must not leak
-# from the caller's environment into a test run.
-CONFIG_KEYS = frozenset("""
-CONFIG_FILE_REVISION INSTANCE_ID INITIATOR_SYNC_DIR TARGET_SYNC_DIR SSH_RSA_PRIVATE_KEY
-SSH_PASSWORD_FILE KRB5 _REMOTE_TOKEN CREATE_DIRS LOGFILE MINIMUM_SPACE BANDWIDTH SUDO_EXEC
-RSYNC_EXECUTABLE RSYNC_REMOTE_PATH RSYNC_PATTERN_FIRST RSYNC_INCLUDE_PATTERN
-RSYNC_EXCLUDE_PATTERN RSYNC_INCLUDE_FROM RSYNC_EXCLUDE_FROM PATH_SEPARATOR_CHAR
-INITIATOR_CUSTOM_STATE_DIR TARGET_CUSTOM_STATE_DIR SSH_COMPRESSION SSH_OPTIONAL_ARGS
-SSH_IGNORE_KNOWN_HOSTS SSH_CONTROLMASTER REMOTE_HOST_PING REMOTE_3RD_PARTY_HOSTS
-RSYNC_OPTIONAL_ARGS PRESERVE_PERMISSIONS PRESERVE_OWNER PRESERVE_GROUP
-PRESERVE_EXECUTABILITY PRESERVE_ACL PRESERVE_XATTR COPY_SYMLINKS KEEP_DIRLINKS
-PRESERVE_HARDLINKS CHECKSUM RSYNC_COMPRESS SOFT_MAX_EXEC_TIME HARD_MAX_EXEC_TIME
-KEEP_LOGGING MIN_WAIT MAX_WAIT LOG_CONFLICTS ALERT_CONFLICTS CONFLICT_BACKUP
-CONFLICT_BACKUP_MULTIPLE CONFLICT_BACKUP_DAYS CONFLICT_PREVALANCE SOFT_DELETE
-SOFT_DELETE_DAYS SKIP_DELETION SYNC_TYPE RESUME_SYNC RESUME_TRY FORCE_STRANGER_LOCK_RESUME
-PARTIAL DELTA_COPIES DESTINATION_MAILS ALWAYS_SEND_MAILS MAIL_BODY_CHARSET SENDER_MAIL
-SMTP_SERVER SMTP_PORT SMTP_ENCRYPTION SMTP_USER SMTP_PASSWORD LOCAL_RUN_BEFORE_CMD
-LOCAL_RUN_AFTER_CMD REMOTE_RUN_BEFORE_CMD REMOTE_RUN_AFTER_CMD MAX_EXEC_TIME_PER_CMD_BEFORE
-MAX_EXEC_TIME_PER_CMD_AFTER STOP_ON_CMD_ERROR RUN_AFTER_CMD_ON_ERROR COMPRESSION_LEVEL
-OSYNC_DIR MASTER_SYNC_DIR SLAVE_SYNC_DIR SYNC_ID _DEBUG _PARANOIA_DEBUG SLEEP_TIME
-IGNORE_OS_TYPE _LOGGER_SILENT _LOGGER_VERBOSE _LOGGER_ERR_ONLY _LOGGER_PREFIX
-REMOTE_PYTHON SSH_AUTH_SOCK MAX_DELETION_SHARE _OSYNC_LIFELINE
-""".split())
+# Names to drop besides the settings and their old names: what osync.py reads outside the
+# settings table (_DEBUG, _OSYNC_LIFELINE), the osync.sh internals a config of it may hold
+# (osync.py skips OSYNC_DIR and COMPRESSION_LEVEL), the debugging variables osync.sh read,
+# and the ssh agent (a run must use the key a test gives it, never the caller's agent).
+# The v1.0 remote keys come from osync.LEGACY_REMOTE_KEYS.
+INTERNAL_VARIABLES = ("_DEBUG", "_OSYNC_LIFELINE", "_PARANOIA_DEBUG", "_LOGGER_SILENT", "_LOGGER_VERBOSE",
+                      "_LOGGER_ERR_ONLY", "_LOGGER_PREFIX", "SLEEP_TIME", "IGNORE_OS_TYPE",
+                      "OSYNC_DIR", "COMPRESSION_LEVEL", "SSH_AUTH_SOCK")
+
+
+def _config_keys():
+    """Every name that must not leak from the caller's environment into a test run."""
+    keys = set(INTERNAL_VARIABLES) | set(osync.LEGACY_REMOTE_KEYS)
+    for setting in osync.SETTINGS:
+        if setting.key:
+            keys.add(setting.key)
+        keys.update(setting.old_names)
+    return frozenset(keys)
+
+
+CONFIG_KEYS = _config_keys()
+
+
+# In strict mode (OSYNC_TEST_STRICT=1, which .ci/run sets) a missing prerequisite fails the
+# test that needs it; otherwise it skips, so that a developer's machine runs what it can.
+STRICT = os.environ.get("OSYNC_TEST_STRICT", "").strip().lower() in ("1", "yes", "true")
+
+
+def need(reason):
+    """Stop a test whose prerequisite (a program, root, pyenv's Python...) is missing:
+    a skip, or in strict mode a failure, with `reason` (what is missing, how to get it)."""
+    if STRICT:
+        pytest.fail("missing prerequisite (OSYNC_TEST_STRICT=1 makes this a failure): %s" % reason,
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 # --------------------------------------------------------------------------------------
@@ -114,26 +132,63 @@ def check_exit(r, expect):
     assert r.returncode in allowed, "expected exit code %s%s" % (expect, describe(r))
 
 
-def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, python=None):
-    """Run osync.py with exactly `argv`; returns the CompletedProcess (text, surrogateescape)."""
+def osync_command(argv, python=None, prefix=(), script=None, code=None):
+    """The command line of one run: `prefix` (e.g. runuser -u USER --), the Python (this
+    one by default), osync.py (or a copy of it at `script`), then `argv`.  With `code`, the
+    Python runs that code instead of the script, with the repository directory as its
+    first argument (code that imports osync, changes it and calls osync.main)."""
+    program = ["-c", code, str(REPO)] if code is not None else [str(script or OSYNC)]
+    return ([str(word) for word in prefix] + [str(python or sys.executable)] + program
+            + [str(word) for word in argv])
+
+
+def check_no_internal_error(r):
+    """Errors are sentences: no run may end in a traceback or a bug report."""
+    assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, describe(r)
+
+
+def run_osync(argv, env, cwd, expect=None, timeout=RUN_TIMEOUT, logfile=None, python=None,
+              prefix=(), script=None, code=None, internal_error_expected=False):
+    """Run osync.py with exactly `argv` to its end; returns the CompletedProcess (text,
+    surrogateescape, .output = stdout + stderr).  `env` comes from clean_env().  Every run
+    is checked for a traceback, unless the test provokes an internal error on purpose
+    (internal_error_expected)."""
     assert OSYNC.exists(), "%s does not exist" % OSYNC
-    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
+    cmd = osync_command(argv, python, prefix, script, code)
     r = subprocess.run(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, errors="surrogateescape", timeout=timeout)
     r.output = (r.stdout or "") + (r.stderr or "")
     r.logfile = logfile
     check_exit(r, expect)
-    # Errors are sentences: no run may end in a traceback or a bug report.
-    assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, describe(r)
+    if not internal_error_expected:
+        check_no_internal_error(r)
     return r
 
 
-def popen_osync(argv, env, cwd, python=None):
-    cmd = [python or sys.executable, str(OSYNC)] + [str(a) for a in argv]
-    return subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, errors="surrogateescape")
+def popen_osync(argv, env, cwd, python=None, prefix=(), script=None, code=None, **popen_options):
+    """Start osync.py (see osync_command) without waiting; `env` comes from clean_env().
+    By default stdout and stderr are text pipes; `popen_options` override that (binary
+    pipes, files, preexec_fn for resource limits, start_new_session...).  Whoever reads
+    the output checks it with check_no_internal_error."""
+    options = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+               "universal_newlines": True, "errors": "surrogateescape"}
+    options.update(popen_options)
+    if not options.get("universal_newlines"):
+        options.pop("errors", None)
+    return subprocess.Popen(osync_command(argv, python, prefix, script, code), env=env,
+                            cwd=str(cwd) if cwd is not None else None, **options)
+
+
+def finish_osync(process, timeout=RUN_TIMEOUT, logfile=None, expect=None):
+    """Wait for a text-mode popen_osync run; returns it as run_osync would."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    r = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    r.output = (stdout or "") + (stderr or "")
+    r.logfile = logfile
+    check_exit(r, expect)
+    check_no_internal_error(r)
+    return r
 
 
 # --------------------------------------------------------------------------------------
@@ -515,11 +570,11 @@ class SshServer:
 def sshd():
     """The session's sshd: see SshServer."""
     if not os.path.exists(SSHD):
-        pytest.skip("%s is not installed (openssh-server): tests/run installs it" % SSHD)
+        need("%s is not installed (openssh-server): tests/run installs it" % SSHD)
     if not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-        pytest.skip("the ssh client is not installed (openssh-client)")
+        need("the ssh client is not installed (openssh-client)")
     if os.geteuid() != 0:
-        pytest.skip("the sshd fixture needs root (it logs in as root)")
+        need("the sshd fixture needs root (it logs in as root)")
     # Not under pytest's tmp dir (mode 0700): sshd reads a user's authorized_keys as that
     # user, and the tests log in as other local users too.
     import tempfile
@@ -643,6 +698,11 @@ LOCAL_ONLY = {
     "test_dead_lock_is_taken_over": (
         lambda p: p.get("side") == "target" and p.get("content") != "65536@quicksync_task",
         "remote target locks follow the stranger-instance rule"),
+    # For the suite's time (under 20 minutes on 2 cores): every awkward name crosses ssh in
+    # test_all_names_together; one at a time, over ssh, only the NAMES_SUBSET below.
+    "test_name_as_file": (lambda p: p.get("name") not in NAMES_SUBSET, "time: see test_all_names_together"),
+    "test_name_as_directory": (lambda p: p.get("name") not in NAMES_SUBSET, "time: see test_all_names_together"),
+    "test_name_as_symlink": (lambda p: p.get("name") not in NAMES_SUBSET, "time: see test_all_names_together"),
 }
 
 
@@ -686,7 +746,16 @@ REMOTE_NEWEST_SUBSET = {
     "test_sync_conf_example_runs": None,
     "test_silent_on_error": None,
     "test_precedence_instance_id": lambda p: p["cli_v"] == "fromcli" and p["env_v"],
+    # test_names.py: every name at once, and one at a time those that a shell, a pattern,
+    # a decoder (Python 3.6 under C locales) or the protocol's framing would trip over
+    "test_all_names_together": None,
+    "test_name_as_file": lambda p: p["name"] in NAMES_SUBSET,
+    "test_name_as_directory": lambda p: p["name"] in NAMES_SUBSET,
+    "test_name_as_symlink": lambda p: p["name"] in NAMES_SUBSET,
 }
+NAMES_SUBSET = (b"new\nline", b"-rf", b"x*?[ab]", b"$(touch pwned)", b"\xff\xfe-latin1-\xe9",
+                "\u00e9".encode() * 127 + b"x", "cafe\u0301".encode(),
+                b"/".join(b"level%02d" % i for i in range(60)) + b"/leaf")
 
 
 def _in_newest_subset(item):
@@ -740,15 +809,15 @@ def make_pair(kind, base, request=None):
     if kind == "local-oldest":
         python = pyenv_python("3.6")
         if python is None:
-            pytest.skip("pair kind local-oldest needs Python 3.6 from pyenv")
+            need("pair kind local-oldest needs Python 3.6 from pyenv")
         local = Pair(base)
         local.interpreter = python
         return local
     if kind in REMOTE_PYTHONS:
         python = pyenv_python(REMOTE_PYTHONS[kind])
         if python is None:
-            pytest.skip("pair kind %s needs Python %s from pyenv (none under %s/versions)"
-                        % (kind, REMOTE_PYTHONS[kind], pyenv_root()))
+            need("pair kind %s needs Python %s from pyenv (none under %s/versions)"
+                 % (kind, REMOTE_PYTHONS[kind], pyenv_root()))
         assert request is not None, "a remote pair needs the pytest request (for sshd)"
         server = request.getfixturevalue("sshd")
         return RemotePair(base, kind, server, python)
@@ -777,148 +846,8 @@ def pair_factory(pair_kind, tmp_path, request):
 
 
 # --------------------------------------------------------------------------------------
-# Tree helpers
+# Processes and rsync
 # --------------------------------------------------------------------------------------
-
-def _b(content):
-    if isinstance(content, str):
-        return content.encode("utf-8", "surrogateescape")
-    return content
-
-
-def put(root, rel, content=b"x", mtime=T0):
-    """Write a file (parents created) with `content` and mtime (None: leave as is)."""
-    p = Path(root) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
-        p.unlink()
-    p.write_bytes(_b(content))
-    if mtime is not None:
-        os.utime(str(p), (mtime, mtime))
-    return p
-
-
-def mkdir(root, rel, mtime=None):
-    p = Path(root) / rel
-    p.mkdir(parents=True, exist_ok=True)
-    if mtime is not None:
-        os.utime(str(p), (mtime, mtime))
-    return p
-
-
-def link(root, rel, target):
-    p = Path(root) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.is_symlink() or p.exists():
-        p.unlink()
-    os.symlink(str(target), str(p))
-    return p
-
-
-def remove(root, rel):
-    p = Path(root) / rel
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
-        p.unlink()
-    elif p.is_dir():
-        shutil.rmtree(str(p))
-    else:
-        raise FileNotFoundError(str(p))
-
-
-def build(root, entries, mtime=T0):
-    """Create entries: {relpath: bytes|str (file), None (dir), ("l", target) (link)}."""
-    for rel, v in entries.items():
-        if v is None:
-            mkdir(root, rel)
-        elif isinstance(v, tuple) and v[0] == "l":
-            link(root, rel, v[1])
-        else:
-            put(root, rel, v, mtime)
-
-
-def expected(entries):
-    """The snapshot() a tree built from `entries` has (parent dirs added)."""
-    out = {}
-    for rel, v in entries.items():
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            out["/".join(parts[:i])] = ("d",)
-        if v is None:
-            out[rel] = ("d",)
-        elif isinstance(v, tuple) and v[0] == "l":
-            out[rel] = ("l", str(v[1]))
-        else:
-            out[rel] = ("f", _b(v))
-    return out
-
-
-def snapshot(root, mtimes=False, exclude_workdir=True):
-    """{relpath: ("f", bytes) | ("d",) | ("l", target)} of a tree; the top-level
-    .osync_workdir is left out.  With mtimes, files are ("f", bytes, mtime_ns)."""
-    root = Path(root)
-    out = {}
-
-    def walk(d, prefix):
-        with os.scandir(str(d)) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            rel = prefix + e.name
-            if exclude_workdir and rel == WORKDIR:
-                continue
-            if e.is_symlink():
-                out[rel] = ("l", os.readlink(e.path))
-            elif e.is_dir():
-                out[rel] = ("d",)
-                walk(e.path, rel + "/")
-            elif e.is_file():
-                with open(e.path, "rb") as f:
-                    data = f.read()
-                if mtimes:
-                    out[rel] = ("f", data, e.stat(follow_symlinks=False).st_mtime_ns)
-                else:
-                    out[rel] = ("f", data)
-            else:
-                out[rel] = ("other", stat.S_IFMT(e.stat(follow_symlinks=False).st_mode))
-
-    if root.is_dir():
-        walk(root, "")
-    return out
-
-
-def snapshot_workdir(root, mtimes=False):
-    """snapshot() of <root>/.osync_workdir ({} when it does not exist)."""
-    return snapshot(Path(root) / WORKDIR, mtimes=mtimes, exclude_workdir=False)
-
-
-def files_only(snap):
-    return {k: v for k, v in snap.items() if v[0] != "d"}
-
-
-def find_content(root, content):
-    """Relative paths of the regular files under `root` whose content is `content`."""
-    root = Path(root)
-    content = _b(content)
-    hits = []
-    if not root.is_dir():
-        return hits
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink() and p.read_bytes() == content:
-            hits.append(p.relative_to(root).as_posix())
-    return hits
-
-
-def dir_files(d):
-    """Names of the non-directory entries anywhere under d (relative paths)."""
-    d = Path(d)
-    if not d.is_dir():
-        return []
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                  if p.is_symlink() or not p.is_dir())
-
-
-def strip_prefix(line):
-    return re.sub(r"^\s*(R?TIME: [0-9.]+ - |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - )", "", line)
-
 
 def pid_is_dead(pid):
     try:
@@ -928,29 +857,6 @@ def pid_is_dead(pid):
     except PermissionError:
         return False
     return False
-
-
-def chattr_supported(directory):
-    """True if `chattr +i` works on files in `directory`."""
-    if not shutil.which("chattr"):
-        return False
-    probe = Path(directory) / ".chattr_probe"
-    probe.write_text("x")
-    try:
-        ok = subprocess.run(["chattr", "+i", str(probe)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL).returncode == 0
-        if ok:
-            try:
-                probe.unlink()
-                ok = False          # immutable flag did not stop the unlink
-            except OSError:
-                pass
-    finally:
-        subprocess.run(["chattr", "-i", str(probe)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        if probe.exists():
-            probe.unlink()
-    return ok
 
 
 @pytest.fixture

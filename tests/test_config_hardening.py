@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import (OSYNC, WORKDIR, Pair, T0, build, clean_env, expected, make_pair, put,
-                      pyenv_python, snapshot)
+from conftest import (WORKDIR, Pair, T0, build, clean_env, expected, make_pair, popen_osync, put,
+                      pyenv_python, run_osync, snapshot)
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -285,9 +285,8 @@ def test_broken_stdout_ends_quietly_and_the_run_finishes(tmp_path):
     pair = Pair(tmp_path / "p")
     for number in range(5000):
         (pair.initiator / ("f%04d" % number)).write_bytes(b"")
-    argv = [sys.executable, str(OSYNC)] + pair.quick_args() + ["--summary"]
-    process = subprocess.Popen(argv, env=pair.env(), cwd=str(pair.cwd), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = pair.quick_args() + ["--summary"]
+    process = popen_osync(argv, pair.env(), pair.cwd, universal_newlines=False)
     first = process.stdout.readline()
     process.stdout.close()
     stderr = process.stderr.read().decode("utf-8", "replace")
@@ -300,17 +299,13 @@ def test_broken_stdout_ends_quietly_and_the_run_finishes(tmp_path):
     assert pair.logfile.read_text().rstrip().endswith("osync.py finished.")
     # stdout closed from the start
     put(pair.initiator, "one more", "x")
-    script = 'exec "$@" >&-'
-    r = subprocess.run(["sh", "-c", script, "sh"] + argv, env=pair.env(), cwd=str(pair.cwd),
-                       stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, universal_newlines=True,
-                       timeout=120)
+    r = run_osync(argv, pair.env(), pair.cwd, prefix=["sh", "-c", 'exec "$@" >&-', "sh"])
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr[:3000]
     assert (pair.target / "one more").exists()
 
 
 def test_help_into_a_closed_pipe_is_quiet(tmp_path):
-    process = subprocess.Popen([sys.executable, str(OSYNC), "--help"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=clean_env(tmp_path / "log"))
+    process = popen_osync(["--help"], clean_env(tmp_path / "log"), tmp_path, universal_newlines=False)
     process.stdout.close()
     stderr = process.stderr.read().decode("utf-8", "replace")
     assert process.wait(timeout=60) == 0
@@ -331,9 +326,9 @@ sys.exit(osync.main(sys.argv[2:]))
 
 @pytest.mark.parametrize("switches", [[], ["--silent"], ["--errors-only"]])
 def test_unexpected_error_traceback_goes_to_the_log(lpair, switches):
-    argv = [sys.executable, "-c", BUGGY_RUN, str(OSYNC.parent)] + lpair.quick_args() + switches
-    r = subprocess.run(argv, env=lpair.env(), cwd=str(lpair.cwd), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    # the one run that provokes an internal error on purpose: it opts out of the global check
+    r = run_osync(lpair.quick_args() + switches, lpair.env(), lpair.cwd, code=BUGGY_RUN,
+                  internal_error_expected=True)
     assert r.returncode == 1, r.stdout + r.stderr
     assert TRACEBACK not in r.stdout + r.stderr
     if not switches == ["--silent"]:

@@ -3,25 +3,21 @@ a full disk, a missing rsync, a stop signal, the hard time limit."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
+from conftest import clean_env, finish_osync, need, popen_osync
 
 
 def start(tmp_path, initiator, target, *args, **env):
-    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), **env)
-    return subprocess.Popen([sys.executable, OSYNC, "--initiator=%s" % initiator, "--target=%s" % target,
-                             "--no-prefix"] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, env=environment)
+    argv = ["--initiator=%s" % initiator, "--target=%s" % target, "--no-prefix"] + list(args)
+    return popen_osync(argv, clean_env(tmp_path / "log", env), tmp_path)
 
 
 def run(tmp_path, initiator, target, *args, **env):
-    process = start(tmp_path, initiator, target, *args, **env)
-    out, err = process.communicate(timeout=120)
-    return process.returncode, out, err
+    r = finish_osync(start(tmp_path, initiator, target, *args, **env), logfile=tmp_path / "log")
+    return r.returncode, r.stdout, r.stderr
 
 
 def tree(root):
@@ -42,7 +38,7 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
                       stderr=subprocess.DEVNULL).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+        need("cannot mount a tmpfs here (needs root)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)])
 
@@ -103,7 +99,8 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path):
     process = start(tmp_path, initiator, target, BANDWIDTH="2000")
     wait_for_transfer(target)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    r = finish_osync(process, timeout=60, logfile=tmp_path / "log")
+    out, err = r.stdout, r.stderr
     assert process.returncode == 2, err
     assert "Stopped by signal SIGTERM" in err and "Traceback" not in err
     assert not (initiator / ".osync_workdir" / "lock").exists()

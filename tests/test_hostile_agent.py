@@ -11,14 +11,13 @@ and then runs it like AGENT_STUB does, under the remote pair kind's Python.
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import (OSYNC, WORKDIR, build, put, snapshot)
+from conftest import WORKDIR, build, check_no_internal_error, popen_osync, put, snapshot
 
 HOST = "127.0.0.1"
 MEMORY_LIMIT = 1024 * 1024 * 1024     # address space of the initiator in the memory tests
@@ -112,14 +111,13 @@ def run_bounded(rpair, env, timeout=120):
     the finished run and the peak resident size (KiB) of osync.py and its children."""
     merged = dict(rpair.quick_env)
     merged.update(env)
-    command = [sys.executable, str(OSYNC)] + rpair.quick_args()
 
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(command, env=rpair.env(merged), cwd=str(rpair.cwd), stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=err, preexec_fn=limit_memory)
+        process = popen_osync(rpair.quick_args(), rpair.env(merged), rpair.cwd, stdout=out, stderr=err,
+                              universal_newlines=False, preexec_fn=limit_memory)
         timer = threading.Timer(timeout, process.kill)
         timer.start()
         try:
@@ -130,10 +128,11 @@ def run_bounded(rpair, env, timeout=120):
         process.returncode = code
         out.seek(0)
         err.seek(0)
-        result = subprocess.CompletedProcess(command, code, out.read().decode("utf-8", "surrogateescape"),
+        result = subprocess.CompletedProcess(process.args, code, out.read().decode("utf-8", "surrogateescape"),
                                              err.read().decode("utf-8", "surrogateescape"))
     result.output = result.stdout + result.stderr
     result.logfile = rpair.logfile
+    check_no_internal_error(result)
     return result, usage.ru_maxrss
 
 

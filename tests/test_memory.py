@@ -1,10 +1,9 @@
 """Memory does not grow with the number of files (DESIGN §6): the scans, the state and
 the plan stream, and the lists of changes live in files, not in memory."""
 import os
-import subprocess
 import sys
 
-OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
+from conftest import clean_env, run_osync
 
 # Runs osync.py as a child and prints the child's peak resident set in KiB.
 MEASURE = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
@@ -21,11 +20,10 @@ def make_tree(root, files):
 
 
 def peak_kib(tmp_path, initiator, target):
-    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"))
-    result = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, OSYNC, "--initiator=%s" % initiator,
-                             "--target=%s" % target, "--silent"], stdout=subprocess.PIPE, env=environment,
-                            universal_newlines=True)
-    assert result.returncode == 0
+    """The run goes through the shared runner with MEASURE's Python as its prefix."""
+    result = run_osync(["--initiator=%s" % initiator, "--target=%s" % target, "--silent"],
+                       clean_env(tmp_path / "log"), tmp_path, expect=0, logfile=tmp_path / "log",
+                       prefix=[sys.executable, "-c", MEASURE])
     return int(result.stdout.split()[-1])
 
 

@@ -1,6 +1,8 @@
 """Awkward names (DESIGN §4.8: any name works).
 
-For every name and every kind (a file, a directory holding a file, a symlink): create it on the initiator
+For every name, every kind of entry (a file, a directory holding a file, a symlink) and every pair kind
+(the shared `pair` fixture; the kinds other than local run the names of conftest.NAMES_SUBSET one at a
+time, for the suite's time, and every name in the all-at-once test): create it on the initiator
 and sync, edit it on the target and sync, delete it on the initiator and sync; the edit and the deletion
 must travel, the overwritten version must land in backup/ and the deleted one in deleted/<same name>.
 Then all the names at once in one tree, changed on both sides, synced, and a second run changes nothing.
@@ -8,20 +10,19 @@ Then all the names at once in one tree, changed on both sides, synced, and a sec
 Everything is bytes: some names are not UTF-8.
 """
 
+import itertools
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pytest
 
-import pytest  # noqa: E402
-
-import treeutil as tu  # noqa: E402
+import treeutil as tu
+from conftest import describe
 
 SETTINGS = {
-    "SOFT_DELETE": True,
-    "CONFLICT_BACKUP": True,
-    "CONFLICT_BACKUP_MULTIPLE": False,
+    "SOFT_DELETE": "yes",
+    "CONFLICT_BACKUP": "yes",
+    "CONFLICT_BACKUP_MULTIPLE": "no",
 }
 
 DEEP = b"/".join(b"level%02d" % i for i in range(60)) + b"/leaf"
@@ -73,47 +74,34 @@ for _, _name in NAMES:
     assert all(0 < len(part) <= 255 for part in _name.split(b"/")), _name
 
 
-class Pair:
-    """An initiator and a target replica in a temp dir."""
-
-    def __init__(self, tmp):
-        tmp = tu.b(tmp)
-        self.initiator = tmp + b"/initiator"
-        self.target = tmp + b"/target"
-        self.logfile = tmp + b"/osync.log"
-        os.mkdir(self.initiator)
-        os.mkdir(self.target)
-        self.counter = 0
-
-    def root(self, side):
-        return self.initiator if side == "initiator" else self.target
-
-    def path(self, side, rel):
-        return tu.join(self.root(side), rel)
-
-    def content(self, label):
-        self.counter += 1
-        return b"%d: %s\n" % (self.counter, label) + b"." * self.counter
-
-    def sync(self, expect=(0,)):
-        result = tu.run_osync(self.initiator, self.target, self.logfile, settings=SETTINGS,
-                              instance_id="names")
-        assert result.returncode in expect, "osync.py failed\n%s\n%s" % (result.describe(), self.dump())
-        return result
-
-    def dump(self):
-        return "initiator:\n%s\ntarget:\n%s" % (tu.dump_tree(self.initiator), tu.dump_tree(self.target))
-
-    def assert_equal(self, result=None):
-        diff = tu.diff_snapshots(tu.tree_snapshot(self.initiator), tu.tree_snapshot(self.target),
-                                 "initiator", "target")
-        assert not diff, "replicas differ:\n%s\n%s\n%s" % (
-            "\n".join(diff), self.dump(), result.describe() if result else "")
+def path(pair, side, rel):
+    """bytes path of `rel` in one replica of the shared `pair` fixture (any pair kind)."""
+    return tu.join(pair.root(side), rel)
 
 
-@pytest.fixture
-def pair(tmp_path):
-    return Pair(tmp_path)
+CONTENT_COUNTER = itertools.count(1)
+
+
+def content(label):
+    """A content no other write of the session has (numbered), naming what it is for."""
+    number = next(CONTENT_COUNTER)
+    return b"%d: %s\n" % (number, label) + b"." * (number % 97)
+
+
+def sync(pair, expect=(0,)):
+    r = pair.run(env=SETTINGS, instance_id="names")
+    assert r.returncode in expect, "osync.py failed\n%s" % ctx(pair, r)
+    return r
+
+
+def dump(pair):
+    return "initiator:\n%s\ntarget:\n%s" % (tu.dump_tree(pair.initiator), tu.dump_tree(pair.target))
+
+
+def assert_equal(pair, result=None):
+    diff = tu.diff_snapshots(tu.tree_snapshot(pair.initiator), tu.tree_snapshot(pair.target),
+                             "initiator", "target")
+    assert not diff, "replicas differ:\n%s\n%s" % ("\n".join(diff), ctx(pair, result))
 
 
 def later(seconds):
@@ -122,7 +110,7 @@ def later(seconds):
 
 
 def ctx(pair, result):
-    return "%s\n%s" % (pair.dump(), result.describe())
+    return "%s%s" % (dump(pair), describe(result) if result is not None else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,89 +118,89 @@ def ctx(pair, result):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [n for _, n in NAMES], ids=[i for i, _ in NAMES])
-def test_file(pair, name):
-    v1 = pair.content(b"v1 " + name)
-    tu.write_file(pair.path("initiator", name), v1, mtime=later(-100))
-    r = pair.sync()
-    assert tu.ltype(pair.path("target", name)) == "file", ctx(pair, r)
-    assert tu.read_file(pair.path("target", name)) == v1, ctx(pair, r)
-    pair.assert_equal(r)
+def test_name_as_file(pair, name):
+    v1 = content(b"v1 " + name)
+    tu.write_file(path(pair, "initiator", name), v1, mtime=later(-100))
+    r = sync(pair)
+    assert tu.ltype(path(pair, "target", name)) == "file", ctx(pair, r)
+    assert tu.read_file(path(pair, "target", name)) == v1, ctx(pair, r)
+    assert_equal(pair, r)
 
     # edit on the target travels back; the initiator's old version goes to its backup/
-    v2 = pair.content(b"v2 " + name)
-    tu.write_file(pair.path("target", name), v2, mtime=later(10))
-    r = pair.sync()
-    assert tu.read_file(pair.path("initiator", name)) == v2, ctx(pair, r)
-    backup = pair.path("initiator", tu.WORKDIR + b"/backup/" + name)
+    v2 = content(b"v2 " + name)
+    tu.write_file(path(pair, "target", name), v2, mtime=later(10))
+    r = sync(pair)
+    assert tu.read_file(path(pair, "initiator", name)) == v2, ctx(pair, r)
+    backup = path(pair, "initiator", tu.WORKDIR + b"/backup/" + name)
     assert tu.ltype(backup) == "file" and tu.read_file(backup) == v1, \
         "old version not in initiator backup/\n" + ctx(pair, r)
-    pair.assert_equal(r)
+    assert_equal(pair, r)
 
     # deletion on the initiator: gone from the target tree, kept in the target's deleted/
-    os.unlink(pair.path("initiator", name))
-    r = pair.sync()
-    assert not tu.lexists(pair.path("target", name)), ctx(pair, r)
-    deleted = pair.path("target", tu.WORKDIR + b"/deleted/" + name)
+    os.unlink(path(pair, "initiator", name))
+    r = sync(pair)
+    assert not tu.lexists(path(pair, "target", name)), ctx(pair, r)
+    deleted = path(pair, "target", tu.WORKDIR + b"/deleted/" + name)
     assert tu.ltype(deleted) == "file" and tu.read_file(deleted) == v2, \
         "deleted file not in target deleted/<name>\n" + ctx(pair, r)
-    pair.assert_equal(r)
+    assert_equal(pair, r)
 
 
 @pytest.mark.parametrize("name", [n for _, n in NAMES], ids=[i for i, _ in NAMES])
-def test_directory(pair, name):
+def test_name_as_directory(pair, name):
     inner = name + b"/" + os.path.basename(name)   # the file inside has the awkward name too
-    v1 = pair.content(b"v1 " + inner)
-    os.makedirs(pair.path("initiator", name))
-    tu.write_file(pair.path("initiator", inner), v1, mtime=later(-100))
-    r = pair.sync()
-    assert tu.ltype(pair.path("target", name)) == "dir", ctx(pair, r)
-    assert tu.ltype(pair.path("target", inner)) == "file", ctx(pair, r)
-    assert tu.read_file(pair.path("target", inner)) == v1, ctx(pair, r)
-    pair.assert_equal(r)
+    v1 = content(b"v1 " + inner)
+    os.makedirs(path(pair, "initiator", name))
+    tu.write_file(path(pair, "initiator", inner), v1, mtime=later(-100))
+    r = sync(pair)
+    assert tu.ltype(path(pair, "target", name)) == "dir", ctx(pair, r)
+    assert tu.ltype(path(pair, "target", inner)) == "file", ctx(pair, r)
+    assert tu.read_file(path(pair, "target", inner)) == v1, ctx(pair, r)
+    assert_equal(pair, r)
 
-    v2 = pair.content(b"v2 " + inner)
-    tu.write_file(pair.path("target", inner), v2, mtime=later(10))
-    r = pair.sync()
-    assert tu.read_file(pair.path("initiator", inner)) == v2, ctx(pair, r)
-    backup = pair.path("initiator", tu.WORKDIR + b"/backup/" + inner)
+    v2 = content(b"v2 " + inner)
+    tu.write_file(path(pair, "target", inner), v2, mtime=later(10))
+    r = sync(pair)
+    assert tu.read_file(path(pair, "initiator", inner)) == v2, ctx(pair, r)
+    backup = path(pair, "initiator", tu.WORKDIR + b"/backup/" + inner)
     assert tu.ltype(backup) == "file" and tu.read_file(backup) == v1, \
         "old version not in initiator backup/\n" + ctx(pair, r)
-    pair.assert_equal(r)
+    assert_equal(pair, r)
 
-    tu.remove(pair.path("initiator", name))
-    r = pair.sync()
-    assert not tu.lexists(pair.path("target", name)), ctx(pair, r)
-    deleted = pair.path("target", tu.WORKDIR + b"/deleted/" + inner)
+    tu.remove(path(pair, "initiator", name))
+    r = sync(pair)
+    assert not tu.lexists(path(pair, "target", name)), ctx(pair, r)
+    deleted = path(pair, "target", tu.WORKDIR + b"/deleted/" + inner)
     assert tu.ltype(deleted) == "file" and tu.read_file(deleted) == v2, \
         "deleted directory not in target deleted/<name>\n" + ctx(pair, r)
-    pair.assert_equal(r)
+    assert_equal(pair, r)
 
 
 @pytest.mark.parametrize("name", [n for _, n in NAMES], ids=[i for i, _ in NAMES])
-def test_symlink(pair, name):
+def test_name_as_symlink(pair, name):
     base = os.path.basename(name)
     t1 = base + b".1"                    # relative, dangling, as awkward as the name
     t2 = b"./" + base + b".22"
-    tu.make_symlink(pair.path("initiator", name), t1, mtime=later(-100))
-    r = pair.sync()
-    assert tu.ltype(pair.path("target", name)) == "link", ctx(pair, r)
-    assert os.readlink(pair.path("target", name)) == t1, ctx(pair, r)
-    pair.assert_equal(r)
+    tu.make_symlink(path(pair, "initiator", name), t1, mtime=later(-100))
+    r = sync(pair)
+    assert tu.ltype(path(pair, "target", name)) == "link", ctx(pair, r)
+    assert os.readlink(path(pair, "target", name)) == t1, ctx(pair, r)
+    assert_equal(pair, r)
 
-    os.unlink(pair.path("target", name))
-    tu.make_symlink(pair.path("target", name), t2, mtime=later(10))
-    r = pair.sync()
-    assert tu.ltype(pair.path("initiator", name)) == "link", ctx(pair, r)
-    assert os.readlink(pair.path("initiator", name)) == t2, ctx(pair, r)
-    pair.assert_equal(r)
+    os.unlink(path(pair, "target", name))
+    tu.make_symlink(path(pair, "target", name), t2, mtime=later(10))
+    r = sync(pair)
+    assert tu.ltype(path(pair, "initiator", name)) == "link", ctx(pair, r)
+    assert os.readlink(path(pair, "initiator", name)) == t2, ctx(pair, r)
+    assert_equal(pair, r)
 
-    os.unlink(pair.path("initiator", name))
-    r = pair.sync()
-    assert not tu.lexists(pair.path("target", name)), ctx(pair, r)
-    deleted = pair.path("target", tu.WORKDIR + b"/deleted/" + name)
+    os.unlink(path(pair, "initiator", name))
+    r = sync(pair)
+    assert not tu.lexists(path(pair, "target", name)), ctx(pair, r)
+    deleted = path(pair, "target", tu.WORKDIR + b"/deleted/" + name)
     assert tu.ltype(deleted) == "link" and os.readlink(deleted) == t2, \
         "deleted symlink not in target deleted/<name>\n" + ctx(pair, r)
-    pair.assert_equal(r)
+    assert_equal(pair, r)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +212,8 @@ def test_all_names_together(pair):
     expected = {}   # relpath -> ("file", content) / ("link", target) / ("dir",)
 
     def put_file(side, rel, label):
-        data = pair.content(label + b" " + rel)
-        tu.write_file(pair.path(side, rel), data, mtime=later(-1000))
+        data = content(label + b" " + rel)
+        tu.write_file(path(pair, side, rel), data, mtime=later(-1000))
         expected[rel] = ("file", data)
         parts = rel.split(b"/")
         for i in range(1, len(parts)):
@@ -238,13 +226,13 @@ def test_all_names_together(pair):
         put_file("initiator", b"dirs/" + name + b"/" + os.path.basename(name), b"dir")
         # a symlink of that name, from the target
         link = b"links/" + name
-        tu.make_symlink(pair.path("target", link), os.path.basename(name) + b".t")
+        tu.make_symlink(path(pair, "target", link), os.path.basename(name) + b".t")
         expected[link] = ("link", os.path.basename(name) + b".t")
         for j, part in enumerate(link.split(b"/")[:-1]):
             expected[b"/".join(link.split(b"/")[:j + 1])] = ("dir",)
 
-    r = pair.sync()
-    pair.assert_equal(r)
+    r = sync(pair)
+    assert_equal(pair, r)
     for side in ("initiator", "target"):
         got = tu.tree_snapshot(pair.root(side))
         for rel, want in expected.items():
@@ -263,40 +251,40 @@ def test_all_names_together(pair):
     edited, deleted_files, deleted_dirs = {}, [], []
     for i, name in enumerate(names):
         if i % 2 == 0:
-            data = pair.content(b"edit " + name)
-            tu.write_file(pair.path("target", name), data, mtime=later(100))
+            data = content(b"edit " + name)
+            tu.write_file(path(pair, "target", name), data, mtime=later(100))
             edited[name] = data
         else:
-            deleted_files.append((name, tu.read_file(pair.path("initiator", name))))
-            os.unlink(pair.path("initiator", name))
+            deleted_files.append((name, tu.read_file(path(pair, "initiator", name))))
+            os.unlink(path(pair, "initiator", name))
         if i % 3 == 0:
             top = b"dirs/" + name.split(b"/")[0]
             if top not in [d[0] for d in deleted_dirs]:
                 inner = b"dirs/" + name + b"/" + os.path.basename(name)
-                deleted_dirs.append((top, inner, tu.read_file(pair.path("target", inner))))
-                tu.remove(pair.path("target", top))
+                deleted_dirs.append((top, inner, tu.read_file(path(pair, "target", inner))))
+                tu.remove(path(pair, "target", top))
 
-    r = pair.sync()
-    pair.assert_equal(r)
+    r = sync(pair)
+    assert_equal(pair, r)
     for name, data in edited.items():
-        assert tu.read_file(pair.path("initiator", name)) == data, "edit of %r not synced\n%s" % (
+        assert tu.read_file(path(pair, "initiator", name)) == data, "edit of %r not synced\n%s" % (
             name, ctx(pair, r))
     for name, data in deleted_files:
-        assert not tu.lexists(pair.path("target", name)), "deletion of %r not synced\n%s" % (
+        assert not tu.lexists(path(pair, "target", name)), "deletion of %r not synced\n%s" % (
             name, ctx(pair, r))
-        d = pair.path("target", tu.WORKDIR + b"/deleted/" + name)
+        d = path(pair, "target", tu.WORKDIR + b"/deleted/" + name)
         assert tu.ltype(d) == "file" and tu.read_file(d) == data, \
             "%r not in target deleted/\n%s" % (name, ctx(pair, r))
     for top, inner, data in deleted_dirs:
-        assert not tu.lexists(pair.path("initiator", top)), "deletion of %r not synced\n%s" % (
+        assert not tu.lexists(path(pair, "initiator", top)), "deletion of %r not synced\n%s" % (
             top, ctx(pair, r))
-        d = pair.path("initiator", tu.WORKDIR + b"/deleted/" + inner)
+        d = path(pair, "initiator", tu.WORKDIR + b"/deleted/" + inner)
         assert tu.ltype(d) == "file" and tu.read_file(d) == data, \
             "%r not in initiator deleted/\n%s" % (inner, ctx(pair, r))
 
     # a second run changes nothing
     before = {side: tu.full_snapshot(pair.root(side)) for side in ("initiator", "target")}
-    r = pair.sync()
+    r = sync(pair)
     for side in ("initiator", "target"):
         diff = tu.diff_snapshots(before[side], tu.full_snapshot(pair.root(side)), "before", "after")
         assert not diff, "second run changed the %s replica:\n%s\n%s" % (side, "\n".join(diff), ctx(pair, r))

@@ -17,6 +17,7 @@ Longer runs: OSYNC_HYPOTHESIS_EXAMPLES=500 OSYNC_HYPOTHESIS_STEPS=30 python3 -m 
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule  # noqa: E402
 
 import treeutil as tu  # noqa: E402
+from conftest import clean_env, describe, popen_osync, run_osync  # noqa: E402
 from test_unreadable import SYSTEM_PYTHON, USER, chown_tree, ensure_plain_user  # noqa: E402
 
 EXAMPLES = int(os.environ.get("OSYNC_HYPOTHESIS_EXAMPLES", "50"))
@@ -43,9 +45,9 @@ except ImportError:  # pragma: no cover
     pass
 
 SETTINGS = {
-    "CONFLICT_BACKUP": True,
-    "CONFLICT_BACKUP_MULTIPLE": True,
-    "SOFT_DELETE": True,
+    "CONFLICT_BACKUP": "yes",
+    "CONFLICT_BACKUP_MULTIPLE": "yes",
+    "SOFT_DELETE": "yes",
 }
 
 SIDES = ("initiator", "target")
@@ -161,16 +163,27 @@ class OsyncMachine(RuleBasedStateMachine):
         return "actions so far:\n%s\ninitiator:\n%s\ntarget:\n%s" % (
             self.history(), tu.dump_tree(self.roots["initiator"]), tu.dump_tree(self.roots["target"]))
 
-    command = None   # how osync.py is started: None for this Python as this user
+    # how osync.py is started (see conftest.osync_command): this Python, as this user
+    prefix = ()
+    python = None
+    script = None
 
     def before_run(self):
         """What the machine does to the trees before each run (nothing here)."""
 
+    def osync_argv(self):
+        return ["--initiator=" + os.fsdecode(self.roots["initiator"]),
+                "--target=" + os.fsdecode(self.roots["target"]), "--instance-id=prop", "--non-interactive"]
+
+    def osync_env(self, settings=None):
+        return clean_env(os.fsdecode(self.logfile), settings or SETTINGS)
+
     def run(self, settings=None):
         self.runs += 1
         self.before_run()
-        return tu.run_osync(self.roots["initiator"], self.roots["target"], self.logfile,
-                            settings=settings or SETTINGS, instance_id="prop", command=self.command)
+        return run_osync(self.osync_argv(), self.osync_env(settings), os.fsdecode(self.tmp), timeout=300,
+                         logfile=os.fsdecode(self.logfile), python=self.python, prefix=self.prefix,
+                         script=self.script)
 
     # ------------------------------------------------------------------ edits
 
@@ -330,7 +343,7 @@ class OsyncMachine(RuleBasedStateMachine):
             self.log("(no rsync ran: nothing raced)")
         self.dirty = True
         assert result.returncode in (0, 2), "run with a racing editor failed\n%s\n%s" % (
-            result.describe(), self.describe())
+            describe(result), self.describe())
 
     def last_sync_id(self):
         """The id of the last sync that wrote the state (a run that changed nothing keeps it)."""
@@ -370,9 +383,9 @@ class OsyncMachine(RuleBasedStateMachine):
         for side in SIDES:
             diff = tu.diff_snapshots(before[side], tu.full_snapshot(self.roots[side]), "before", "after")
             assert not diff, "a run on an older target disk changed the %s:\n%s\n%s\n%s" % (
-                side, "\n".join(diff), result.describe(), self.describe())
+                side, "\n".join(diff), describe(result), self.describe())
         assert result.returncode == 1 and "older sync" in result.output, \
-            "an older target disk was not refused\n%s\n%s" % (result.describe(), self.describe())
+            "an older target disk was not refused\n%s\n%s" % (describe(result), self.describe())
         shutil.rmtree(self.roots["target"])
         os.rename(current, self.roots["target"])
         self.log("the current disk is back")
@@ -385,8 +398,10 @@ class OsyncMachine(RuleBasedStateMachine):
         the lock of the initiator (so that the kill lands inside the sync more often)."""
         self.record_contents()
         self.before_run()
-        proc = tu.start_osync(self.roots["initiator"], self.roots["target"], self.logfile,
-                              settings=SETTINGS, instance_id="prop", command=self.command)
+        # in its own process group, so that the whole run, rsync included, can be killed
+        proc = popen_osync(self.osync_argv(), self.osync_env(), os.fsdecode(self.tmp), python=self.python,
+                           prefix=self.prefix, script=self.script, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
         if anchor == "lock":
             lock = tu.join(self.roots["initiator"], tu.WORKDIR + b"/lock")
             deadline = time.time() + 5
@@ -415,20 +430,20 @@ class OsyncMachine(RuleBasedStateMachine):
         result = self.run()
         self.syncs += 1
         # 1. exit code
-        assert result.returncode in (0, 2), "sync failed\n%s\n%s" % (result.describe(), self.describe())
+        assert result.returncode in (0, 2), "sync failed\n%s\n%s" % (describe(result), self.describe())
 
         # 2. replicas equal
         init = tu.tree_snapshot(self.roots["initiator"])
         targ = tu.tree_snapshot(self.roots["target"])
         diff = tu.diff_snapshots(init, targ, "initiator", "target")
         assert not diff, "replicas differ after sync:\n%s\n%s\n%s" % (
-            "\n".join(diff), self.describe(), result.describe())
+            "\n".join(diff), self.describe(), describe(result))
 
         # 3. nothing lost
         present = tu.file_contents(self.roots["initiator"]) | tu.file_contents(self.roots["target"])
         lost = sorted(self.pending - present)
         assert not lost, "contents lost (not in either tree, backup/ or deleted/):\n%s\n%s\n%s" % (
-            "\n".join("  %r" % c for c in lost), self.describe(), result.describe())
+            "\n".join("  %r" % c for c in lost), self.describe(), describe(result))
         self.pending = set()
 
         # 4. a second run changes nothing
@@ -436,12 +451,12 @@ class OsyncMachine(RuleBasedStateMachine):
         self.log("second sync (must change nothing)")
         again = self.run()
         assert again.returncode == 0, "second sync did not exit 0\n%s\n%s" % (
-            again.describe(), self.describe())
+            describe(again), self.describe())
         for side in SIDES:
             after = tu.full_snapshot(self.roots[side])
             diff = tu.diff_snapshots(before[side], after, "before", "after")
             assert not diff, "second sync changed the %s replica:\n%s\n%s\n%s" % (
-                side, "\n".join(diff), self.describe(), again.describe())
+                side, "\n".join(diff), self.describe(), describe(again))
         self.dirty = False
 
     def teardown(self):
@@ -470,7 +485,9 @@ class OsyncAsUserMachine(OsyncMachine):
         os.chmod(self.tmp, 0o755)
         script = self.tmp + b"/osync.py"
         shutil.copy(str(tu.OSYNC), script)
-        self.command = ["runuser", "-u", USER, "--", SYSTEM_PYTHON, os.fsdecode(script)]
+        self.prefix = ["runuser", "-u", USER, "--"]
+        self.python = SYSTEM_PYTHON
+        self.script = os.fsdecode(script)
 
     def before_run(self):
         chown_tree(os.fsdecode(self.tmp), self.user)   # what the test built as root
@@ -502,15 +519,15 @@ class OsyncAsUserMachine(OsyncMachine):
         self.dirty = True
         event("unreadable directory, mode %o: exit %d" % (mode, result.returncode))
         assert result.returncode in (0, 1, 2) and "Traceback" not in result.output, \
-            "run with an unreadable directory\n%s\n%s" % (result.describe(), self.describe())
+            "run with an unreadable directory\n%s\n%s" % (describe(result), self.describe())
         other_after = self.subtree(self.other(side), rel)
         diff = tu.diff_snapshots(other_before, other_after, "before", "after")
         assert not diff, "the other side's copy of an unreadable directory changed:\n%s\n%s\n%s" % (
-            "\n".join(diff), result.describe(), self.describe())
+            "\n".join(diff), describe(result), self.describe())
         present = tu.file_contents(self.roots["initiator"]) | tu.file_contents(self.roots["target"])
         lost = sorted(self.pending - present)
         assert not lost, "contents lost with an unreadable directory:\n%s\n%s\n%s" % (
-            "\n".join("  %r" % c for c in lost), self.describe(), result.describe())
+            "\n".join("  %r" % c for c in lost), self.describe(), describe(result))
 
 
 TestOsyncProperties = OsyncMachine.TestCase

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T0, chattr_supported, dir_files, put
+from conftest import T0, chattr_supported, dir_files, need, put
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor while the run transferred\n"
@@ -103,7 +103,7 @@ def test_same_size_rewrite_in_the_same_second_syncs(pair):
 
 def test_a_failed_copy_leaves_no_backup_behind(pair, tmp_path):
     if not chattr_supported(tmp_path):
-        pytest.skip("chattr +i is not supported here")
+        need("chattr +i is not supported here")
     put(pair.initiator, "f", b"one\n")
     pair.run(expect=0)
     put(pair.initiator, "f", b"two\n", mtime=T0 + 10)
@@ -207,7 +207,7 @@ def sub_mount(pair, tmp_path):
     mount_point.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
                       stderr=subprocess.DEVNULL).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+        need("cannot mount a tmpfs here (needs root)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)])
 

@@ -1,19 +1,13 @@
 """Whole-run checks of behaviours that once went wrong."""
 import os
-import shutil
-import subprocess
-import sys
 
-import pytest
-
-OSYNC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "osync.py")
+from conftest import clean_env, need, pyenv_python, run_osync
 
 
-def run(tmp_path, *args, **env):
-    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), **env)
-    return subprocess.run([sys.executable, OSYNC, "--initiator=%s" % (tmp_path / "a"),
-                           "--target=%s" % (tmp_path / "b")] + list(args),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=environment)
+def run(tmp_path, *args, target="b", python=None, **env):
+    """A quicksync run of tmp_path/a with tmp_path/<target>; `env` adds settings."""
+    argv = ["--initiator=%s" % (tmp_path / "a"), "--target=%s" % (tmp_path / target)] + list(args)
+    return run_osync(argv, clean_env(tmp_path / "log", env), tmp_path, logfile=tmp_path / "log", python=python)
 
 
 def test_replica_roots_keep_their_own_attributes(tmp_path):
@@ -49,30 +43,19 @@ def test_pointing_a_job_at_another_target_merges_instead_of_deleting(tmp_path):
     (tmp_path / "a" / "keep").write_text("data")
     assert run(tmp_path).returncode == 0
     (tmp_path / "new").mkdir()
-    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"))
-    result = subprocess.run([sys.executable, OSYNC, "--initiator=%s" % (tmp_path / "a"),
-                             "--target=%s" % (tmp_path / "new")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, env=environment)
+    result = run(tmp_path, target="new")
     assert result.returncode == 2, result.stderr
     assert "recorded for other replicas" in result.stderr
     assert (tmp_path / "a" / "keep").read_text() == "data"
     assert (tmp_path / "new" / "keep").read_text() == "data"
 
 
-def oldest_python():
-    import glob
-    root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, universal_newlines=True).stdout.strip() \
-        if shutil.which("pyenv") else ""
-    found = sorted(glob.glob(os.path.join(root, "versions", "3.6*", "bin", "python"))) if root else []
-    return found[0] if found else None
-
-
 def test_state_is_shared_between_utf8_and_c_locale_pythons(tmp_path):
     """cron often runs with LC_ALL=C, where Python 3.6 decodes names as ASCII: a state
     written by an interactive run must still mean the same files there."""
-    python36 = oldest_python()
+    python36 = pyenv_python("3.6")
     if python36 is None:
-        pytest.skip("no Python 3.6 under pyenv")
+        need("no Python 3.6 under pyenv")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     name = "caf\u00e9 \u65e5\u672c"
@@ -80,14 +63,11 @@ def test_state_is_shared_between_utf8_and_c_locale_pythons(tmp_path):
     (tmp_path / "a" / "other").write_text("y")
     assert run(tmp_path).returncode == 0
     os.unlink(str(tmp_path / "a" / name))
-    environment = dict(os.environ, LOGFILE=str(tmp_path / "log"), LC_ALL="C", LANG="C")
-    environment.pop("PYTHONUTF8", None)
-    result = subprocess.run([python36, OSYNC, "--initiator=%s" % (tmp_path / "a"), "--target=%s" % (tmp_path / "b"),
-                             "--summary"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    result = run(tmp_path, "--summary", python=python36, LC_ALL="C", LANG="C", PYTHONUTF8=None)
     assert result.returncode == 0, result.stderr
     assert not os.path.exists(os.path.join(str(tmp_path / "b"), name))
     assert os.path.exists(os.path.join(str(tmp_path / "b"), ".osync_workdir", "deleted", name))
-    assert b"Target has 0 updates." in result.stdout  # nothing else was taken for new
+    assert "Target has 0 updates." in result.stdout  # nothing else was taken for new
 
 
 def test_new_files_follow_the_umask_when_permissions_are_not_synced(tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (PAIR_KINDS, REPO, T0, WORKDIR, build, clean_env, dir_files, expected,
-                      keygen, make_pair, pid_is_dead, put, pyenv_root, remove, run_osync,
+                      keygen, make_pair, need, pid_is_dead, put, pyenv_root, remove, run_osync,
                       snapshot)
 
 pytestmark = pytest.mark.skipif(
@@ -145,7 +145,7 @@ def shared_tmpdir(prefix, owner=None, mode=0o755):
 def ensure_user(name, password, home=None):
     """A local user with a login shell and this password (created when missing)."""
     if not shutil.which("useradd") or not shutil.which("chpasswd"):
-        pytest.skip("useradd/chpasswd are not installed (passwd): tests/run installs them")
+        need("useradd/chpasswd are not installed (passwd): tests/run installs them")
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -178,8 +178,8 @@ def ensure_ssh_dir(user):
 
 def need_system_python():
     if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("%s is missing: a non-root remote user cannot run root's pyenv Pythons"
-                    % SYSTEM_PYTHON)
+        need("%s is missing: a non-root remote user cannot run root's pyenv Pythons"
+             % SYSTEM_PYTHON)
 
 
 class FilterLog:
@@ -400,7 +400,7 @@ def sshpass_spy(tmp_path):
     """A `sshpass` first in PATH that records its argv, then runs the real one."""
     real = shutil.which("sshpass")
     if not real:
-        pytest.skip("sshpass is not installed: tests/run installs it")
+        need("sshpass is not installed: tests/run installs it")
     d = tmp_path / "spybin"
     d.mkdir()
     log = d / "argv.log"
@@ -651,7 +651,7 @@ def test_permission_denied(rpair, sshd, pw_user):
 
 def need_ping():
     if not shutil.which("ping"):
-        pytest.skip("ping is not installed (iputils-ping): tests/run installs it")
+        need("ping is not installed (iputils-ping): tests/run installs it")
 
 
 def silent_host():
@@ -871,7 +871,7 @@ def test_awkward_names_on_remote_target(any_rpair, sshd):
 
 def need_sudo():
     if not shutil.which("sudo"):
-        pytest.skip("sudo is not installed: tests/run installs it")
+        need("sudo is not installed: tests/run installs it")
 
 
 def test_sudo_exec_as_root(rpair, sshd):

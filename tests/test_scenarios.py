@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import (T0, WORKDIR, build, chattr_supported, dir_files, expected, find_content,
-                      link, mkdir, pid_is_dead, put, remove, snapshot)
+                      link, mkdir, need, pid_is_dead, put, remove, snapshot)
 
 SIDES = ["initiator", "target"]
 
@@ -963,7 +963,7 @@ def test_mixed_scenario_converges(pair):
 
 def test_deletion_failure_is_retried(pair):
     if not chattr_supported(pair.target):
-        pytest.skip("chattr +i is not supported on this filesystem")
+        need("chattr +i is not supported on this filesystem")
     rel = "dir one/sub two/file x"
     synced(pair, {rel: "protected", "dir one/other": "o"})
     remove(pair.initiator, rel)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (OSYNC, RUN_TIMEOUT, T0, WORKDIR, build, check_exit, clean_env, dir_files,
-                      expected, put, snapshot)
+from conftest import (OSYNC, T0, WORKDIR, build, clean_env, dir_files,
+                      expected, need, put, run_osync, snapshot)
 
 SIDES = ["initiator", "target"]
 USER = "osyncperm"
@@ -63,9 +63,9 @@ def test_conflict_loser_is_kept_only_with_conflict_backup(pair, backup):
 def ensure_plain_user():
     """The local user USER, with a home (ssh wants one), created when missing."""
     if not shutil.which("useradd") or not shutil.which("runuser"):
-        pytest.skip("useradd/runuser are not installed (passwd, util-linux): tests/run installs them")
+        need("useradd/runuser are not installed (passwd, util-linux): tests/run installs them")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("%s is missing: a non-root user cannot run root's pyenv Pythons" % SYSTEM_PYTHON)
+        need("%s is missing: a non-root user cannot run root's pyenv Pythons" % SYSTEM_PYTHON)
     try:
         pwd.getpwnam(USER)
     except KeyError:
@@ -137,16 +137,10 @@ class UserPair(object):
         chown_tree(self.base, self.user)   # what the test built as root
         merged = dict(self.env)
         merged.update(env or {})
-        argv = ["runuser", "-u", USER, "--", SYSTEM_PYTHON, str(self.osync), "--initiator=%s" % self.initiator,
-                "--target=%s" % self.target_spec, "--non-interactive"] + self.extra_args
-        r = subprocess.run(argv, env=clean_env(self.logfile, merged), cwd=str(self.base),
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, errors="surrogateescape", timeout=RUN_TIMEOUT)
-        r.output = (r.stdout or "") + (r.stderr or "")
-        r.logfile = self.logfile
-        check_exit(r, expect)
-        assert "Traceback" not in r.output and "Unexpected internal error" not in r.output, r.output
-        return r
+        argv = ["--initiator=%s" % self.initiator, "--target=%s" % self.target_spec,
+                "--non-interactive"] + self.extra_args
+        return run_osync(argv, clean_env(self.logfile, merged), self.base, expect, logfile=self.logfile,
+                         python=SYSTEM_PYTHON, prefix=["runuser", "-u", USER, "--"], script=self.osync)
 
     def close(self):
         make_searchable(self.base)
@@ -156,7 +150,7 @@ class UserPair(object):
 @pytest.fixture
 def upair(pair_kind, request):
     if os.geteuid() != 0:
-        pytest.skip("needs root, to create the user that the runs are made as")
+        need("needs root, to create the user that the runs are made as")
     user_pair = UserPair(pair_kind, request)
     yield user_pair
     user_pair.close()

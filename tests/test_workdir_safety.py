@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import OSYNC, T0, WORKDIR, describe, dir_files, find_content, put, remove, snapshot
+from conftest import (OSYNC, T0, WORKDIR, describe, dir_files, find_content, finish_osync, popen_osync, put,
+                      remove, snapshot)
 
 PARTS = ["_tmp", "backup", "deleted", "state", "_partial", WORKDIR]
 CANARY = b"belongs to someone else"
@@ -291,10 +292,8 @@ STARTER = ("import sys; sys.path.insert(0, sys.argv[1]); import osync; sys.stdin
 
 def start_together(pair, count, env):
     environment = pair.env(dict(getattr(pair, "quick_env", {}), **env))
-    argv = [pair.interpreter, "-c", STARTER, str(OSYNC.parent)] + pair.quick_args()
-    runs = [subprocess.Popen(argv, env=environment, cwd=str(pair.cwd), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                             errors="surrogateescape") for _ in range(count)]
+    runs = [popen_osync(pair.quick_args(), environment, pair.cwd, python=pair.interpreter, code=STARTER,
+                        stdin=subprocess.PIPE) for _ in range(count)]
     time.sleep(1.5)   # every one of them imported and waiting
     for process in runs:
         process.stdin.write("g")
@@ -310,8 +309,8 @@ def test_eight_first_runs_at_once_one_syncs_the_others_refuse_on_the_lock(pair_f
         runs = start_together(pair, 8, {"BANDWIDTH": "1000"})
         results = []
         for process in runs:
-            out, err = process.communicate(timeout=180)
-            results.append((process.returncode, out + err))
+            r = finish_osync(process, timeout=180, logfile=pair.logfile)
+            results.append((r.returncode, r.output))
         report = "\n".join("exit %s: %s" % (code, text.strip()[-600:]) for code, text in results)
         assert "Cannot prepare" not in report, report
         assert sorted(code for code, text in results) == [0] + [1] * 7, report

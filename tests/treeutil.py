@@ -1,89 +1,57 @@
-"""Small helpers for the black-box tests of osync.py: build trees, snapshot them, run osync.py.
+"""The one module of tree helpers for the black-box tests of osync.py: build trees, snapshot them,
+stop runs.  conftest.py imports these and the tests take them from either module.
 
-Every path handled here is ``bytes`` (or a ``str``/``Path`` that is turned into bytes with
-``os.fsencode``), so names that are not UTF-8 work everywhere.  Relative paths inside a replica are
-``bytes`` too, with ``b"/"`` as separator and no leading ``./``.
+Every function accepts a path as ``str``, ``Path`` or ``bytes`` (turned into bytes with
+``os.fsencode``), so names that are not UTF-8 work everywhere.  Two families of snapshots exist,
+for two kinds of test:
+
+- ``snapshot``/``expected``/``build`` (str relative paths, ``("f", content)`` entries): the scenario
+  tests, which describe small trees as dicts;
+- ``tree_snapshot``/``full_snapshot``/``walk`` (bytes relative paths, with modes, mtimes, inodes):
+  the name and property tests, whose names are any bytes.  Relative paths there are ``bytes`` with
+  ``b"/"`` as separator and no leading ``./``.
 """
 
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 OSYNC = Path(__file__).resolve().parent.parent / "osync.py"
 WORKDIR = b".osync_workdir"
+WORKDIR_NAME = WORKDIR.decode()
 # parts of the work dir that hold user data (everything else there is osync.py's own business)
 DATA_PARTS = (b"backup", b"deleted")
 
+# A fixed base for file mtimes, well in the past (whole seconds), so that tests
+# never depend on the clock or on sub-second mtime resolution.
+T0 = int(time.time()) - 6 * 3600
 
-# --------------------------------------------------------------------------------------------------
-# running osync.py
-# --------------------------------------------------------------------------------------------------
 
 def b(path):
     """Any path-like (str, bytes, Path) as bytes."""
     return os.fsencode(path)
 
 
-def osync_env(logfile, settings=None):
-    """A copy of os.environ with LOGFILE set and `settings` (bools become yes/no) added."""
-    env = dict(os.environ)
-    env["LOGFILE"] = os.fsdecode(b(logfile))
-    for key, value in (settings or {}).items():
-        if isinstance(value, bool):
-            value = "yes" if value else "no"
-        env[key] = str(value)
-    return env
+def as_path(path):
+    """Any path-like (str, bytes, Path) as a Path (undecodable bytes as surrogates)."""
+    return Path(os.fsdecode(path))
 
 
-def osync_argv(initiator, target, instance_id="test", extra=(), command=None):
-    """argv of a run; `command` replaces "python osync.py" (e.g. to run as another user)."""
-    return (command or [sys.executable, str(OSYNC)]) + [
-        "--initiator=" + os.fsdecode(b(initiator)),
-        "--target=" + os.fsdecode(b(target)),
-        "--instance-id=" + instance_id,
-        "--non-interactive",
-    ] + list(extra)
+def as_bytes(content):
+    """File content given as bytes or str (str as UTF-8, surrogates as their bytes)."""
+    if isinstance(content, str):
+        return content.encode("utf-8", "surrogateescape")
+    return content
 
 
-class RunResult:
-    def __init__(self, argv, returncode, output, logfile):
-        self.argv = argv
-        self.returncode = returncode
-        self.output = output
-        self.logfile = logfile
-
-    def describe(self):
-        """Exit code, output and log tail, for assertion messages."""
-        log = ""
-        try:
-            with open(self.logfile, "rb") as f:
-                data = f.read()
-            log = data[-6000:].decode("utf-8", "replace")
-        except OSError:
-            pass
-        return "argv: %r\nexit code: %s\n--- output ---\n%s\n--- log (tail) ---\n%s" % (
-            self.argv, self.returncode, self.output[-6000:], log)
-
-
-def run_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test", timeout=300, command=None):
-    """Run osync.py to completion; returns a RunResult (stdout and stderr merged)."""
-    argv = osync_argv(initiator, target, instance_id, extra, command)
-    proc = subprocess.run(argv, env=osync_env(logfile, settings), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-    return RunResult(argv, proc.returncode, proc.stdout.decode("utf-8", "replace"), logfile)
-
-
-def start_osync(initiator, target, logfile, settings=None, extra=(), instance_id="test", command=None):
-    """Start osync.py in its own process group (so that the whole run, rsync included, can be killed)."""
-    argv = osync_argv(initiator, target, instance_id, extra, command)
-    return subprocess.Popen(argv, env=osync_env(logfile, settings), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
+# --------------------------------------------------------------------------------------------------
+# stopping runs
+# --------------------------------------------------------------------------------------------------
 
 def kill_run(proc, sig=signal.SIGKILL):
     """Kill osync.py and every child of it (its process group), then reap it."""
@@ -114,8 +82,7 @@ def join(root, rel):
 def write_file(path, content, mtime=None, mode=None):
     """Write `content` (bytes or str) to path, creating parent dirs; optionally set mtime and mode."""
     path = b(path)
-    if isinstance(content, str):
-        content = content.encode()
+    content = as_bytes(content)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
@@ -142,10 +109,10 @@ def make_symlink(path, target, mtime=None):
         os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
-def remove(path):
-    """Remove a file, a symlink or a whole directory tree."""
-    import shutil
-    path = b(path)
+def remove(root, rel=None):
+    """Remove a file, a symlink or a whole directory tree: `root` itself, or `rel` inside it.
+    FileNotFoundError when there is nothing there."""
+    path = join(root, rel) if rel is not None else b(root)
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(path)
@@ -263,21 +230,6 @@ def file_contents(root):
     return found
 
 
-def find_content(root, content):
-    """Where (relative paths, work dir included) a file with exactly this content lives."""
-    where = []
-    for rel, st in walk(root):
-        if stat.S_ISREG(st.st_mode) and read_file(join(root, rel)) == content:
-            where.append(rel)
-    for part in DATA_PARTS:
-        base_rel = WORKDIR + b"/" + part
-        base = join(root, base_rel)
-        for rel, st in walk(base):
-            if stat.S_ISREG(st.st_mode) and read_file(join(base, rel)) == content:
-                where.append(base_rel + b"/" + rel)
-    return where
-
-
 def short(value, limit=120):
     r = repr(value)
     return r if len(r) <= limit else r[:limit] + "..."
@@ -302,3 +254,154 @@ def dump_tree(root, detail=False):
     snap = tree_snapshot(root, detail)
     snap.update(workdir_snapshot(root, detail))
     return "\n".join("  %s %s" % (short(rel, 200), short(e)) for rel, e in sorted(snap.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# small trees described as dicts (str relative paths)
+# --------------------------------------------------------------------------------------------------
+
+def put(root, rel, content=b"x", mtime=T0):
+    """Write a file (parents created, a file or link there replaced) with `content` and mtime
+    (None: leave as is); returns its Path."""
+    path = join(root, rel)
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+    write_file(path, content, mtime=mtime)
+    return as_path(path)
+
+
+def mkdir(root, rel, mtime=None):
+    path = join(root, rel)
+    os.makedirs(path, exist_ok=True)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return as_path(path)
+
+
+def link(root, rel, target):
+    """A symlink at rel pointing to `target` (whatever was there replaced); returns its Path."""
+    path = join(root, rel)
+    if os.path.lexists(path):
+        os.unlink(path)
+    make_symlink(path, target)
+    return as_path(path)
+
+
+def build(root, entries, mtime=T0):
+    """Create entries: {relpath: bytes|str (file), None (dir), ("l", target) (link)}."""
+    for rel, v in entries.items():
+        if v is None:
+            mkdir(root, rel)
+        elif isinstance(v, tuple) and v[0] == "l":
+            link(root, rel, v[1])
+        else:
+            put(root, rel, v, mtime)
+
+
+def expected(entries):
+    """The snapshot() a tree built from `entries` has (parent dirs added)."""
+    out = {}
+    for rel, v in entries.items():
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            out["/".join(parts[:i])] = ("d",)
+        if v is None:
+            out[rel] = ("d",)
+        elif isinstance(v, tuple) and v[0] == "l":
+            out[rel] = ("l", str(v[1]))
+        else:
+            out[rel] = ("f", as_bytes(v))
+    return out
+
+
+def snapshot(root, mtimes=False, exclude_workdir=True):
+    """{relpath: ("f", bytes) | ("d",) | ("l", target) | ("other", type)} of a tree, str
+    relative paths; the top-level .osync_workdir is left out unless exclude_workdir is false.
+    With mtimes, files are ("f", bytes, mtime_ns)."""
+    root = as_path(root)
+    out = {}
+
+    def visit(directory, prefix):
+        with os.scandir(str(directory)) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            rel = prefix + e.name
+            if exclude_workdir and rel == WORKDIR_NAME:
+                continue
+            if e.is_symlink():
+                out[rel] = ("l", os.readlink(e.path))
+            elif e.is_dir():
+                out[rel] = ("d",)
+                visit(e.path, rel + "/")
+            elif e.is_file():
+                with open(e.path, "rb") as f:
+                    data = f.read()
+                if mtimes:
+                    out[rel] = ("f", data, e.stat(follow_symlinks=False).st_mtime_ns)
+                else:
+                    out[rel] = ("f", data)
+            else:
+                out[rel] = ("other", stat.S_IFMT(e.stat(follow_symlinks=False).st_mode))
+
+    if root.is_dir():
+        visit(root, "")
+    return out
+
+
+def snapshot_workdir(root, mtimes=False):
+    """snapshot() of <root>/.osync_workdir ({} when it does not exist)."""
+    return snapshot(as_path(root) / WORKDIR_NAME, mtimes=mtimes, exclude_workdir=False)
+
+
+def files_only(snap):
+    return {k: v for k, v in snap.items() if v[0] != "d"}
+
+
+def find_content(root, content):
+    """Relative paths (str) of the regular files anywhere under `root`, work dir included,
+    whose content is `content`."""
+    root = as_path(root)
+    content = as_bytes(content)
+    hits = []
+    if not root.is_dir():
+        return hits
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.read_bytes() == content:
+            hits.append(p.relative_to(root).as_posix())
+    return hits
+
+
+def dir_files(d):
+    """Names of the non-directory entries anywhere under d (relative paths)."""
+    d = as_path(d)
+    if not d.is_dir():
+        return []
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                  if p.is_symlink() or not p.is_dir())
+
+
+def strip_prefix(line):
+    return re.sub(r"^\s*(R?TIME: [0-9.]+ - |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - )", "", line)
+
+
+def chattr_supported(directory):
+    """True if `chattr +i` works on files in `directory`."""
+    if not shutil.which("chattr"):
+        return False
+    probe = as_path(directory) / ".chattr_probe"
+    probe.write_text("x")
+    try:
+        ok = subprocess.run(["chattr", "+i", str(probe)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL).returncode == 0
+        if ok:
+            try:
+                probe.unlink()
+                ok = False          # immutable flag did not stop the unlink
+            except OSError:
+                pass
+    finally:
+        subprocess.run(["chattr", "-i", str(probe)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        if probe.exists():
+            probe.unlink()
+    return ok
