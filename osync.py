@@ -1775,6 +1775,16 @@ def _listing_items(children, rel_prefix, path_filter, options):
 
 # The replica -------------------------------------------------------------------------------
 
+def process_stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state first), None where
+    there is no /proc or no such process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+
+
 def pid_alive(pid):
     """Is a process with this pid running on this host (a zombie is not)?"""
     if pid <= 0 or pid == os.getpid():
@@ -1785,11 +1795,8 @@ def pid_alive(pid):
         return False
     except PermissionError:
         pass
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            return handle.read().rpartition(b")")[2].split()[:1] != [b"Z"]
-    except OSError:
-        return True
+    fields = process_stat_fields(pid)
+    return fields is None or fields[:1] != [b"Z"]
 
 
 def boot_id():
@@ -1804,11 +1811,10 @@ def boot_id():
 def process_start_time(pid):
     """When a process started (clock ticks since boot, from /proc), to tell it from a later
     process that got the same pid; "" where it cannot be known."""
+    fields = process_stat_fields(pid)
     try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            fields = handle.read().rpartition(b")")[2].split()
         return fields[19].decode("ascii")
-    except (OSError, IndexError, UnicodeDecodeError):
+    except (TypeError, IndexError, UnicodeDecodeError):
         return ""
 
 

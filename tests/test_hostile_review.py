@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import T0, dir_files, put
+from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor right after rsync wrote the file\n"
@@ -126,9 +127,6 @@ def test_kill_9_between_rsync_and_settling_loses_no_save(pair, tmp_path):
 
 
 
-def start_time(pid):
-    with open("/proc/%d/stat" % pid, "rb") as handle:
-        return handle.read().rpartition(b")")[2].split()[19].decode()
 
 
 def spawn_with_pid(wanted, attempts=200):
@@ -161,7 +159,7 @@ def test_a_reused_pid_of_an_orphan_is_never_stopped(pair):
     try:
         workdir = pair.workdir("initiator")
         (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
-        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, start_time(orphan.pid)))
+        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, process_start_time(orphan.pid)))
         process = pair.popen()
         deadline = time.time() + 20
         while not (workdir / "lock").read_text().startswith("%d@" % process.pid):
@@ -197,7 +195,7 @@ def test_a_child_recorded_before_the_host_booted_is_never_stopped(pair):
         workdir = pair.workdir("initiator")
         (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
         (workdir / "lock.children").write_text("%d %s 0f0e0d0c-0000-4000-8000-000000000000\n" % (
-            bystander.pid, start_time(bystander.pid)))
+            bystander.pid, process_start_time(bystander.pid)))
         r = pair.run(expect=0)
         assert bystander.poll() is None, "a process of this boot was stopped as an orphan of an earlier boot"
         assert "of an earlier run are still running" not in r.output, r.output

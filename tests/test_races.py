@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import T0, chattr_supported, dir_files, need, put
+from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor while the run transferred\n"
@@ -263,8 +264,7 @@ def test_a_takeover_waits_for_the_children_of_the_dead_run(pair):
     pair.run(expect=0)
     orphan = subprocess.Popen(["sleep", "300"])
     try:
-        with open("/proc/%d/stat" % orphan.pid, "rb") as handle:
-            started = handle.read().rpartition(b")")[2].split()[19].decode()
+        started = process_start_time(orphan.pid)
         workdir = pair.workdir("initiator")
         (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
         (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, started))

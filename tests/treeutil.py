@@ -405,3 +405,9 @@ def chattr_supported(directory):
         if probe.exists():
             probe.unlink()
     return ok
+
+
+def process_start_time(pid):
+    """When a process started (field 22 of /proc/PID/stat), as osync.py records it beside the lock."""
+    with open("/proc/%d/stat" % pid, "rb") as handle:
+        return handle.read().rpartition(b")")[2].split()[19].decode()
