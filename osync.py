@@ -695,6 +695,50 @@ def version_tuple(text):
     return tuple(int(part) for part in re.findall(r"[0-9]+", text))
 
 
+# Pattern files ----------------------------------------------------------------------------
+
+def read_pattern_file(cfg, key):
+    """Patterns of RSYNC_INCLUDE_FROM / RSYNC_EXCLUDE_FROM as [sign, pattern] rules.
+    A bare file name is looked up next to the config file; a missing file is an error."""
+    name = cfg[key]
+    default_sign = "+" if key == "RSYNC_INCLUDE_FROM" else "-"
+    if "/" not in name and cfg.config_file:
+        path = os.path.join(os.path.dirname(cfg.config_file), name)
+    else:
+        path = os.path.expanduser(name)
+    try:
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError("%s: cannot read the pattern file %s: %s." % (key, path, error.strerror))
+    rules = []
+    for line in lines:
+        if not line.strip() or line.startswith(("#", ";")):
+            continue
+        if line.startswith(("+ ", "- ")):
+            rules.append([line[0], line[2:]])
+        else:
+            rules.append([default_sign, line])
+    return rules
+
+
+def filter_spec(cfg):
+    """The include/exclude rules of the settings, in the order rsync would apply them."""
+    separator = cfg["PATH_SEPARATOR_CHAR"]
+    includes = [["+", pattern] for pattern in cfg["RSYNC_INCLUDE_PATTERN"].split(separator) if pattern]
+    excludes = [["-", pattern] for pattern in cfg["RSYNC_EXCLUDE_PATTERN"].split(separator) if pattern]
+    if cfg["RSYNC_INCLUDE_FROM"]:
+        includes += read_pattern_file(cfg, "RSYNC_INCLUDE_FROM")
+    if cfg["RSYNC_EXCLUDE_FROM"]:
+        excludes += read_pattern_file(cfg, "RSYNC_EXCLUDE_FROM")
+    for sign, pattern in includes + excludes:
+        try:   # the filter's own translation (Entries and scan), so a bad pattern fails at load time
+            pattern_to_regex(pattern)
+        except re.error as error:
+            raise ConfigError("Pattern %r is not valid: %s." % (pattern, error))
+    return includes + excludes if cfg["RSYNC_PATTERN_FIRST"] == "include" else excludes + includes
+
+
 # ======================================================================================
 # Output
 # ======================================================================================
@@ -987,6 +1031,11 @@ def printable(text, limit=500):
     return "".join(pieces)
 
 
+def one_line(text, limit=2000):
+    """A command's multi-line complaint as one line."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-limit:]
+
+
 def log_file_candidates(instance_id, configured):
     """Where the log goes, as osync does: LOGFILE, else /var/log, $HOME, the working dir."""
     if configured:
@@ -1159,6 +1208,18 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+def read_tail(stderr_file, limit=600):
+    """The last lines a process wrote to its stderr file, as one line."""
+    try:
+        stderr_file.seek(0, os.SEEK_END)
+        stderr_file.seek(max(0, stderr_file.tell() - 65536))   # however much was written
+        text = stderr_file.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return printable(" ".join(lines)[-limit:], limit)
+
+
 class Watchdog(object):
     """Soft and hard run-time limits, 'still running' lines, and clean stops on signals.
 
@@ -1211,20 +1272,84 @@ class Watchdog(object):
             self.output.notice("Still running after %d seconds." % elapsed)
 
 
-# ======================================================================================
-# Agent protocol
-# ======================================================================================
-# A remote target is served by this same file running on the remote host as an agent.
-# Everything a replica operation takes or returns is plain JSON data (paths are str
-# decoded with surrogateescape, so any byte name round-trips), which is what lets the
-# remote side run the very same LocalReplica code below.  Entries travel as lists
-# (to_wire / from_wire, next section).
+# Other processes: is a pid alive, when did it start, what is it running (lock takeover).
 
-# Messages are framed as one type byte (J: JSON, Z: zlib-compressed JSON), a 4-byte
-# big-endian length and the payload.  JSON is written with ensure_ascii, so the stream
-# is pure ASCII whatever the names.  A request is {"op": NAME, "args": [...]}; the
-# reply is {"ok": RESULT} or {"error": SENTENCE}; a scan replies with {"batch": [...]}
-# messages and a final {"end": true}.
+def process_stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (state first), None where
+    there is no /proc or no such process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+
+
+def pid_alive(pid):
+    """Is a process with this pid running on this host (a zombie is not)?"""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    fields = process_stat_fields(pid)
+    return fields is None or fields[:1] != [b"Z"]
+
+
+def boot_id():
+    """What tells this boot of the host from the others ("-" where it cannot be known)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            return handle.read(64).decode("ascii", "replace").strip() or "-"
+    except OSError:
+        return "-"
+
+
+def process_start_time(pid):
+    """When a process started (clock ticks since boot, from /proc), to tell it from a later
+    process that got the same pid; "" where it cannot be known."""
+    fields = process_stat_fields(pid)
+    try:
+        return fields[19].decode("ascii")
+    except (TypeError, IndexError, UnicodeDecodeError):
+        return ""
+
+
+def process_command_line(pid):
+    """The argv of a running process, from /proc; None where it cannot be known."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            argv = [os.fsdecode(part) for part in handle.read().split(b"\0") if part]
+        if not argv:   # a kernel thread or a zombie: only its name is left
+            with open("/proc/%d/comm" % pid, "rb") as handle:
+                argv = ["[%s]" % os.fsdecode(handle.read().strip())]
+        return argv
+    except OSError:
+        return None
+
+
+def looks_like_osync(argv):
+    """Is this the command line of osync.py (or osync.sh, osync-batch.py, a Python that
+    imports osync), under whatever interpreter?"""
+    return any("osync" in os.path.basename(part) for part in argv[:4])
+
+
+def current_user():
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
+
+
+# ======================================================================================
+# Entries and scan
+# ======================================================================================
+# What a scan saw of each path (Entry), the canonical path order, the include/exclude
+# filter, and the walk that yields a replica's entries in that order without ever holding
+# the whole tree.
 
 # Paths travel (and are stored in the state) as their bytes decoded as UTF-8 with
 # surrogateescape, whatever the local filesystem encoding: a Python 3.6 under the C
@@ -1262,204 +1387,6 @@ def transcode(value, convert):
         return dict((key, transcode(item, convert)) for key, item in value.items())
     return value
 
-
-AGENT_BANNER = b"OSYNC-AGENT "
-AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
-              "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
-              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);g={'__name__':'osync_agent'};"
-              "exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
-COMPRESS_ABOVE = 2048
-
-
-class ProtocolError(Exception):
-    """The agent stream ended or carried something that is not a message."""
-
-
-class StreamEnded(ProtocolError):
-    """The stream ended in the middle of a message."""
-
-
-def send_message(stream, message):
-    payload = json.dumps(message, separators=(",", ":")).encode("ascii")
-    kind = b"J"
-    if len(payload) > COMPRESS_ABOVE:
-        payload = zlib.compress(payload, 1)
-        kind = b"Z"
-    stream.write(kind + struct.pack(">I", len(payload)) + payload)
-    stream.flush()
-
-
-def read_exactly(stream, size):
-    data = stream.read(size)
-    if data is None or len(data) != size:
-        raise StreamEnded("the stream ended")
-    return data
-
-
-# No message may be longer than this, compressed or not: a hostile or broken agent cannot
-# make the initiator allocate more (a scan batch of 1000 entries with 4096-byte names,
-# every byte escaped, still fits).
-MESSAGE_LIMIT = 64 * 1024 * 1024
-
-
-def read_message(stream, limit=MESSAGE_LIMIT):
-    """The next message, or None at a clean end of stream."""
-    header = stream.read(5)
-    if not header:
-        return None
-    if len(header) != 5 or header[:1] not in (b"J", b"Z"):
-        raise ProtocolError("unexpected data %r" % header[:40])
-    size = struct.unpack(">I", header[1:])[0]
-    if size > limit:
-        raise ProtocolError("a message of %d bytes announced, more than the limit of %d" % (size, limit))
-    payload = read_exactly(stream, size)
-    if header[:1] == b"Z":
-        payload = bounded_decompress(payload, limit)
-    try:
-        return json.loads(payload.decode("ascii"))
-    except (UnicodeError, ValueError):
-        raise ProtocolError("a message that is not ASCII JSON")
-
-
-def bounded_decompress(payload, limit):
-    """zlib data that must expand to at most `limit` bytes (a zip bomb stops at the limit)."""
-    decompressor = zlib.decompressobj()
-    try:
-        data = decompressor.decompress(payload, limit + 1)
-    except zlib.error as error:
-        raise ProtocolError("a compressed message that cannot be decompressed (%s)" % error)
-    if len(data) > limit or decompressor.unconsumed_tail:
-        raise ProtocolError("a compressed message that expands to more than the limit of %d bytes" % limit)
-    if not decompressor.eof:
-        raise ProtocolError("a truncated compressed message")
-    return data
-
-
-class AgentClient(object):
-    """The local end of an agent: sends requests, reads replies, streams scans.
-
-    What the agent sends is untrusted: a reply that is not a message of the expected
-    shape ends the run with a sentence naming the host (see `violation`), and the
-    connection is not used again."""
-
-    def __init__(self, process, host, stderr_file):
-        self.process = process
-        self.host = host
-        self.stderr_file = stderr_file
-        self.streaming = None   # the id of a streamed reply not read to its end
-        self.broken = None      # the sentence of a protocol violation: the stream is out of step
-
-    def lost(self, what):
-        detail = read_tail(self.stderr_file)
-        return ReplicaError("The connection to the agent on %s was lost (%s)%s." % (
-            self.host, what, ": " + detail if detail else ""))
-
-    def violation(self, what):
-        """The error for a reply osync.py refuses (`what` says what was sent)."""
-        return agent_violation(self.host, what)
-
-    def _request(self, op, args):
-        if self.broken is not None:
-            raise ReplicaError(self.broken)
-        if self.streaming is not None:
-            # An abandoned scan: read the rest of it so the next reply is ours.
-            self.streaming = None
-            while not self._reply().get("end"):
-                pass
-        try:
-            send_message(self.process.stdin, {"op": op, "args": transcode(list(args), wire_text)})
-        except (OSError, ValueError) as error:
-            raise self.lost(str(error))
-
-    def _reply(self):
-        try:
-            reply = read_message(self.process.stdout)
-        except StreamEnded as error:
-            raise self.lost(str(error))
-        except ProtocolError as error:
-            self.broken = str(self.violation(str(error)))
-            raise ReplicaError(self.broken)
-        except (OSError, ValueError) as error:
-            raise self.lost(str(error))
-        if reply is None:
-            raise self.lost("end of stream")
-        if not isinstance(reply, dict):
-            self.broken = str(self.violation("a reply that is not a JSON object"))
-            raise ReplicaError(self.broken)
-        reply = transcode(reply, native_text)
-        if "error" in reply:
-            raise ReplicaError("On %s: %s" % (self.host, printable(reply["error"])))
-        return reply
-
-    def call(self, op, *args):
-        self._request(op, args)
-        reply = self._reply()
-        if "ok" not in reply:
-            self.broken = str(self.violation("a reply to %s without a result" % op))
-            raise ReplicaError(self.broken)
-        return reply["ok"]
-
-    def stream(self, op, *args):
-        """Send a streamed request now; return an iterator over the items of its reply."""
-        self._request(op, args)
-        stream_id = object()
-        self.streaming = stream_id
-        return self._items(stream_id)
-
-    def _items(self, stream_id):
-        while self.streaming is stream_id:
-            try:
-                reply = self._reply()
-            except ReplicaError:
-                self.streaming = None
-                raise
-            if reply.get("end") is True:
-                self.streaming = None
-                return
-            batch = reply.get("batch")
-            if not isinstance(batch, list):
-                self.streaming = None
-                self.broken = str(self.violation("a scan reply that is neither a batch nor its end"))
-                raise ReplicaError(self.broken)
-            for item in batch:
-                yield item
-
-    def close(self):
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            kill_process_group(self.process)
-
-
-def read_tail(stderr_file, limit=600):
-    """The last lines a process wrote to its stderr file, as one line."""
-    try:
-        stderr_file.seek(0, os.SEEK_END)
-        stderr_file.seek(max(0, stderr_file.tell() - 65536))   # however much was written
-        text = stderr_file.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return printable(" ".join(lines)[-limit:], limit)
-
-
-def agent_violation(host, what):
-    """The one sentence that ends a run when the agent sends what osync.py refuses."""
-    return ReplicaError("The agent on %s sent %s, which osync.py refuses; the run stopped (check that host)."
-                        % (host, what))
-
-
-# ======================================================================================
-# Replica
-# ======================================================================================
-# Entries, path filters, the tree walk, and LocalReplica: every operation the sync needs
-# on one replica.  Each operation takes and returns JSON-able data and checks what it is
-# about to touch against what the scan saw, so a file changed during the run is left
-# alone for the next run instead of being overwritten or deleted.
 
 class Entry(tuple):
     """What a scan saw of one path: kind f(ile), d(ir) or l(ink), size, times, attributes.
@@ -1773,50 +1700,195 @@ def _listing_items(children, rel_prefix, path_filter, options):
         yield child.path, rel_path, info
 
 
-# The replica -------------------------------------------------------------------------------
+# ======================================================================================
+# State
+# ======================================================================================
+# The state is one file per job in the initiator's state dir: a JSON header line, then
+# one line per path in canonical order holding what each replica had at the end of the
+# last sync of that path.  It is written atomically, so it only moves forward.  Each
+# replica's state dir also gets a small marker (how many items each side held), which
+# the unmounted-replica guard reads.
 
-def process_stat_fields(pid):
-    """The fields of /proc/PID/stat after the command name (state first), None where
-    there is no /proc or no such process."""
+class StateError(Exception):
+    """The state file cannot be read; the run falls back to a first run."""
+
+
+def state_file_name(instance_id):
+    return "osync.py-state-%s" % instance_id
+
+
+def marker_file_name(instance_id):
+    return "osync.py-marker-%s" % instance_id
+
+
+def read_state_header(path):
+    """The header dict of a state file, None if there is none."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            return handle.read().rpartition(b")")[2].split()
-    except OSError:
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+            line = handle.readline()
+    except FileNotFoundError:
         return None
-
-
-def pid_alive(pid):
-    """Is a process with this pid running on this host (a zombie is not)?"""
-    if pid <= 0 or pid == os.getpid():
-        return False
+    except OSError as error:
+        raise StateError("cannot read %s: %s" % (path, error.strerror))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    fields = process_stat_fields(pid)
-    return fields is None or fields[:1] != [b"Z"]
+        header = json.loads(line)
+        if header.get("format") != STATE_FORMAT:
+            raise ValueError("not a state file")
+    except (ValueError, AttributeError):
+        raise StateError("%s is not an osync.py state file" % path)
+    if header.get("version", 0) > STATE_VERSION:
+        raise StateError("%s was written by a newer osync.py (state version %s)" % (path, header.get("version")))
+    return header
 
 
-def boot_id():
-    """What tells this boot of the host from the others ("-" where it cannot be known)."""
+def read_state(path):
+    """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
+    if read_state_header(path) is None:
+        return
+    with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.readline()
+        previous_key = None
+        for number, line in enumerate(handle, 2):
+            try:
+                rel_path, initiator, target = transcode(json.loads(line), native_text)
+                initiator = None if initiator is None else Entry(rel_path, *initiator)
+                target = None if target is None else Entry(rel_path, *target)
+            except (ValueError, TypeError):
+                raise StateError("%s: line %d is damaged" % (path, number))
+            key = path_key(rel_path)
+            if previous_key is not None and key <= previous_key:
+                raise StateError("%s: line %d is out of order" % (path, number))
+            previous_key = key
+            yield rel_path, initiator, target
+
+
+def state_line(rel_path, initiator, target):
+    """The state file line of one path (names in the wire form)."""
+    return json.dumps(transcode([rel_path, None if initiator is None else list(initiator[1:]),
+                                 None if target is None else list(target[1:])], wire_text)) + "\n"
+
+
+def state_lines(records):
+    """State file lines for (path, initiator entry, target entry) records."""
+    for rel_path, initiator, target in records:
+        yield state_line(rel_path, initiator, target)
+
+
+def write_atomically(path, chunks):
+    """Write an iterable of text chunks to `path` so it holds the old or the new content,
+    never a mix: a temp file beside it, fsync, rename, fsync of the directory."""
+    directory = os.path.dirname(path)
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
-            return handle.read(64).decode("ascii", "replace").strip() or "-"
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError:
-        return "-"
+        pass
 
 
-def process_start_time(pid):
-    """When a process started (clock ticks since boot, from /proc), to tell it from a later
-    process that got the same pid; "" where it cannot be known."""
-    fields = process_stat_fields(pid)
-    try:
-        return fields[19].decode("ascii")
-    except (TypeError, IndexError, UnicodeDecodeError):
-        return ""
+def write_state(path, header, lines):
+    """Write the state file atomically; lines (from state_line) in canonical order."""
+    header = dict(header, format=STATE_FORMAT, version=STATE_VERSION)
 
+    def chunks():
+        yield json.dumps(header, sort_keys=True) + "\n"
+        for line in lines:
+            yield line
+    write_atomically(path, chunks())
+
+
+LEGACY_RETIRED_SUFFIX = ".retired-by-osync.py"
+
+
+def legacy_list_paths(state_dir, instance_id):
+    """Where osync.sh keeps its *-tree-after lists: {side: path}."""
+    return dict((side, os.path.join(state_dir, "%s-tree-after-%s" % (side, instance_id)))
+                for side in ("initiator", "target"))
+
+
+def retire_legacy_lists(state_dir, instance_id):
+    """Rename osync.sh's lists once an osync.py state replaces them: they describe the
+    replicas as they were then, and must never be a baseline again."""
+    for path in legacy_list_paths(state_dir, instance_id).values():
+        if os.path.lexists(path):
+            os.replace(path, path + LEGACY_RETIRED_SUFFIX)
+
+
+def read_legacy_state(state_dir, instance_id):
+    """Records made from osync.sh's *-tree-after lists, so that a first osync.py run after
+    osync.sh knows what both sides held and does not take old deletions for new files.
+    Entries are of kind '?' with the list's time as mtime.  None if there are no lists.
+    They are read once: the run that writes the first osync.py state retires them."""
+    lists = {}
+    for side, path in legacy_list_paths(state_dir, instance_id).items():
+        try:
+            with open(path, "rb") as handle:
+                names = [os.fsdecode(line.rstrip(b"\n")) for line in handle if line.strip()]
+            lists[side] = (names, os.stat(path).st_mtime_ns)
+        except OSError:
+            return None
+    paths = {}
+    for index, side in enumerate(("initiator", "target")):
+        names, when = lists[side]
+        for name in names:
+            slot = paths.setdefault(name, [None, None])
+            slot[index] = Entry(name, "?", 0, when)
+    return [(name, pair[0], pair[1]) for name, pair in sorted(paths.items(), key=lambda item: path_key(item[0]))]
+
+
+def merge_streams(previous, initiator, target):
+    """Merge-join the state records and both scans, all in canonical order.
+    Yields (path, previous initiator, previous target, initiator now, target now)."""
+    END = object()
+
+    def keyed_state():
+        for record in previous:
+            yield path_key(record[0]), record
+    def keyed_scan(entries):
+        for entry in entries:
+            yield path_key(entry.path), entry
+
+    streams = [keyed_state(), keyed_scan(initiator), keyed_scan(target)]
+    heads = [next(stream, END) for stream in streams]
+    while True:
+        keys = [head[0] for head in heads if head is not END]
+        if not keys:
+            return
+        key = min(keys)
+        taken = [None, None, None]
+        for index in range(3):
+            if heads[index] is not END and heads[index][0] == key:
+                taken[index] = heads[index][1]
+                heads[index] = next(streams[index], END)
+        record, now_initiator, now_target = taken
+        rel_path = record[0] if record else (now_initiator or now_target).path
+        yield (rel_path, record[1] if record else None, record[2] if record else None,
+               now_initiator, now_target)
+
+
+# ======================================================================================
+# Replica
+# ======================================================================================
+# LocalReplica: every operation the sync needs on one replica.  Each operation takes and
+# returns JSON-able data and checks what it is about to touch against what the scan saw,
+# so a file changed during the run is left alone for the next run instead of being
+# overwritten or deleted.
 
 def remove_any(path):
     """Remove a file, link or whole directory tree."""
@@ -2524,6 +2596,87 @@ class LocalReplica(object):
         return True
 
 
+# ======================================================================================
+# Agent
+# ======================================================================================
+# A remote target is served by this same file running on the remote host as an agent:
+# the remote side runs the very same LocalReplica code above, each call carried by a
+# message.  Everything a replica operation takes or returns is plain JSON data (paths in
+# the wire form of the previous sections, entries as lists: to_wire / from_wire).
+
+# Messages are framed as one type byte (J: JSON, Z: zlib-compressed JSON), a 4-byte
+# big-endian length and the payload.  JSON is written with ensure_ascii, so the stream
+# is pure ASCII whatever the names.  A request is {"op": NAME, "args": [...]}; the
+# reply is {"ok": RESULT} or {"error": SENTENCE}; a scan replies with {"batch": [...]}
+# messages and a final {"end": true}.
+AGENT_BANNER = b"OSYNC-AGENT "
+COMPRESS_ABOVE = 2048
+
+
+class ProtocolError(Exception):
+    """The agent stream ended or carried something that is not a message."""
+
+
+class StreamEnded(ProtocolError):
+    """The stream ended in the middle of a message."""
+
+
+def send_message(stream, message):
+    payload = json.dumps(message, separators=(",", ":")).encode("ascii")
+    kind = b"J"
+    if len(payload) > COMPRESS_ABOVE:
+        payload = zlib.compress(payload, 1)
+        kind = b"Z"
+    stream.write(kind + struct.pack(">I", len(payload)) + payload)
+    stream.flush()
+
+
+def read_exactly(stream, size):
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise StreamEnded("the stream ended")
+    return data
+
+
+# No message may be longer than this, compressed or not: a hostile or broken agent cannot
+# make the initiator allocate more (a scan batch of 1000 entries with 4096-byte names,
+# every byte escaped, still fits).
+MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+def read_message(stream, limit=MESSAGE_LIMIT):
+    """The next message, or None at a clean end of stream."""
+    header = stream.read(5)
+    if not header:
+        return None
+    if len(header) != 5 or header[:1] not in (b"J", b"Z"):
+        raise ProtocolError("unexpected data %r" % header[:40])
+    size = struct.unpack(">I", header[1:])[0]
+    if size > limit:
+        raise ProtocolError("a message of %d bytes announced, more than the limit of %d" % (size, limit))
+    payload = read_exactly(stream, size)
+    if header[:1] == b"Z":
+        payload = bounded_decompress(payload, limit)
+    try:
+        return json.loads(payload.decode("ascii"))
+    except (UnicodeError, ValueError):
+        raise ProtocolError("a message that is not ASCII JSON")
+
+
+def bounded_decompress(payload, limit):
+    """zlib data that must expand to at most `limit` bytes (a zip bomb stops at the limit)."""
+    decompressor = zlib.decompressobj()
+    try:
+        data = decompressor.decompress(payload, limit + 1)
+    except zlib.error as error:
+        raise ProtocolError("a compressed message that cannot be decompressed (%s)" % error)
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise ProtocolError("a compressed message that expands to more than the limit of %d bytes" % limit)
+    if not decompressor.eof:
+        raise ProtocolError("a truncated compressed message")
+    return data
+
+
 # What the agent sends ------------------------------------------------------------------
 # A remote target is untrusted: a path it reports is used on the initiator (rsync writes
 # it, backups are made under it), so every path and every reply is checked here, where it
@@ -2705,6 +2858,112 @@ REPLY_SHAPES = {"probe": _is_probe, "prepare_work_dir": _is_bool, "clear_leftove
                 "check_work_dir": _is_bool}
 
 
+def agent_violation(host, what):
+    """The one sentence that ends a run when the agent sends what osync.py refuses."""
+    return ReplicaError("The agent on %s sent %s, which osync.py refuses; the run stopped (check that host)."
+                        % (host, what))
+
+
+class AgentClient(object):
+    """The local end of an agent: sends requests, reads replies, streams scans.
+
+    What the agent sends is untrusted: a reply that is not a message of the expected
+    shape ends the run with a sentence naming the host (see `violation`), and the
+    connection is not used again."""
+
+    def __init__(self, process, host, stderr_file):
+        self.process = process
+        self.host = host
+        self.stderr_file = stderr_file
+        self.streaming = None   # the id of a streamed reply not read to its end
+        self.broken = None      # the sentence of a protocol violation: the stream is out of step
+
+    def lost(self, what):
+        detail = read_tail(self.stderr_file)
+        return ReplicaError("The connection to the agent on %s was lost (%s)%s." % (
+            self.host, what, ": " + detail if detail else ""))
+
+    def violation(self, what):
+        """The error for a reply osync.py refuses (`what` says what was sent)."""
+        return agent_violation(self.host, what)
+
+    def _request(self, op, args):
+        if self.broken is not None:
+            raise ReplicaError(self.broken)
+        if self.streaming is not None:
+            # An abandoned scan: read the rest of it so the next reply is ours.
+            self.streaming = None
+            while not self._reply().get("end"):
+                pass
+        try:
+            send_message(self.process.stdin, {"op": op, "args": transcode(list(args), wire_text)})
+        except (OSError, ValueError) as error:
+            raise self.lost(str(error))
+
+    def _reply(self):
+        try:
+            reply = read_message(self.process.stdout)
+        except StreamEnded as error:
+            raise self.lost(str(error))
+        except ProtocolError as error:
+            self.broken = str(self.violation(str(error)))
+            raise ReplicaError(self.broken)
+        except (OSError, ValueError) as error:
+            raise self.lost(str(error))
+        if reply is None:
+            raise self.lost("end of stream")
+        if not isinstance(reply, dict):
+            self.broken = str(self.violation("a reply that is not a JSON object"))
+            raise ReplicaError(self.broken)
+        reply = transcode(reply, native_text)
+        if "error" in reply:
+            raise ReplicaError("On %s: %s" % (self.host, printable(reply["error"])))
+        return reply
+
+    def call(self, op, *args):
+        self._request(op, args)
+        reply = self._reply()
+        if "ok" not in reply:
+            self.broken = str(self.violation("a reply to %s without a result" % op))
+            raise ReplicaError(self.broken)
+        return reply["ok"]
+
+    def stream(self, op, *args):
+        """Send a streamed request now; return an iterator over the items of its reply."""
+        self._request(op, args)
+        stream_id = object()
+        self.streaming = stream_id
+        return self._items(stream_id)
+
+    def _items(self, stream_id):
+        while self.streaming is stream_id:
+            try:
+                reply = self._reply()
+            except ReplicaError:
+                self.streaming = None
+                raise
+            if reply.get("end") is True:
+                self.streaming = None
+                return
+            batch = reply.get("batch")
+            if not isinstance(batch, list):
+                self.streaming = None
+                self.broken = str(self.violation("a scan reply that is neither a batch nor its end"))
+                raise ReplicaError(self.broken)
+            for item in batch:
+                yield item
+
+    def close(self):
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill_process_group(self.process)
+
+
 class RemoteReplica(object):
     """A replica on another host: the same interface as LocalReplica, each call carried
     out by a LocalReplica in the agent that osync.py runs there.  Every reply is checked
@@ -2823,85 +3082,26 @@ def serve_agent(reader, writer):
         send_message(writer, transcode(reply, wire_text))
 
 
-def write_atomically(path, chunks):
-    """Write an iterable of text chunks to `path` so it holds the old or the new content,
-    never a mix: a temp file beside it, fsync, rename, fsync of the directory."""
-    directory = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+def agent_main():
+    """Entry point of the agent on a remote host (started by the AGENT_STUB bootstrap):
+    serve replica requests on stdin/stdout until the initiator closes the stream."""
+    reader, writer = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr   # a stray print must never corrupt the protocol stream
+    os.environ["LC_ALL"] = "C"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    writer.write(AGENT_BANNER + ("%s %s\n" % (VERSION, sys.version.split()[0])).encode("ascii"))
+    writer.flush()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
+        serve_agent(reader, writer)
+    except (ProtocolError, BrokenPipeError, KeyboardInterrupt):
         pass
 
 
 # ======================================================================================
 # Transport
 # ======================================================================================
-# The rsync command line for one direction.  Argv lists only; the paths to transfer are
-# given NUL-separated through --files-from, so no name is ever parsed by a shell.
-
-def rsync_command(cfg, source, destination, list_file, verbose, transport=None, stamp="", same_device=True):
-    """rsync argv that copies exactly the listed paths from source to destination.
-
-    `same_device` is False for paths on another filesystem than the destination's work
-    dir (a mount point inside the replica): rsync then writes its temp file beside the
-    final name, since from another filesystem it would copy into the final name."""
-    # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
-    # --ignore-times: every listed path was judged different by osync.py, even one rewritten
-    # with the same size in the same second, which rsync's quick check would skip.
-    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
-            "--files-from=" + list_file]
-    # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
-    # directory always lets its owner in.
-    argv.append("--chmod=Du+x")
-    for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
-                      ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
-                      ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
-        if cfg[key]:
-            argv.append(flag)
-    if cfg["PRESERVE_EXECUTABILITY"] and not cfg["PRESERVE_PERMISSIONS"]:
-        argv.append("--executability")
-    if cfg["BANDWIDTH"]:
-        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])
-    argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
-    # Files are written to a temp file in the destination's work dir, then renamed into
-    # place: a path holds its old or its new content, never a mix.
-    if same_device:
-        argv.append("--temp-dir=" + destination.temp_dir())
-    # Whatever rsync replaces is kept aside, so that a version saved on the destination
-    # while the run transfers is never lost (see LocalReplica.settle_transfers).
-    argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
-    if cfg["PARTIAL"]:
-        argv += ["--partial", "--partial-dir=" + destination.work_dir + "/_partial"]
-    if cfg.switch("stats"):
-        argv.append("--stats")
-    if verbose:
-        argv.append("-i")
-    if transport is not None:
-        argv += transport.rsync_arguments()
-        if cfg["RSYNC_COMPRESS"]:
-            argv.append("-z")
-    argv += shlex.split(cfg["RSYNC_OPTIONAL_ARGS"])
-    argv += [source.location(), destination.location()]
-    return argv
-
+# The ssh command line and its one ControlMaster connection per run, shared by the agent
+# and every rsync; and the bootstrap that starts the agent on the remote host.
 
 SSH_URI = re.compile(r"^ssh://(?:(?P<user>[^@/\[\]]+)@)?(?P<host>\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^:/@\[\]]+)"
                      r"(?::(?P<port>[^/]*))?/(?P<path>.+)\Z", re.DOTALL)
@@ -2944,6 +3144,10 @@ def ssh_failure(host, port, stderr, code):
                 "SSH_IGNORE_KNOWN_HOSTS=yes on a trusted network." % (where, port, host))
     detail = " ".join(line.strip() for line in stderr.splitlines() if line.strip())[-400:]
     return "ssh to %s failed (exit code %s)%s." % (where, code, ": " + detail if detail else "")
+AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
+              "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
+              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);g={'__name__':'osync_agent'};"
+              "exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
 
 
 class SshTransport(object):
@@ -3135,175 +3339,6 @@ def ping(host):
     if code == 127:
         return None
     return code == 0
-
-
-def one_line(text, limit=2000):
-    """A command's multi-line complaint as one line."""
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-limit:]
-
-
-RSYNC_EXIT_MEANINGS = {
-    1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting input/output files",
-    5: "error starting client-server protocol", 10: "error in socket I/O", 11: "error in file I/O",
-    12: "error in rsync protocol data stream", 20: "received SIGUSR1 or SIGINT",
-    23: "some files could not be transferred", 24: "some files vanished before they could be transferred",
-    30: "timeout in data send/receive", 35: "timeout waiting for daemon connection",
-    127: "rsync was not found",
-}
-
-
-# ======================================================================================
-# Scan and state
-# ======================================================================================
-# The state is one file per job in the initiator's state dir: a JSON header line, then
-# one line per path in canonical order holding what each replica had at the end of the
-# last sync of that path.  It is written atomically, so it only moves forward.  Each
-# replica's state dir also gets a small marker (how many items each side held), which
-# the unmounted-replica guard reads.
-
-class StateError(Exception):
-    """The state file cannot be read; the run falls back to a first run."""
-
-
-def state_file_name(instance_id):
-    return "osync.py-state-%s" % instance_id
-
-
-def marker_file_name(instance_id):
-    return "osync.py-marker-%s" % instance_id
-
-
-def read_state_header(path):
-    """The header dict of a state file, None if there is none."""
-    try:
-        with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-            line = handle.readline()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise StateError("cannot read %s: %s" % (path, error.strerror))
-    try:
-        header = json.loads(line)
-        if header.get("format") != STATE_FORMAT:
-            raise ValueError("not a state file")
-    except (ValueError, AttributeError):
-        raise StateError("%s is not an osync.py state file" % path)
-    if header.get("version", 0) > STATE_VERSION:
-        raise StateError("%s was written by a newer osync.py (state version %s)" % (path, header.get("version")))
-    return header
-
-
-def read_state(path):
-    """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
-    if read_state_header(path) is None:
-        return
-    with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-        handle.readline()
-        previous_key = None
-        for number, line in enumerate(handle, 2):
-            try:
-                rel_path, initiator, target = transcode(json.loads(line), native_text)
-                initiator = None if initiator is None else Entry(rel_path, *initiator)
-                target = None if target is None else Entry(rel_path, *target)
-            except (ValueError, TypeError):
-                raise StateError("%s: line %d is damaged" % (path, number))
-            key = path_key(rel_path)
-            if previous_key is not None and key <= previous_key:
-                raise StateError("%s: line %d is out of order" % (path, number))
-            previous_key = key
-            yield rel_path, initiator, target
-
-
-def state_line(rel_path, initiator, target):
-    """The state file line of one path (names in the wire form)."""
-    return json.dumps(transcode([rel_path, None if initiator is None else list(initiator[1:]),
-                                 None if target is None else list(target[1:])], wire_text)) + "\n"
-
-
-def state_lines(records):
-    """State file lines for (path, initiator entry, target entry) records."""
-    for rel_path, initiator, target in records:
-        yield state_line(rel_path, initiator, target)
-
-
-def write_state(path, header, lines):
-    """Write the state file atomically; lines (from state_line) in canonical order."""
-    header = dict(header, format=STATE_FORMAT, version=STATE_VERSION)
-
-    def chunks():
-        yield json.dumps(header, sort_keys=True) + "\n"
-        for line in lines:
-            yield line
-    write_atomically(path, chunks())
-
-
-LEGACY_RETIRED_SUFFIX = ".retired-by-osync.py"
-
-
-def legacy_list_paths(state_dir, instance_id):
-    """Where osync.sh keeps its *-tree-after lists: {side: path}."""
-    return dict((side, os.path.join(state_dir, "%s-tree-after-%s" % (side, instance_id)))
-                for side in ("initiator", "target"))
-
-
-def retire_legacy_lists(state_dir, instance_id):
-    """Rename osync.sh's lists once an osync.py state replaces them: they describe the
-    replicas as they were then, and must never be a baseline again."""
-    for path in legacy_list_paths(state_dir, instance_id).values():
-        if os.path.lexists(path):
-            os.replace(path, path + LEGACY_RETIRED_SUFFIX)
-
-
-def read_legacy_state(state_dir, instance_id):
-    """Records made from osync.sh's *-tree-after lists, so that a first osync.py run after
-    osync.sh knows what both sides held and does not take old deletions for new files.
-    Entries are of kind '?' with the list's time as mtime.  None if there are no lists.
-    They are read once: the run that writes the first osync.py state retires them."""
-    lists = {}
-    for side, path in legacy_list_paths(state_dir, instance_id).items():
-        try:
-            with open(path, "rb") as handle:
-                names = [os.fsdecode(line.rstrip(b"\n")) for line in handle if line.strip()]
-            lists[side] = (names, os.stat(path).st_mtime_ns)
-        except OSError:
-            return None
-    paths = {}
-    for index, side in enumerate(("initiator", "target")):
-        names, when = lists[side]
-        for name in names:
-            slot = paths.setdefault(name, [None, None])
-            slot[index] = Entry(name, "?", 0, when)
-    return [(name, pair[0], pair[1]) for name, pair in sorted(paths.items(), key=lambda item: path_key(item[0]))]
-
-
-def merge_streams(previous, initiator, target):
-    """Merge-join the state records and both scans, all in canonical order.
-    Yields (path, previous initiator, previous target, initiator now, target now)."""
-    END = object()
-
-    def keyed_state():
-        for record in previous:
-            yield path_key(record[0]), record
-    def keyed_scan(entries):
-        for entry in entries:
-            yield path_key(entry.path), entry
-
-    streams = [keyed_state(), keyed_scan(initiator), keyed_scan(target)]
-    heads = [next(stream, END) for stream in streams]
-    while True:
-        keys = [head[0] for head in heads if head is not END]
-        if not keys:
-            return
-        key = min(keys)
-        taken = [None, None, None]
-        for index in range(3):
-            if heads[index] is not END and heads[index][0] == key:
-                taken[index] = heads[index][1]
-                heads[index] = next(streams[index], END)
-        record, now_initiator, now_target = taken
-        rel_path = record[0] if record else (now_initiator or now_target).path
-        yield (rel_path, record[1] if record else None, record[2] if record else None,
-               now_initiator, now_target)
 
 
 # ======================================================================================
@@ -3626,6 +3661,65 @@ def baseline(initiator_scan, target_scan):
 # rsync per direction for the transfers, attribute updates; then writes the new state
 # from what was verified, not from a rescan.  Decisions that need no work stream
 # straight into a spool file, so memory grows with the number of changes only.
+
+RSYNC_EXIT_MEANINGS = {
+    1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting input/output files",
+    5: "error starting client-server protocol", 10: "error in socket I/O", 11: "error in file I/O",
+    12: "error in rsync protocol data stream", 20: "received SIGUSR1 or SIGINT",
+    23: "some files could not be transferred", 24: "some files vanished before they could be transferred",
+    30: "timeout in data send/receive", 35: "timeout waiting for daemon connection",
+    127: "rsync was not found",
+}
+
+
+# The rsync command line for one direction.  Argv lists only; the paths to transfer are
+# given NUL-separated through --files-from, so no name is ever parsed by a shell.
+
+def rsync_command(cfg, source, destination, list_file, verbose, transport=None, stamp="", same_device=True):
+    """rsync argv that copies exactly the listed paths from source to destination.
+
+    `same_device` is False for paths on another filesystem than the destination's work
+    dir (a mount point inside the replica): rsync then writes its temp file beside the
+    final name, since from another filesystem it would copy into the final name."""
+    # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
+    # --ignore-times: every listed path was judged different by osync.py, even one rewritten
+    # with the same size in the same second, which rsync's quick check would skip.
+    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
+            "--files-from=" + list_file]
+    # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
+    # directory always lets its owner in.
+    argv.append("--chmod=Du+x")
+    for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
+                      ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
+                      ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
+        if cfg[key]:
+            argv.append(flag)
+    if cfg["PRESERVE_EXECUTABILITY"] and not cfg["PRESERVE_PERMISSIONS"]:
+        argv.append("--executability")
+    if cfg["BANDWIDTH"]:
+        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])
+    argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
+    # Files are written to a temp file in the destination's work dir, then renamed into
+    # place: a path holds its old or its new content, never a mix.
+    if same_device:
+        argv.append("--temp-dir=" + destination.temp_dir())
+    # Whatever rsync replaces is kept aside, so that a version saved on the destination
+    # while the run transfers is never lost (see LocalReplica.settle_transfers).
+    argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
+    if cfg["PARTIAL"]:
+        argv += ["--partial", "--partial-dir=" + destination.work_dir + "/_partial"]
+    if cfg.switch("stats"):
+        argv.append("--stats")
+    if verbose:
+        argv.append("-i")
+    if transport is not None:
+        argv += transport.rsync_arguments()
+        if cfg["RSYNC_COMPRESS"]:
+            argv.append("-z")
+    argv += shlex.split(cfg["RSYNC_OPTIONAL_ARGS"])
+    argv += [source.location(), destination.location()]
+    return argv
+
 
 class Outcome(object):
     """What a run did, for the summary, the conflict list and the exit code.  The paths
@@ -4181,52 +4275,10 @@ class Executor(object):
 
 
 # ======================================================================================
-# Run and command line
+# Run
 # ======================================================================================
 # One sync end to end: checks, guards, locks, plan, execution, state, cleanup, summary,
 # exit code.  Then the command line and main().
-
-def read_pattern_file(cfg, key):
-    """Patterns of RSYNC_INCLUDE_FROM / RSYNC_EXCLUDE_FROM as [sign, pattern] rules.
-    A bare file name is looked up next to the config file; a missing file is an error."""
-    name = cfg[key]
-    default_sign = "+" if key == "RSYNC_INCLUDE_FROM" else "-"
-    if "/" not in name and cfg.config_file:
-        path = os.path.join(os.path.dirname(cfg.config_file), name)
-    else:
-        path = os.path.expanduser(name)
-    try:
-        with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-            lines = handle.read().splitlines()
-    except OSError as error:
-        raise ConfigError("%s: cannot read the pattern file %s: %s." % (key, path, error.strerror))
-    rules = []
-    for line in lines:
-        if not line.strip() or line.startswith(("#", ";")):
-            continue
-        if line.startswith(("+ ", "- ")):
-            rules.append([line[0], line[2:]])
-        else:
-            rules.append([default_sign, line])
-    return rules
-
-
-def filter_spec(cfg):
-    """The include/exclude rules of the settings, in the order rsync would apply them."""
-    separator = cfg["PATH_SEPARATOR_CHAR"]
-    includes = [["+", pattern] for pattern in cfg["RSYNC_INCLUDE_PATTERN"].split(separator) if pattern]
-    excludes = [["-", pattern] for pattern in cfg["RSYNC_EXCLUDE_PATTERN"].split(separator) if pattern]
-    if cfg["RSYNC_INCLUDE_FROM"]:
-        includes += read_pattern_file(cfg, "RSYNC_INCLUDE_FROM")
-    if cfg["RSYNC_EXCLUDE_FROM"]:
-        excludes += read_pattern_file(cfg, "RSYNC_EXCLUDE_FROM")
-    for sign, pattern in includes + excludes:
-        try:
-            pattern_to_regex(pattern)
-        except re.error as error:
-            raise ConfigError("Pattern %r is not valid: %s." % (pattern, error))
-    return includes + excludes if cfg["RSYNC_PATTERN_FIRST"] == "include" else excludes + includes
-
 
 def make_replica(cfg, role):
     """The replica object of a local side of the sync (a remote target is opened by
@@ -4238,25 +4290,6 @@ def make_replica(cfg, role):
     if state_dir and not os.path.isabs(state_dir):
         raise ConfigError("The %s custom state dir %s must be an absolute path." % (role, state_dir))
     return LocalReplica(role, location, state_dir)
-
-
-def process_command_line(pid):
-    """The argv of a running process, from /proc; None where it cannot be known."""
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            argv = [os.fsdecode(part) for part in handle.read().split(b"\0") if part]
-        if not argv:   # a kernel thread or a zombie: only its name is left
-            with open("/proc/%d/comm" % pid, "rb") as handle:
-                argv = ["[%s]" % os.fsdecode(handle.read().strip())]
-        return argv
-    except OSError:
-        return None
-
-
-def looks_like_osync(argv):
-    """Is this the command line of osync.py (or osync.sh, osync-batch.py, a Python that
-    imports osync), under whatever interpreter?"""
-    return any("osync" in os.path.basename(part) for part in argv[:4])
 
 
 class SyncRun(object):
@@ -4986,29 +5019,6 @@ def write_stdout(text):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         except OSError:
             pass
-
-
-def agent_main():
-    """Entry point of the agent on a remote host (started by the AGENT_STUB bootstrap):
-    serve replica requests on stdin/stdout until the initiator closes the stream."""
-    reader, writer = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr   # a stray print must never corrupt the protocol stream
-    os.environ["LC_ALL"] = "C"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    writer.write(AGENT_BANNER + ("%s %s\n" % (VERSION, sys.version.split()[0])).encode("ascii"))
-    writer.flush()
-    try:
-        serve_agent(reader, writer)
-    except (ProtocolError, BrokenPipeError, KeyboardInterrupt):
-        pass
-
-
-def current_user():
-    try:
-        import pwd
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (ImportError, KeyError):
-        return str(os.geteuid())
 
 
 if __name__ == "__main__":
