@@ -2851,11 +2851,63 @@ def _is_cleaning(value):
             and isinstance(value[1], list) and all(isinstance(error, str) for error in value[1]))
 
 
-# The shape of each replica operation's result, checked before it is used.
-REPLY_SHAPES = {"probe": _is_probe, "prepare_work_dir": _is_bool, "clear_leftovers": _is_bool,
-                "acquire_lock": _is_text_or_none, "release_lock": _is_bool, "clean_old": _is_cleaning,
-                "read_state_file": _is_text_or_none, "write_state_file": _is_bool, "finish_transfers": _is_bool,
-                "check_work_dir": _is_bool}
+def shaped(is_right, shown=None):
+    """The check of a CALL's result: it must pass `is_right`; `shown` turns it into what
+    the run may print (texts from the agent end up in messages)."""
+    def check(result, host, op):
+        if not is_right(result):
+            raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+        return shown(result) if shown else result
+    return check
+
+
+def shown_lock(content):
+    return None if content is None else printable(content, 200)
+
+
+def shown_cleaning(result):
+    return [result[0], [printable(error) for error in result[1]]]
+
+
+def one_answer_per_item(items, answers, host, op):
+    """The check of a CHUNKED reply: one short text per item ("ok" or what went wrong)."""
+    if not isinstance(answers, list) or len(answers) != len(items) or \
+            not all(isinstance(answer, str) for answer in answers):
+        raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+    return [printable(answer) for answer in answers]
+
+
+def one_entry_per_path(paths, answers, host, op):
+    return checked_stats(paths, answers, host)
+
+
+# The operations the agent serves, each the LocalReplica method of that name, and how
+# its reply is checked before the run uses it.  A CALL answers with one result, checked
+# by check(result, host, op); a CHUNKED call takes a list as its first argument and is
+# sent in chunks of bounded size, each answer checked by check(chunk, answers, host, op);
+# a STREAM (the scan) answers with batches, checked by RemoteReplica.scan against the
+# run's own filter.  "open", which makes the agent's LocalReplica, comes first.  What is
+# not in this table the agent refuses, and RemoteReplica has no such method.
+CALL, CHUNKED, STREAM = "call", "chunked", "stream"
+AGENT_OPERATIONS = {
+    "probe": (CALL, shaped(_is_probe)),
+    "check_work_dir": (CALL, shaped(_is_bool)),
+    "prepare_work_dir": (CALL, shaped(_is_bool)),
+    "clear_leftovers": (CALL, shaped(_is_bool)),
+    "acquire_lock": (CALL, shaped(_is_text_or_none, shown_lock)),
+    "release_lock": (CALL, shaped(_is_bool)),
+    "clean_old": (CALL, shaped(_is_cleaning, shown_cleaning)),
+    "read_state_file": (CALL, shaped(_is_text_or_none)),
+    "write_state_file": (CALL, shaped(_is_bool)),
+    "finish_transfers": (CALL, shaped(_is_bool)),
+    "stat_paths": (CHUNKED, one_entry_per_path),
+    "filesystems_of": (CHUNKED, one_answer_per_item),
+    "prepare_overwrite": (CHUNKED, one_answer_per_item),
+    "remove_paths": (CHUNKED, one_answer_per_item),
+    "set_attributes": (CHUNKED, one_answer_per_item),
+    "settle_transfers": (CHUNKED, one_answer_per_item),
+    "scan": (STREAM, None),
+}
 
 
 def agent_violation(host, what):
@@ -2967,12 +3019,9 @@ class AgentClient(object):
 class RemoteReplica(object):
     """A replica on another host: the same interface as LocalReplica, each call carried
     out by a LocalReplica in the agent that osync.py runs there.  Every reply is checked
-    (checked_scan, checked_stats, REPLY_SHAPES) before the run uses it."""
+    as AGENT_OPERATIONS says before the run uses it."""
 
-    # Each of these needs its result's shape in REPLY_SHAPES (or is in CHUNKED_CALLS).
-    REMOTE_CALLS = ("probe", "check_work_dir", "prepare_work_dir", "clear_leftovers", "acquire_lock", "release_lock",
-                    "prepare_overwrite", "remove_paths", "set_attributes", "clean_old", "read_state_file",
-                    "write_state_file", "settle_transfers", "finish_transfers", "filesystems_of")
+    CHUNK = 2000
 
     def __init__(self, role, agent, rsync_host, paths):
         self.role = role
@@ -2983,45 +3032,34 @@ class RemoteReplica(object):
         self.state_dir = paths["state_dir"]
         self.display = "%s:%s" % (agent.host, self.root)
 
-    CHUNKED_CALLS = ("prepare_overwrite", "remove_paths", "set_attributes", "settle_transfers",
-                     "filesystems_of")
-    CHUNK = 2000
-
     def __getattr__(self, name):
-        if name in self.CHUNKED_CALLS:
-            return lambda items, *args: self._chunked(name, items, *args)
-        if name in self.REMOTE_CALLS:
-            return lambda *args: self._call(name, *args)
+        """Every CALL and CHUNKED operation of AGENT_OPERATIONS, as a method."""
+        form, check = AGENT_OPERATIONS.get(name, (None, None))
+        if form == CALL:
+            return lambda *args: self._call(name, check, *args)
+        if form == CHUNKED:
+            return lambda items, *args: self._chunked(name, check, items, *args)
         raise AttributeError(name)
 
-    def _call(self, name, *args):
-        result = self.agent.call(name, *args)
-        check = REPLY_SHAPES.get(name)    # an operation without a known shape is refused
-        if check is None or not check(result):
-            raise agent_violation(self.agent.host, "a reply to %s of the wrong shape" % name)
-        if name == "acquire_lock" and result is not None:
-            result = printable(result, 200)     # it is shown in messages
-        elif name == "clean_old":
-            result = [result[0], [printable(error) for error in result[1]]]
-        return result
+    def _call(self, op, check, *args):
+        return check(self.agent.call(op, *args), self.agent.host, op)
+
+    def _chunked(self, op, check, items, *args):
+        """A call on a long list goes as several messages of bounded size, in order."""
+        results = []
+        for start in range(0, len(items), self.CHUNK):
+            chunk = items[start:start + self.CHUNK]
+            results += check(chunk, self.agent.call(op, chunk, *args), self.agent.host, op)
+        return results
 
     def release_lock(self, content):
         if self.agent.broken is not None:
             return False   # the stream is out of step: nothing more can be asked of that agent
-        return self._call("release_lock", content)
+        return self._call("release_lock", AGENT_OPERATIONS["release_lock"][1], content)
 
-    def _chunked(self, name, items, *args):
-        """A call on a long list goes as several messages of bounded size, in order; each
-        must answer with one result per item (a short text: "ok" or what went wrong)."""
-        results = []
-        for start in range(0, len(items), self.CHUNK):
-            chunk = items[start:start + self.CHUNK]
-            answers = self.agent.call(name, chunk, *args)
-            if not isinstance(answers, list) or len(answers) != len(chunk) or \
-                    not all(isinstance(answer, str) for answer in answers):
-                raise agent_violation(self.agent.host, "a reply to %s of the wrong shape" % name)
-            results += [printable(answer) for answer in answers]
-        return results
+    def close(self):
+        """End the agent on the remote host (the ssh connection is the transport's)."""
+        self.agent.close()
 
     def location(self):
         return "%s:%s/" % (self.rsync_host, self.root)
@@ -3036,17 +3074,10 @@ class RemoteReplica(object):
         return checked_scan(self.agent.stream("scan", filter_spec, options), self.agent.host,
                             PathFilter(filter_spec))
 
-    def stat_paths(self, paths, options):
-        entries = []
-        for start in range(0, len(paths), self.CHUNK):
-            chunk = paths[start:start + self.CHUNK]
-            reply = self.agent.call("stat_paths", chunk, options)
-            entries += checked_stats(chunk, reply, self.agent.host)
-        return entries
-
 
 def serve_agent(reader, writer):
-    """The agent's loop: one LocalReplica, driven by requests until the stream ends."""
+    """The agent's loop: one LocalReplica, driven by requests until the stream ends.
+    Only the operations of AGENT_OPERATIONS are served."""
     replica = None
     while True:
         request = read_message(reader)
@@ -3060,19 +3091,13 @@ def serve_agent(reader, writer):
                                 "state_dir": replica.state_dir, "python": sys.version.split()[0]}}
             elif replica is None:
                 reply = {"error": "no replica opened"}
-            elif op == "scan":
-                batch = []
-                for entry in replica.scan(*args):
-                    batch.append(entry)
-                    if len(batch) >= 1000:
-                        send_message(writer, {"batch": transcode(batch, wire_text)})
-                        batch = []
-                send_message(writer, {"batch": transcode(batch, wire_text)})
-                reply = {"end": True}
-            elif op == "stat_paths" or op in RemoteReplica.REMOTE_CALLS:
-                reply = {"ok": getattr(replica, op)(*args)}
-            else:
+            elif op not in AGENT_OPERATIONS:
                 reply = {"error": "unknown request %r" % op}
+            elif AGENT_OPERATIONS[op][0] == STREAM:
+                send_batches(writer, getattr(replica, op)(*args))
+                reply = {"end": True}
+            else:
+                reply = {"ok": getattr(replica, op)(*args)}
         except OsyncError as error:
             reply = {"error": str(error)}
         except OSError as error:
@@ -3080,6 +3105,18 @@ def serve_agent(reader, writer):
         except Exception as error:  # report, keep serving: the client decides what to do
             reply = {"error": "internal error in %s: %s: %s" % (op, type(error).__name__, error)}
         send_message(writer, transcode(reply, wire_text))
+
+
+def send_batches(writer, items, size=1000):
+    """A streamed reply: the items in batch messages of bounded size (the final
+    {"end": true} follows)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            send_message(writer, {"batch": transcode(batch, wire_text)})
+            batch = []
+    send_message(writer, {"batch": transcode(batch, wire_text)})
 
 
 def agent_main():
@@ -4332,7 +4369,7 @@ class SyncRun(object):
         finally:
             if self.transport is not None:
                 if self.replicas["target"] is not None:
-                    self.replicas["target"].agent.close()
+                    self.replicas["target"].close()
                 self.transport.close()
 
     def connect(self):
