@@ -17,6 +17,7 @@ planner, executor, run and command line.
 
 import argparse
 import codecs
+import collections
 import errno
 import hashlib
 import io
@@ -40,8 +41,28 @@ import zlib
 PROGRAM = "osync.py"
 VERSION = "2.0.0"
 CONFIG_FILE_REVISION_REQUIRED = "1.3.0"
-WORK_DIR_NAME = ".osync_workdir"
 PUSH_FILE_NAME = ".osync-update.push"
+# The work dir below each replica root, laid out as osync v1.3 has it (state, backup,
+# deleted, _partial, lock) plus rsync's temp dir, the list of the run's children beside
+# the lock, and the backup a transfer makes of what it replaces.
+WORK_DIR_NAME = ".osync_workdir"
+STATE_DIR_NAME = "state"
+BACKUP_DIR_NAME = "backup"
+DELETED_DIR_NAME = "deleted"
+PARTIAL_DIR_NAME = "_partial"
+TEMP_DIR_NAME = "_tmp"
+LOCK_FILE_NAME = "lock"
+CHILDREN_FILE_NAME = "lock.children"
+TRANSFER_BACKUP_PREFIX = ".transfer-"   # backup/.transfer-STAMP
+# The files of a job in a state dir, each name filled in with the job's INSTANCE_ID.
+STATE_FILE_NAMES = {
+    "state": "osync.py-state-%s",         # what both replicas held after the last sync
+    "marker": "osync.py-marker-%s",       # ties a replica to that sync (one in each state dir)
+    "transfers": "transfers-%s",          # the transfers of a run until they are settled
+    "conflicts": "conflicts-%s",          # the conflicts of the last run
+    "resume_count": "resume-count-%s",    # RESUME_TRY counting, as osync v1.3
+    "last_action": "initiator-last-action-%s",
+}
 STATE_FORMAT = "osync.py-state"
 STATE_VERSION = 1
 MASS_DELETION_MINIMUM = 10  # the deletion breaker never trips for this many deletions or fewer
@@ -751,11 +772,10 @@ def filter_spec(cfg):
 VERBOSE = 15
 NOTICE = 20
 ALWAYS = 25
-logging.addLevelName(VERBOSE, "VERBOSE")
-logging.addLevelName(NOTICE, "NOTICE")
-logging.addLevelName(ALWAYS, "ALWAYS")
-logging.addLevelName(logging.WARNING, "WARN")
-TAGGED_LEVELS = (VERBOSE, logging.WARNING, logging.ERROR, logging.CRITICAL)
+# The levels whose lines carry their name, as osync writes it: PREFIX(WARN):message.
+# They stay here, not registered in `logging`, so importing osync.py changes nothing
+# for the program that imports it.
+LEVEL_TAGS = {VERBOSE: "VERBOSE", logging.WARNING: "WARN", logging.ERROR: "ERROR", logging.CRITICAL: "CRITICAL"}
 LOG_MESSAGE_LIMIT = 16384
 
 
@@ -774,8 +794,8 @@ class LineFormatter(logging.Formatter):
         if getattr(record, "bare", False):
             return message
         prefix = self.output.prefix(record.created)
-        if record.levelno in TAGGED_LEVELS:
-            line = "%s(%s):%s" % (prefix, record.levelname, message)
+        if record.levelno in LEVEL_TAGS:
+            line = "%s(%s):%s" % (prefix, LEVEL_TAGS[record.levelno], message)
         else:
             line = prefix + message
         if self.colour and record.levelno >= logging.WARNING:
@@ -1032,8 +1052,10 @@ def printable(text, limit=500):
 
 
 def one_line(text, limit=2000):
-    """A command's multi-line complaint as one line."""
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-limit:]
+    """A command's multi-line complaint (stderr) as one printable line; its end is kept,
+    since that is where the reason is."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return printable(" / ".join(lines)[-limit:], limit)
 
 
 def log_file_candidates(instance_id, configured):
@@ -1213,11 +1235,10 @@ def read_tail(stderr_file, limit=600):
     try:
         stderr_file.seek(0, os.SEEK_END)
         stderr_file.seek(max(0, stderr_file.tell() - 65536))   # however much was written
-        text = stderr_file.read().decode("utf-8", "replace")
+        text = stderr_file.read().decode("utf-8", "surrogateescape")
     except (OSError, ValueError):
         return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return printable(" ".join(lines)[-limit:], limit)
+    return one_line(text, limit)
 
 
 class Watchdog(object):
@@ -1388,32 +1409,23 @@ def transcode(value, convert):
     return value
 
 
-class Entry(tuple):
+# Every field of an Entry in its order, with its default: the one list that the class,
+# the state lines, the wire form and the checks of what an agent sends derive from.
+# The whole numbers are the lstat figures; link, digest and error are texts.
+ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("mode", 0), ("uid", 0),
+                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""))
+
+
+class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
     """What a scan saw of one path: kind f(ile), d(ir) or l(ink), size, times, attributes.
 
     `error` is set when the item could not be read (an unreadable directory, a broken
     link with COPY_SYMLINKS): the planner then leaves the path and its subtree alone."""
     __slots__ = ()
-    FIELDS = ("path", "kind", "size", "mtime_ns", "mode", "uid", "gid", "ino", "ctime_ns",
-              "link", "digest", "error")
 
-    def __new__(cls, path, kind, size=0, mtime_ns=0, mode=0, uid=0, gid=0, ino=0, ctime_ns=0,
-                link="", digest="", error=""):
-        return tuple.__new__(cls, (path, kind, size, mtime_ns, mode, uid, gid, ino, ctime_ns,
-                                   link, digest, error))
 
-    path = property(lambda self: self[0])
-    kind = property(lambda self: self[1])
-    size = property(lambda self: self[2])
-    mtime_ns = property(lambda self: self[3])
-    mode = property(lambda self: self[4])
-    uid = property(lambda self: self[5])
-    gid = property(lambda self: self[6])
-    ino = property(lambda self: self[7])
-    ctime_ns = property(lambda self: self[8])
-    link = property(lambda self: self[9])
-    digest = property(lambda self: self[10])
-    error = property(lambda self: self[11])
+# Python 3.6's namedtuple takes no defaults= argument.
+Entry.__new__.__defaults__ = tuple(default for _, default in ENTRY_FIELDS[2:])
 
 
 def to_wire(entry):
@@ -1645,14 +1657,14 @@ def walk_tree(root, path_filter, options):
             try:
                 listing = _sorted_listing(abs_path, rel_path + "/", path_filter, options)
             except OSError as error:
-                entry = Entry(*(entry[:11] + ("cannot list directory: %s" % error.strerror,)))
+                entry = entry._replace(error="cannot list directory: %s" % error.strerror)
                 listing = None
             if listing is not None:
                 unreadable = _first_unreadable(listing)
                 if unreadable is not None:
                     child_path, child_error = unreadable
-                    entry = Entry(*(entry[:11] + ("cannot read %s in it: %s" % (
-                        child_path.rpartition("/")[2], child_error.strerror),)))
+                    entry = entry._replace(error="cannot read %s in it: %s" % (
+                        child_path.rpartition("/")[2], child_error.strerror))
                     listing = None
                 else:
                     listing = iter(listing)
@@ -1713,12 +1725,9 @@ class StateError(Exception):
     """The state file cannot be read; the run falls back to a first run."""
 
 
-def state_file_name(instance_id):
-    return "osync.py-state-%s" % instance_id
-
-
-def marker_file_name(instance_id):
-    return "osync.py-marker-%s" % instance_id
+def state_dir_file(kind, instance_id):
+    """The name of a job's file in a state dir (STATE_FILE_NAMES)."""
+    return STATE_FILE_NAMES[kind] % instance_id
 
 
 def read_state_header(path):
@@ -1991,16 +2000,49 @@ def check_private_dir(path, what, other_owners=()):
     return True
 
 
-class LocalReplica(object):
+class Answer(object):
+    """What a replica operation answers for each item it was given, when it is not a
+    sentence saying what went wrong.  The words travel as they are between the agent and
+    the initiator."""
+    OK = "ok"
+    CHANGED = "changed"                 # changed since the scan: left for the next run
+    KEPT = "kept"                       # a directory to delete still holds something that stays
+    SAVED_RESTORED = "saved-restored"   # saved during the transfer: that version is back in place
+    SAVED_KEPT = "saved-kept"           # saved during the transfer, changed again: kept in backup/
+    WORK_FILESYSTEM = "work"            # filesystems_of: on the work dir's filesystem
+    OTHER_FILESYSTEM = "other"          # filesystems_of: below a mount point inside the replica
+
+
+class WorkDirLayout(object):
+    """Where things go in a replica's work dir: the same for a local and a remote replica
+    (remote paths are POSIX, and so are local ones wherever osync.py runs)."""
+
+    def work_path(self, *parts):
+        return posixpath.join(self.work_dir, *parts)
+
+    def temp_dir(self):
+        """Where transfers in progress and the run's scratch files live."""
+        return self.work_path(TEMP_DIR_NAME)
+
+    def transfer_backup_dir(self, stamp):
+        """Where rsync puts what it replaces during this run's transfers: inside backup/, so
+        that what a killed run leaves there is kept like any other backup."""
+        return self.work_path(BACKUP_DIR_NAME, TRANSFER_BACKUP_PREFIX + stamp)
+
+    def partial_dir(self):
+        return self.work_path(PARTIAL_DIR_NAME)
+
+
+class LocalReplica(WorkDirLayout):
     """One replica on this host.  A remote target runs this same class on its host."""
 
     def __init__(self, role, root, state_dir=""):
         self.role = role
         self.root = os.path.abspath(root)
         self.work_dir = os.path.join(self.root, WORK_DIR_NAME)
-        self.state_dir = state_dir or os.path.join(self.work_dir, "state")
+        self.state_dir = state_dir or os.path.join(self.work_dir, STATE_DIR_NAME)
         self.custom_state_dir = bool(state_dir)
-        self.lock_path = os.path.join(self.work_dir, "lock")
+        self.lock_path = os.path.join(self.work_dir, LOCK_FILE_NAME)
         self.display = self.root    # how messages name this replica
 
     def location(self):
@@ -2068,7 +2110,7 @@ class LocalReplica(object):
         parts = [self.work_dir]
         if not self.custom_state_dir:
             parts.append(self.state_dir)
-        for name in ("backup", "deleted", "_partial"):
+        for name in (BACKUP_DIR_NAME, DELETED_DIR_NAME, PARTIAL_DIR_NAME):
             parts.append(os.path.join(self.work_dir, name))
         parts.append(self.temp_dir())
         return parts
@@ -2118,10 +2160,6 @@ class LocalReplica(object):
             self._check_custom_state_dir()
         self._check_lock_file()
         return True
-
-    def temp_dir(self):
-        """Where transfers in progress and the run's scratch files live."""
-        return os.path.join(self.work_dir, "_tmp")
 
     def clear_leftovers(self):
         """Remove what a killed run left behind: temp files of transfers in progress and
@@ -2243,7 +2281,7 @@ class LocalReplica(object):
         return True
 
     def children_path(self):
-        return self.lock_path + ".children"
+        return os.path.join(self.work_dir, CHILDREN_FILE_NAME)
 
     def record_children(self, pids):
         """Write beside the lock the children the run has going ("PID STARTTIME" lines), so
@@ -2312,7 +2350,7 @@ class LocalReplica(object):
             expected = from_wire(expected)
             current = self._stat(path, options)
             if not unchanged_since_scan(expected, current):
-                results.append("changed")
+                results.append(Answer.CHANGED)
                 continue
             try:
                 abs_path = self.inside(path)
@@ -2320,19 +2358,14 @@ class LocalReplica(object):
                     # rsync does not replace a file by a directory: clear the way here.  Any
                     # other overwrite is kept by rsync itself (settle_transfers).
                     if backup:
-                        self._keep_copy(path, "backup", stamp, multiple, link=True)
+                        self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
                     os.unlink(abs_path)
                 elif current is not None and current.kind == "d" and new_kind != "d":
                     os.rmdir(abs_path)
-                results.append("ok")
+                results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
-
-    def transfer_backup_dir(self, stamp):
-        """Where rsync puts what it replaces during this run's transfers: inside backup/, so
-        that what a killed run leaves there is kept like any other backup."""
-        return os.path.join(self.work_dir, "backup", ".transfer-" + stamp)
 
     def filesystems_of(self, paths):
         """For each path, "work" when its nearest existing parent directory is on the work
@@ -2340,7 +2373,7 @@ class LocalReplica(object):
         try:
             work_device = os.lstat(self.temp_dir()).st_dev
         except OSError:
-            return ["work"] * len(paths)
+            return [Answer.WORK_FILESYSTEM] * len(paths)
         devices = {}
         answers = []
         for path in paths:
@@ -2355,7 +2388,7 @@ class LocalReplica(object):
                     devices[parent] = work_device
                     break
                 devices[parent] = info.st_dev if stat.S_ISDIR(info.st_mode) else work_device
-            answers.append("work" if devices[parent] == work_device else "other")
+            answers.append(Answer.WORK_FILESYSTEM if devices[parent] == work_device else Answer.OTHER_FILESYSTEM)
         return answers
 
     def settle_transfers(self, items, stamp, multiple, options):
@@ -2371,7 +2404,7 @@ class LocalReplica(object):
             try:
                 info = os.lstat(replaced)
             except (FileNotFoundError, NotADirectoryError):
-                results.append("ok")   # nothing was replaced
+                results.append(Answer.OK)   # nothing was replaced
                 continue
             try:
                 replaced_entry = make_entry(replaced, path, info, {})
@@ -2381,16 +2414,16 @@ class LocalReplica(object):
                 if expected is not None and unchanged_since_scan(from_wire(expected), replaced_entry):
                     still_in_place = unchanged_since_scan(from_wire(expected), current)
                     if (keep and arrived) or not (arrived or still_in_place):
-                        self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)
+                        self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=False, source=replaced)
                     else:
                         remove_any(replaced)   # not wanted, or the copy failed and the version stayed
-                    results.append("ok")
+                    results.append(Answer.OK)
                 elif arrived and current.kind != "d" and replaced_entry is not None and replaced_entry.kind != "d":
                     move_into_place(replaced, self.inside(path))
-                    results.append("saved-restored")
+                    results.append(Answer.SAVED_RESTORED)
                 else:
-                    self._keep_copy(path, "backup", stamp, multiple, link=False, source=replaced)
-                    results.append("saved-kept")
+                    self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=False, source=replaced)
+                    results.append(Answer.SAVED_KEPT)
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
@@ -2416,26 +2449,26 @@ class LocalReplica(object):
             expected = from_wire(expected)
             current = self._stat(path, options)
             if current is None:
-                results.append("ok")
+                results.append(Answer.OK)
                 continue
             if not unchanged_since_scan(expected, current):
-                results.append("changed")
+                results.append(Answer.CHANGED)
                 continue
             try:
                 abs_path = self.inside(path)
                 if current.kind == "d":
                     if os.listdir(abs_path):
-                        results.append("kept")
+                        results.append(Answer.KEPT)
                         continue
-                    if soft and not lexists(os.path.join(self.work_dir, "deleted", path)):
-                        self._keep_copy(path, "deleted", stamp, multiple, link=False)
+                    if soft and not lexists(os.path.join(self.work_dir, DELETED_DIR_NAME, path)):
+                        self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                     else:
                         os.rmdir(abs_path)
                 elif soft:
-                    self._keep_copy(path, "deleted", stamp, multiple, link=False)
+                    self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                 else:
                     os.unlink(abs_path)
-                results.append("ok")
+                results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
@@ -2452,7 +2485,7 @@ class LocalReplica(object):
             raise OSError(errno.ENOENT, "the work dir has no %s/" % area, area_root)
         base = os.path.join(area_root, path)
         self._make_parent(area_root, path, stamp)
-        if multiple and (area == "backup" or lexists(base)):
+        if multiple and (area == BACKUP_DIR_NAME or lexists(base)):
             destination = self._free_name(base, "." + stamp)
         else:
             destination = base
@@ -2517,7 +2550,7 @@ class LocalReplica(object):
             expected = from_wire(expected)
             current = self._stat(path, options)
             if not unchanged_since_scan(expected, current):
-                results.append("changed")
+                results.append(Answer.CHANGED)
                 continue
             try:
                 abs_path = self.inside(path)
@@ -2527,7 +2560,7 @@ class LocalReplica(object):
                 # chmod would follow a link (COPY_SYMLINKS shows it as its target): leave it be
                 if mode is not None and current.kind != "l" and not os.path.islink(abs_path):
                     os.chmod(abs_path, mode)
-                results.append("ok")
+                results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (path, error.strerror))
         return results
@@ -2683,7 +2716,8 @@ def bounded_decompress(payload, limit):
 # arrives, and anything else ends the run before it is used.
 
 ENTRY_KINDS = ("f", "d", "l", "?")
-ENTRY_INT_FIELDS = ("size", "mtime_ns", "mode", "uid", "gid", "ino", "ctime_ns")
+ENTRY_INT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if type(default) is int)
+ENTRY_TEXT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if default == "")
 WIRE_TEXT_LIMIT = 65536     # a link target, digest or error note from the agent
 
 
@@ -2723,9 +2757,9 @@ def shown_path(path):
 
 def entry_problem(data):
     """Why a wire entry (a to_wire list) is not a well-formed entry, or None."""
-    if not isinstance(data, list) or len(data) != len(Entry.FIELDS):
-        return "not a list of %d fields" % len(Entry.FIELDS)
-    fields = dict(zip(Entry.FIELDS, data))
+    if not isinstance(data, list) or len(data) != len(ENTRY_FIELDS):
+        return "not a list of %d fields" % len(ENTRY_FIELDS)
+    fields = dict(zip(Entry._fields, data))
     if fields["kind"] not in ENTRY_KINDS:
         return "kind %s is none of %s" % (printable(repr(fields["kind"]), 40), "/".join(ENTRY_KINDS))
     for name in ENTRY_INT_FIELDS:
@@ -2734,7 +2768,7 @@ def entry_problem(data):
             return "its %s %s is not a number" % (name, printable(repr(value), 40))
     if fields["size"] < 0 or not 0 <= fields["mode"] <= 0o7777:
         return "its size or mode is out of range"
-    for name in ("link", "digest", "error"):
+    for name in ENTRY_TEXT_FIELDS:
         value = fields[name]
         if not isinstance(value, str) or len(value) > WIRE_TEXT_LIMIT or "\0" in value:
             return "its %s is not a short text" % name
@@ -2752,7 +2786,7 @@ def check_wire_entry(data, host, where):
             where, " for " + shown_path(path) if isinstance(path, str) else "", problem))
     entry = Entry(*data)
     if entry.error and printable(entry.error) != entry.error:
-        entry = Entry(*(entry[:11] + (printable(entry.error),)))
+        entry = entry._replace(error=printable(entry.error))
     return entry
 
 
@@ -2819,7 +2853,7 @@ def checked_open_reply(reply, host, path, state_dir):
     if reply["work_dir"] != wanted_work_dir:
         raise agent_violation(host, "the work dir %s for the root %s" % (shown_path(reply["work_dir"]),
                                                                         shown_path(root)))
-    wanted_state_dir = state_dir or posixpath.join(wanted_work_dir, "state")
+    wanted_state_dir = state_dir or posixpath.join(wanted_work_dir, STATE_DIR_NAME)
     if reply["state_dir"] != wanted_state_dir:
         raise agent_violation(host, "the state dir %s where %s was asked" % (shown_path(reply["state_dir"]),
                                                                              shown_path(wanted_state_dir)))
@@ -3016,7 +3050,7 @@ class AgentClient(object):
             kill_process_group(self.process)
 
 
-class RemoteReplica(object):
+class RemoteReplica(WorkDirLayout):
     """A replica on another host: the same interface as LocalReplica, each call carried
     out by a LocalReplica in the agent that osync.py runs there.  Every reply is checked
     as AGENT_OPERATIONS says before the run uses it."""
@@ -3063,12 +3097,6 @@ class RemoteReplica(object):
 
     def location(self):
         return "%s:%s/" % (self.rsync_host, self.root)
-
-    def temp_dir(self):
-        return posixpath.join(self.work_dir, "_tmp")
-
-    def transfer_backup_dir(self, stamp):
-        return posixpath.join(self.work_dir, "backup", ".transfer-" + stamp)
 
     def scan(self, filter_spec, options):
         return checked_scan(self.agent.stream("scan", filter_spec, options), self.agent.host,
@@ -3179,7 +3207,7 @@ def ssh_failure(host, port, stderr, code):
     if "host key verification failed" in text or "remote host identification has changed" in text:
         return ("The host key of %s is unknown or has changed: add it to known_hosts (ssh-keyscan -p %d %s) or set "
                 "SSH_IGNORE_KNOWN_HOSTS=yes on a trusted network." % (where, port, host))
-    detail = " ".join(line.strip() for line in stderr.splitlines() if line.strip())[-400:]
+    detail = one_line(stderr, 400)
     return "ssh to %s failed (exit code %s)%s." % (where, code, ": " + detail if detail else "")
 AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
               "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
@@ -3744,7 +3772,7 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # while the run transfers is never lost (see LocalReplica.settle_transfers).
     argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
     if cfg["PARTIAL"]:
-        argv += ["--partial", "--partial-dir=" + destination.work_dir + "/_partial"]
+        argv += ["--partial", "--partial-dir=" + destination.partial_dir()]
     if cfg.switch("stats"):
         argv.append("--stats")
     if verbose:
@@ -4240,20 +4268,20 @@ class Executor(object):
         every path that did not come out "ok" (success is the rule, so only those are kept)."""
         for chunk in in_chunks(items, self.CHUNK):
             for item, answer in zip(chunk, call(chunk)):
-                if answer == "ok":
+                if answer == Answer.OK:
                     continue
                 path = item[0]
                 self.problems[(step, side, path)] = answer
-                if answer == "kept":
+                if answer == Answer.KEPT:
                     self.out.notice("Kept directory %s on the %s: it still holds items that are excluded or new."
                                     % (path, side))
-                elif answer == "changed":
+                elif answer == Answer.CHANGED:
                     self.out.notice("%s changed on the %s during the run; it is left for the next run."
                                     % (path, side))
-                elif answer == "saved-restored":
+                elif answer == Answer.SAVED_RESTORED:
                     self.out.notice("%s was saved on the %s while the run transferred it: the saved version is "
                                     "back in place and the next run resolves the conflict." % (path, side))
-                elif answer == "saved-kept":
+                elif answer == Answer.SAVED_KEPT:
                     self.out.notice("%s was saved on the %s while the run transferred it and changed again: the "
                                     "saved version is kept in its backup dir." % (path, side))
                 else:
@@ -4282,7 +4310,7 @@ class Executor(object):
             sending = (decision.path for decision in self._copies_to(destination))
             for chunk in in_chunks(sending, self.CHUNK):
                 for path, filesystem in zip(chunk, destination_replica.filesystems_of(chunk)):
-                    listing = local_list if filesystem == "work" else foreign_list
+                    listing = local_list if filesystem == Answer.WORK_FILESYSTEM else foreign_list
                     # "./" keeps rsync from reading a name that starts with # or ; as a comment.
                     listing.write(b"./" + os.fsencode(path) + b"\0")
                     counts[listing] += 1
@@ -4500,7 +4528,7 @@ class SyncRun(object):
         """A replica's marker as a dict of the known fields of the right types; {} when
         there is none or it is damaged (a marker may come from an untrusted host)."""
         try:
-            text = replica.read_state_file(marker_file_name(self.instance))
+            text = replica.read_state_file(state_dir_file("marker", self.instance))
             marker = json.loads(text) if text else {}
         except (ReplicaError, ValueError):
             return {}
@@ -4552,7 +4580,7 @@ class SyncRun(object):
 
     def marker_location(self, replica):
         """The marker file of a replica, as the user would find it."""
-        path = posixpath.join(replica.state_dir, marker_file_name(self.instance))
+        path = posixpath.join(replica.state_dir, state_dir_file("marker", self.instance))
         return "%s:%s" % (self.transport.destination(), path) if isinstance(replica, RemoteReplica) else path
 
     def guard_older_sync(self, facts):
@@ -4606,7 +4634,7 @@ class SyncRun(object):
             if header.get("sync_id") and header.get("replicas") == self.pair_identity():
                 marker["sync_id"] = header["sync_id"]
             marker["pending_sync_id"] = self.sync_id
-            replica.write_state_file(marker_file_name(self.instance), json.dumps(marker) + "\n")
+            replica.write_state_file(state_dir_file("marker", self.instance), json.dumps(marker) + "\n")
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
@@ -4718,7 +4746,7 @@ class SyncRun(object):
         return self.replicas[side].scan(spec, self.options)
 
     def state_path(self):
-        return os.path.join(self.replicas["initiator"].state_dir, state_file_name(self.instance))
+        return os.path.join(self.replicas["initiator"].state_dir, state_dir_file("state", self.instance))
 
     def pair_identity(self):
         """Which two replicas this job syncs: the state and markers apply to them only."""
@@ -4777,15 +4805,15 @@ class SyncRun(object):
         if self.cfg["LOG_CONFLICTS"]:
             self.write_conflicts(outcome)
         if outcome.failed == 0:
-            self.replicas["initiator"].write_state_file("initiator-last-action-%s" % self.instance, "synced\n")
-            self.replicas["initiator"].write_state_file("resume-count-%s" % self.instance, "0\n")
+            self.replicas["initiator"].write_state_file(state_dir_file("last_action", self.instance), "synced\n")
+            self.replicas["initiator"].write_state_file(state_dir_file("resume_count", self.instance), "0\n")
         return outcome
 
     def executor(self, policy):
         executor = Executor(self.cfg, self.out, self.replicas, policy, self.options, self.stamp, self.dry,
                             self.transport)
         if not self.dry:
-            executor.journal_name = "transfers-%s" % self.instance
+            executor.journal_name = state_dir_file("transfers", self.instance)
         return executor
 
     def note_resume(self):
@@ -4794,8 +4822,8 @@ class SyncRun(object):
         if self.dry:
             return
         initiator = self.replicas["initiator"]
-        last = (initiator.read_state_file("initiator-last-action-%s" % self.instance) or "synced").strip()
-        count_text = (initiator.read_state_file("resume-count-%s" % self.instance) or "0").strip()
+        last = (initiator.read_state_file(state_dir_file("last_action", self.instance)) or "synced").strip()
+        count_text = (initiator.read_state_file(state_dir_file("resume_count", self.instance)) or "0").strip()
         count = int(count_text) if count_text.isdigit() else 0
         if last != "synced" and self.cfg["RESUME_SYNC"]:
             if self.cfg["RESUME_TRY"] and count >= self.cfg["RESUME_TRY"]:
@@ -4805,8 +4833,8 @@ class SyncRun(object):
             else:
                 self.out.notice("Continuing the interrupted run [%d previous tries]." % count)
                 count += 1
-            initiator.write_state_file("resume-count-%s" % self.instance, "%d\n" % count)
-        initiator.write_state_file("initiator-last-action-%s" % self.instance, "update-replica\n")
+            initiator.write_state_file(state_dir_file("resume_count", self.instance), "%d\n" % count)
+        initiator.write_state_file(state_dir_file("last_action", self.instance), "update-replica\n")
 
     def write_markers(self, outcome):
         """After the state: both markers get the state's sync id and what each side holds;
@@ -4820,7 +4848,7 @@ class SyncRun(object):
                              "initiator_entries": outcome.entries["initiator"],
                              "target_entries": outcome.entries["target"]}) + "\n"
         for replica in self.replicas.values():
-            replica.write_state_file(marker_file_name(self.instance), marker)
+            replica.write_state_file(state_dir_file("marker", self.instance), marker)
         if self.legacy_used:
             retire_legacy_lists(self.replicas["initiator"].state_dir, self.instance)
 
@@ -4833,7 +4861,7 @@ class SyncRun(object):
         initiator, target = self.report_root("initiator"), self.report_root("target")
         lines = ["%s%s << >> %s%s\n" % (initiator, path, target, path)
                  for path, winner in outcome.conflicts]
-        self.replicas["initiator"].write_state_file("conflicts-%s" % self.instance, "".join(lines))
+        self.replicas["initiator"].write_state_file(state_dir_file("conflicts", self.instance), "".join(lines))
         if lines:
             self.out.notice("File conflicts: INITIATOR << >> TARGET\n%sThere are %d conflicting files."
                             % ("".join(lines), len(lines)))
@@ -4860,7 +4888,7 @@ class SyncRun(object):
 
     def cleanup(self, spec):
         """Remove backups and soft-deleted items older than their limits, on both sides."""
-        for area, key in (("backup", "CONFLICT_BACKUP_DAYS"), ("deleted", "SOFT_DELETE_DAYS")):
+        for area, key in ((BACKUP_DIR_NAME, "CONFLICT_BACKUP_DAYS"), (DELETED_DIR_NAME, "SOFT_DELETE_DAYS")):
             days = self.cfg[key]
             if not days:
                 continue
