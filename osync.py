@@ -4920,11 +4920,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     os.environ["LC_ALL"] = "C"
     out = Output()
-    debug = os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
+    cfg = parse_or_report(argv, out)
+    if isinstance(cfg, int):
+        return cfg
+    open_run_log(cfg, out)
+    run_task(cfg, out)
+    return report_stop(out)
+
+
+def debug_requested():
+    return os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
+
+
+def parse_or_report(argv, out):
+    """The Config of this run; or an exit code: 0 or 1 after help or version, 1 once a
+    command line or config that cannot be used is reported (on the screen unless --silent,
+    and in the log where messages go before the config is read)."""
     try:
-        cfg = parse_command_line(argv)
+        return parse_command_line(argv)
     except Exception as error:
-        out.configure(silent="--silent" in argv, debug=debug)
+        out.configure(silent="--silent" in argv, debug=debug_requested())
         out.open_log(early_log_candidates())
         if isinstance(error, ConfigError):
             out.critical(str(error))
@@ -4932,10 +4947,13 @@ def main(argv=None):
             report_internal_error(out, error)
         out.close()
         return 1
-    if isinstance(cfg, int):
-        return cfg
+
+
+def open_run_log(cfg, out):
+    """The screen switches and the log file of the config, then the lines that open a run
+    in the log, with what loading the config had to say."""
     out.configure(silent=cfg.switch("silent"), errors_only=cfg.switch("errors_only"),
-                  verbose=cfg.switch("verbose"), debug=debug,
+                  verbose=cfg.switch("verbose"), debug=debug_requested(),
                   prefix="none" if cfg.switch("no_prefix") else "time")
     out.open_log(log_file_candidates(cfg["INSTANCE_ID"], cfg["LOGFILE"]))
     out.notice("-------------------------------------------------------------")
@@ -4947,11 +4965,15 @@ def main(argv=None):
         out.notice(notice)
     for warning in cfg.warnings:
         out.warn(warning)
+
+
+def run_task(cfg, out):
+    """Do what the command line asks for; however it stops, the reason is logged, and what
+    was logged decides the exit code."""
     try:
         if cfg.switch("on_changes") or cfg.switch("on_changes_target"):
             raise ConfigError("Monitor mode (--on-changes) is not available in this version of osync.py yet.")
-        with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"]):
-            SyncRun(cfg, out).run()
+        run_sync(cfg, out)
     except OsyncError as error:
         out.critical(str(error))
     except StopRun as stop:
@@ -4961,6 +4983,17 @@ def main(argv=None):
                      % (error.strerror or error, " (%s)" % error.filename if error.filename else ""))
     except Exception as error:  # a bug: say it plainly, keep the traceback in the log
         report_internal_error(out, error)
+
+
+def run_sync(cfg, out):
+    """One sync of the two replicas, under the soft and hard time limits."""
+    with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"]):
+        SyncRun(cfg, out).run()
+
+
+def report_stop(out):
+    """End the run: stop what is left of its children, log how it finished, close the
+    log; returns the exit code (0 ok, 1 errors, 2 warnings only)."""
     CHILDREN.close()
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
