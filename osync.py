@@ -4354,14 +4354,20 @@ class SyncRun(object):
                 replica.prepare_work_dir()
         try:
             self.take_locks()
+            bookkeeping = []
             if not self.dry:
                 for replica in self.replicas.values():
                     replica.clear_leftovers()
+                bookkeeping = self.read_bookkeeping()
                 self.mark_sync_start()
             if cfg.switch("initialize"):
                 self.initialize(spec)
                 return
-            outcome = self.sync(spec, facts)
+            try:
+                outcome = self.sync(spec, facts)
+            except Refusal:
+                self.restore_bookkeeping(bookkeeping)   # a guard of the plan: nothing was changed
+                raise
             if not self.dry and outcome.failed == 0 and out.counter.errors == 0:
                 self.cleanup(spec)
             if cfg.switch("summary"):
@@ -4564,6 +4570,30 @@ class SyncRun(object):
                 marker["sync_id"] = header["sync_id"]
             marker["pending_sync_id"] = self.sync_id
             replica.write_state_file(marker_file_name(self.instance), json.dumps(marker) + "\n")
+
+    def bookkeeping_files(self):
+        """The state files a run updates before its first change: both markers (the pending
+        sync id) and the initiator's resume bookkeeping."""
+        files = [(replica, marker_file_name(self.instance)) for replica in self.replicas.values()]
+        files += [(self.replicas["initiator"], name % self.instance)
+                  for name in ("initiator-last-action-%s", "resume-count-%s")]
+        return files
+
+    def read_bookkeeping(self):
+        """What the bookkeeping files hold before the run touches them (None: absent)."""
+        return [(replica, name, replica.read_state_file(name)) for replica, name in self.bookkeeping_files()]
+
+    def restore_bookkeeping(self, saved):
+        """Put the bookkeeping files back as they were, after a guard refused the plan: the
+        refused run then counts as no run at all (no resume, no pending sync id)."""
+        for replica, name, text in saved:
+            if text is None:
+                continue
+            try:
+                replica.write_state_file(name, text)
+            except (OsyncError, OSError) as error:
+                self.out.warn("Cannot put back %s in the state dir of the %s replica (%s); the next run counts "
+                              "this one as interrupted." % (name, replica.role, error))
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
