@@ -81,6 +81,25 @@ class ReplicaError(OsyncError):
     """A replica cannot be used: missing, unwritable, locked, unmounted..."""
 
 
+class Refusal(ReplicaError):
+    """A guard stopped the run before its first write.  The message is built here, in one
+    shape for every guard: "<reason>, so nothing was changed. <way out>."  `guard` is a
+    short name of the guard that refused ("missing-replica", "older-disk", "locked"...)."""
+
+    def __init__(self, guard, reason, way_out):
+        ReplicaError.__init__(self, "%s, so nothing was changed. %s." % (reason, way_out))
+        self.guard = guard
+        self.reason = reason
+        self.way_out = way_out
+
+
+def refuse(guard, reason, way_out):
+    """Stop the run before any write: `reason` says what was found (naming the replica,
+    host or path), `way_out` what the user can safely do about it, both without the final
+    period."""
+    raise Refusal(guard, reason, way_out)
+
+
 class StopRun(BaseException):
     """Raised inside the run by a signal or the hard time limit, to stop it cleanly.
 
@@ -2081,10 +2100,11 @@ class LocalReplica(WorkDirLayout):
         facts = {"root": self.root, "created": False}
         if not os.path.isdir(self.root):
             if lexists(self.root):
-                raise ReplicaError("The %s replica %s exists but is not a directory." % (self.role, self.root))
+                refuse("not-a-directory", "The %s replica %s exists but is not a directory" % (self.role, self.root),
+                       "Move it away, or give the path of the directory to sync")
             if not create:
-                raise ReplicaError("The %s replica %s does not exist; create it, mount it, "
-                                   "or set CREATE_DIRS=yes." % (self.role, self.root))
+                refuse("missing-replica", "The %s replica %s does not exist" % (self.role, self.root),
+                       "Create it, mount it, or set CREATE_DIRS=yes")
             try:
                 os.makedirs(self.root)
             except OSError as error:
@@ -3957,11 +3977,11 @@ class Executor(object):
             count = deletions[side]
             if count > MASS_DELETION_MINIMUM and count * 100 > limit * held[side]:
                 self.close()
-                raise ReplicaError(
-                    "This run would delete %d of the %d items on the %s replica %s, more than MAX_DELETION_SHARE "
-                    "(%d%%), so nothing was changed: check that replica, and if those deletions are intended, run "
-                    "once with --allow-mass-deletion (or raise MAX_DELETION_SHARE)."
-                    % (count, held[side], side, self.replicas[side].display, limit))
+                refuse("mass-deletion",
+                       "This run would delete %d of the %d items on the %s replica %s, more than MAX_DELETION_SHARE "
+                       "(%d%%)" % (count, held[side], side, self.replicas[side].display, limit),
+                       "Check that replica, and if those deletions are intended, run once with "
+                       "--allow-mass-deletion (or raise MAX_DELETION_SHARE)")
 
     def close(self):
         for work_list in [self.spool] + list(self.lists.values()):
@@ -4388,8 +4408,8 @@ class SyncRun(object):
             out.notice("Alert mails are not available in this version of osync.py yet; none is sent.")
         spec = filter_spec(cfg)
         if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
-            raise ReplicaError("rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH; install rsync."
-                               % cfg["RSYNC_EXECUTABLE"])
+            refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
+                   % cfg["RSYNC_EXECUTABLE"], "Install rsync, or set RSYNC_EXECUTABLE to the path of rsync")
         try:
             if self.transport is not None:
                 self.connect()
@@ -4415,7 +4435,9 @@ class SyncRun(object):
             if answer is None:
                 self.out.warn("ping is not installed: REMOTE_HOST_PING cannot be checked.")
             elif not answer:
-                raise ReplicaError("Cannot ping %s; this task is skipped (REMOTE_HOST_PING)." % host)
+                refuse("no-ping", "Cannot ping %s (REMOTE_HOST_PING=yes skips the task when its host does not "
+                       "answer)" % host,
+                       "Check that %s is up and reachable, or set REMOTE_HOST_PING=no" % host)
         self.transport.start()
         self.replicas["target"] = self.transport.start_agent("target", cfg["TARGET_CUSTOM_STATE_DIR"])
 
@@ -4430,14 +4452,20 @@ class SyncRun(object):
                 replica.prepare_work_dir()
         try:
             self.take_locks()
+            bookkeeping = []
             if not self.dry:
                 for replica in self.replicas.values():
                     replica.clear_leftovers()
+                bookkeeping = self.read_bookkeeping()
                 self.mark_sync_start()
             if cfg.switch("initialize"):
                 self.initialize(spec)
                 return
-            outcome = self.sync(spec, facts)
+            try:
+                outcome = self.sync(spec, facts)
+            except Refusal:
+                self.restore_bookkeeping(bookkeeping)   # a guard of the plan: nothing was changed
+                raise
             if not self.dry and outcome.failed == 0 and out.counter.errors == 0:
                 self.cleanup(spec)
             if cfg.switch("summary"):
@@ -4469,18 +4497,22 @@ class SyncRun(object):
         if self.transport is not None:
             one = other = None
         if one is not None and one == other:
-            raise ReplicaError("The initiator and the target are the same directory (%s)." % one)
+            refuse("same-replica", "The initiator and the target are the same directory (%s)" % one,
+                   "Give two different directories")
         for inner, outer in ((one, other), (other, one)):
             if inner is not None and inner.startswith(outer.rstrip("/") + "/"):
-                raise ReplicaError("The replica %s lies inside the replica %s; they must not overlap." % (inner, outer))
+                refuse("nested-replicas", "The replica %s lies inside the replica %s" % (inner, outer),
+                       "They must not overlap: give two separate directories")
         self.check_overlap(facts)
         self.check_clocks(facts)
         for side, replica in self.replicas.items():
             if not facts[side]["readable"]:
-                raise ReplicaError("The %s replica %s cannot be read by this user; nothing was changed. Give the user "
-                                   "read and search permission on it (chmod u+rx) and run again." % (side, replica.display))
+                refuse("unreadable-replica", "The %s replica %s cannot be read by this user" % (side, replica.display),
+                       "Give the user read and search permission on it (chmod u+rx) and run again")
             if not facts[side]["writable"] and not self.dry:
-                raise ReplicaError("The %s replica %s is not writable by this user." % (side, replica.display))
+                refuse("unwritable-replica", "The %s replica %s is not writable by this user" % (side, replica.display),
+                       "Give the user write permission on it (chmod u+w; remount it read-write if it is mounted "
+                       "read-only) and run again")
             free = facts[side]["free_kb"]
             if self.cfg["MINIMUM_SPACE"] and free is not None and free < self.cfg["MINIMUM_SPACE"]:
                 self.out.warn("There is not enough free space on the %s replica %s (%d KiB, MINIMUM_SPACE is %d)."
@@ -4498,12 +4530,13 @@ class SyncRun(object):
             return
         displays = dict((side, replica.display) for side, replica in self.replicas.items())
         if initiator["dir_ids"][0] == target["dir_ids"][0]:
-            raise ReplicaError("The initiator %s and the target %s are the same directory; give two different "
-                               "directories." % (displays["initiator"], displays["target"]))
+            refuse("same-replica", "The initiator %s and the target %s are the same directory"
+                   % (displays["initiator"], displays["target"]), "Give two different directories")
         for inner, outer in (("target", "initiator"), ("initiator", "target")):
             if facts[outer]["dir_ids"][0] in facts[inner]["dir_ids"][1:]:
-                raise ReplicaError("The %s %s lies inside the %s %s; they must not overlap: give two separate "
-                                   "directories." % (inner, displays[inner], outer, displays[outer]))
+                refuse("nested-replicas", "The %s %s lies inside the %s %s"
+                       % (inner, displays[inner], outer, displays[outer]),
+                       "They must not overlap: give two separate directories")
 
     def check_clocks(self, facts):
         """Conflicts are decided by modification times set on two hosts: a remote clock that
@@ -4561,11 +4594,11 @@ class SyncRun(object):
             elif not os.path.exists(self.state_path()):
                 held, witnesses = self.legacy_count(side)
             if held:
-                raise ReplicaError(
-                    "The %s replica %s has no %s although the last sync left %d items in it: it looks unmounted "
-                    "or replaced, so nothing was changed. Mount it; or, if it really is meant to start over, delete "
-                    "%s (the next run then merges both sides and deletes nothing)."
-                    % (side, replica.display, WORK_DIR_NAME, held, " and ".join(witnesses)))
+                refuse("missing-work-dir",
+                       "The %s replica %s has no %s although the last sync left %d items in it: it looks unmounted "
+                       "or replaced" % (side, replica.display, WORK_DIR_NAME, held),
+                       "Mount it; or, if it really is meant to start over, delete %s (the next run then merges "
+                       "both sides and deletes nothing)" % " and ".join(witnesses))
         self.guard_older_sync(facts)
 
     def legacy_count(self, side):
@@ -4606,18 +4639,18 @@ class SyncRun(object):
             if not marker and not facts[side]["work_dir"]:
                 continue   # no work dir at all: guard_unmounted has judged it
             if marker:
-                raise ReplicaError(
-                    "The %s replica %s has a work dir from an older sync (its marker %s is not of sync %s, the "
-                    "last one, which the state %s records): it looks like an older disk, a clone or a restored "
-                    "copy, so nothing was changed. Put the current disk back; or, to sync this one as it is, delete "
-                    "%s and %s (the next run then merges both sides and deletes nothing)."
-                    % (side, replica.display, self.marker_location(replica), last, self.state_path(),
-                       self.marker_location(replica), self.state_path()))
-            raise ReplicaError(
-                "The %s replica %s has a work dir but no marker of the last sync (%s): it looks like another disk, "
-                "a clone or a restored copy, so nothing was changed. Put the current disk back; or, to sync this "
-                "one as it is, delete %s (the next run then merges both sides and deletes nothing)."
-                % (side, replica.display, self.marker_location(replica), self.state_path()))
+                refuse("older-disk",
+                       "The %s replica %s has a work dir from an older sync (its marker %s is not of sync %s, the "
+                       "last one, which the state %s records): it looks like an older disk, a clone or a restored "
+                       "copy" % (side, replica.display, self.marker_location(replica), last, self.state_path()),
+                       "Put the current disk back; or, to sync this one as it is, delete %s and %s (the next run "
+                       "then merges both sides and deletes nothing)"
+                       % (self.marker_location(replica), self.state_path()))
+            refuse("unknown-disk",
+                   "The %s replica %s has a work dir but no marker of the last sync (%s): it looks like another "
+                   "disk, a clone or a restored copy" % (side, replica.display, self.marker_location(replica)),
+                   "Put the current disk back; or, to sync this one as it is, delete %s (the next run then merges "
+                   "both sides and deletes nothing)" % self.state_path())
 
     def mark_sync_start(self):
         """Before the first change, note this run's sync id in both markers as pending: a
@@ -4635,6 +4668,30 @@ class SyncRun(object):
                 marker["sync_id"] = header["sync_id"]
             marker["pending_sync_id"] = self.sync_id
             replica.write_state_file(state_dir_file("marker", self.instance), json.dumps(marker) + "\n")
+
+    def bookkeeping_files(self):
+        """The state files a run updates before its first change: both markers (the pending
+        sync id) and the initiator's resume bookkeeping."""
+        files = [(replica, marker_file_name(self.instance)) for replica in self.replicas.values()]
+        files += [(self.replicas["initiator"], name % self.instance)
+                  for name in ("initiator-last-action-%s", "resume-count-%s")]
+        return files
+
+    def read_bookkeeping(self):
+        """What the bookkeeping files hold before the run touches them (None: absent)."""
+        return [(replica, name, replica.read_state_file(name)) for replica, name in self.bookkeeping_files()]
+
+    def restore_bookkeeping(self, saved):
+        """Put the bookkeeping files back as they were, after a guard refused the plan: the
+        refused run then counts as no run at all (no resume, no pending sync id)."""
+        for replica, name, text in saved:
+            if text is None:
+                continue
+            try:
+                replica.write_state_file(name, text)
+            except (OsyncError, OSError) as error:
+                self.out.warn("Cannot put back %s in the state dir of the %s replica (%s); the next run counts "
+                              "this one as interrupted." % (name, replica.role, error))
 
     def take_locks(self):
         if self.dry or self.cfg.switch("no_locks"):
@@ -4674,8 +4731,8 @@ class SyncRun(object):
                 time.sleep(1)
             left = [pid for pid, started in orphans if still_running(pid, started)]
             if left:
-                raise ReplicaError("Processes %s of an earlier run cannot be stopped; stop them and run again."
-                                   % ", ".join(str(pid) for pid in left))
+                refuse("orphans", "Processes %s of an earlier run cannot be stopped"
+                       % ", ".join(str(pid) for pid in left), "Stop them and run again")
         initiator.forget_children()
 
     def take_lock(self, replica):
@@ -4697,27 +4754,29 @@ class SyncRun(object):
             owner = existing.rpartition("@")[0] if "@" in existing else existing
             owner_instance = existing.partition("@")[2] if "@" in existing else existing
             if existing and not re.match(r"^[0-9]+$", owner.strip()):
-                raise ReplicaError("The lock of the %s replica holds %r, which is not PID@INSTANCE_ID; remove it or "
-                                   "run with --force-unlock." % (replica.role, existing[:80]))
+                refuse("damaged-lock", "The lock %s/%s/lock of the %s replica holds %r, which is not PID@INSTANCE_ID"
+                       % (replica.display, WORK_DIR_NAME, replica.role, existing[:80]),
+                       "Remove it or run with --force-unlock")
             pid = int(owner) if existing else 0
             if existing and pid <= INT_MAXIMUM and pid_alive(pid):
                 command = process_command_line(pid)
                 if command is not None and not looks_like_osync(command):
-                    raise ReplicaError("The lock %s/%s/lock holds pid %d, which is running but is not %s (it is `%s`): "
-                                       "if no %s runs for this task, run with --force-unlock."
-                                       % (replica.display, WORK_DIR_NAME, pid, PROGRAM, " ".join(command)[:200],
-                                          PROGRAM))
-                raise ReplicaError("There is already a running instance [%s] of osync for the %s replica %s. "
-                                   "Cannot start." % (existing, replica.role, replica.display))
+                    refuse("foreign-lock", "The lock %s/%s/lock holds pid %d, which is running but is not %s (it is "
+                           "`%s`)" % (replica.display, WORK_DIR_NAME, pid, PROGRAM, " ".join(command)[:200]),
+                           "If no %s runs for this task, run with --force-unlock" % PROGRAM)
+                refuse("locked", "There is already a running instance [%s] of osync for the %s replica %s"
+                       % (existing, replica.role, replica.display), "Let it finish, then run again")
             if (isinstance(replica, RemoteReplica) and existing and owner_instance != self.instance
                     and not self.cfg["FORCE_STRANGER_LOCK_RESUME"]):
-                raise ReplicaError("The %s replica %s holds a dead lock [%s] of another instance; it will not be "
-                                   "taken over unless FORCE_STRANGER_LOCK_RESUME=yes." % (
-                                       replica.role, replica.display, existing))
+                refuse("stranger-lock", "The %s replica %s holds a dead lock [%s] of another instance, which is not "
+                       "taken over unless FORCE_STRANGER_LOCK_RESUME=yes" % (replica.role, replica.display, existing),
+                       "If no run of that instance syncs this replica, set FORCE_STRANGER_LOCK_RESUME=yes and "
+                       "run again")
             self.out.notice("There is a dead osync lock [%s] on the %s replica; taking it over." % (existing,
                                                                                                   replica.role))
             replace = existing
-        raise ReplicaError("Cannot take the lock of the %s replica: other runs keep taking it." % replica.role)
+        refuse("lock-contended", "Cannot take the lock of the %s replica %s: other runs keep taking it"
+               % (replica.role, replica.display), "Run again when they have finished")
 
     def release_locks(self):
         if CHILDREN.on_change is not None:
@@ -5018,11 +5077,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     os.environ["LC_ALL"] = "C"
     out = Output()
-    debug = os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
+    cfg = parse_or_report(argv, out)
+    if isinstance(cfg, int):
+        return cfg
+    open_run_log(cfg, out)
+    run_task(cfg, out)
+    return report_stop(out)
+
+
+def debug_requested():
+    return os.environ.get("_DEBUG", "").lower() in ("true", "yes", "1")
+
+
+def parse_or_report(argv, out):
+    """The Config of this run; or an exit code: 0 or 1 after help or version, 1 once a
+    command line or config that cannot be used is reported (on the screen unless --silent,
+    and in the log where messages go before the config is read)."""
     try:
-        cfg = parse_command_line(argv)
+        return parse_command_line(argv)
     except Exception as error:
-        out.configure(silent="--silent" in argv, debug=debug)
+        out.configure(silent="--silent" in argv, debug=debug_requested())
         out.open_log(early_log_candidates())
         if isinstance(error, ConfigError):
             out.critical(str(error))
@@ -5030,10 +5104,13 @@ def main(argv=None):
             report_internal_error(out, error)
         out.close()
         return 1
-    if isinstance(cfg, int):
-        return cfg
+
+
+def open_run_log(cfg, out):
+    """The screen switches and the log file of the config, then the lines that open a run
+    in the log, with what loading the config had to say."""
     out.configure(silent=cfg.switch("silent"), errors_only=cfg.switch("errors_only"),
-                  verbose=cfg.switch("verbose"), debug=debug,
+                  verbose=cfg.switch("verbose"), debug=debug_requested(),
                   prefix="none" if cfg.switch("no_prefix") else "time")
     out.open_log(log_file_candidates(cfg["INSTANCE_ID"], cfg["LOGFILE"]))
     out.notice("-------------------------------------------------------------")
@@ -5045,11 +5122,15 @@ def main(argv=None):
         out.notice(notice)
     for warning in cfg.warnings:
         out.warn(warning)
+
+
+def run_task(cfg, out):
+    """Do what the command line asks for; however it stops, the reason is logged, and what
+    was logged decides the exit code."""
     try:
         if cfg.switch("on_changes") or cfg.switch("on_changes_target"):
             raise ConfigError("Monitor mode (--on-changes) is not available in this version of osync.py yet.")
-        with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"]):
-            SyncRun(cfg, out).run()
+        run_sync(cfg, out)
     except OsyncError as error:
         out.critical(str(error))
     except StopRun as stop:
@@ -5059,6 +5140,17 @@ def main(argv=None):
                      % (error.strerror or error, " (%s)" % error.filename if error.filename else ""))
     except Exception as error:  # a bug: say it plainly, keep the traceback in the log
         report_internal_error(out, error)
+
+
+def run_sync(cfg, out):
+    """One sync of the two replicas, under the soft and hard time limits."""
+    with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"]):
+        SyncRun(cfg, out).run()
+
+
+def report_stop(out):
+    """End the run: stop what is left of its children, log how it finished, close the
+    log; returns the exit code (0 ok, 1 errors, 2 warnings only)."""
     CHILDREN.close()
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
