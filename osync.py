@@ -4672,9 +4672,9 @@ class SyncRun(object):
     def bookkeeping_files(self):
         """The state files a run updates before its first change: both markers (the pending
         sync id) and the initiator's resume bookkeeping."""
-        files = [(replica, marker_file_name(self.instance)) for replica in self.replicas.values()]
-        files += [(self.replicas["initiator"], name % self.instance)
-                  for name in ("initiator-last-action-%s", "resume-count-%s")]
+        files = [(replica, state_dir_file("marker", self.instance)) for replica in self.replicas.values()]
+        files += [(self.replicas["initiator"], state_dir_file(kind, self.instance))
+                  for kind in ("last_action", "resume_count")]
         return files
 
     def read_bookkeeping(self):
