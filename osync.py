@@ -3183,6 +3183,13 @@ AGENT_STUB = ("import sys;sys.version_info<(3,6) and (sys.stderr.write('osync.py
               "g={'__name__':'osync_agent'};exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
 
 AGENT_STUB_EXPLAINED = """
+# Run as: [env _REMOTE_TOKEN=TOKEN] [sudo -n] PYTHON -c AGENT_STUB N, osync.py on stdin.
+# Exit codes before the banner (AGENT_START_FAILURES gives each its sentence):
+#   91  this Python is older than 3.6 (the stub; its version on stderr)
+#   92  stdin ended before N bytes arrived (the stub)
+#   93  ssh_filter.py refused the command (wrong token, sudo not allowed, another stub)
+#   126 PYTHON cannot be executed, 127 there is no PYTHON (env or the shell: the next
+#       interpreter is tried), 255 ssh itself failed
 import sys
 # Python 2 and 3.0 to 3.5 parse this line too: they stop with exit code 91
 # (AGENT_EXIT_OLD_PYTHON) and say their version on stderr.

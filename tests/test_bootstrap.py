@@ -176,6 +176,7 @@ def processes_with_environment(variable):
     return found
 
 
+@pytest.mark.remote_newest
 def test_the_agent_is_named_osync_agent(rpair):
     """The agent started through the stub, over ssh, shows as osync-agent in /proc and ps."""
     if not sys.platform.startswith("linux"):
