@@ -3167,11 +3167,35 @@ def send_batches(writer, items, size=1000):
     send_message(writer, {"batch": transcode(batch, wire_text)})
 
 
+AGENT_PROCESS_NAME = b"osync-agent"
+PR_SET_NAME = 15
+
+
+def name_agent_process():
+    """Let `ps`, `top` and `pgrep osync-agent` on the remote host show what this Python
+    is (Linux: the name in /proc/self/comm, else prctl(PR_SET_NAME)).  Best effort: where
+    neither works the agent keeps its interpreter's name."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        with open("/proc/self/comm", "wb") as comm:
+            comm.write(AGENT_PROCESS_NAME)
+        return
+    except OSError:
+        pass
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(AGENT_PROCESS_NAME), 0, 0, 0)
+    except (ImportError, OSError, AttributeError, ValueError):
+        pass
+
+
 def agent_main():
     """Entry point of the agent on a remote host (started by the AGENT_STUB bootstrap):
     serve replica requests on stdin/stdout until the initiator closes the stream."""
     reader, writer = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # a stray print must never corrupt the protocol stream
+    name_agent_process()
     os.environ["LC_ALL"] = "C"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer.write(AGENT_BANNER + ("%s %s\n" % (VERSION, sys.version.split()[0])).encode("ascii"))
@@ -3229,10 +3253,87 @@ def ssh_failure(host, port, stderr, code):
                 "SSH_IGNORE_KNOWN_HOSTS=yes on a trusted network." % (where, port, host))
     detail = one_line(stderr, 400)
     return "ssh to %s failed (exit code %s)%s." % (where, code, ": " + detail if detail else "")
-AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
-              "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
-              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);g={'__name__':'osync_agent'};"
-              "exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
+
+
+# The bootstrap: the remote command is `PYTHON -c AGENT_STUB N`, with N bytes of osync.py
+# on stdin and the agent protocol on the rest of the stream.  The stub is a frozen
+# interface: ssh_filter.py holds a copy that must match it byte for byte (it lets through
+# nothing else), so changing the stub means installing the new ssh_filter.py on every
+# target host that uses it.  AGENT_STUB_EXPLAINED is the same code spread out and
+# commented; a test checks that the two compile to the same program.
+AGENT_STUB = ("import sys;sys.version_info<(3,6) and (sys.stderr.write('osync.py agent: Python 3.6 or newer is "
+              "needed, this is '+sys.version.split()[0]+'\\n'),sys.exit(91));"
+              "sys.path=[p for p in sys.path if p not in ('','.')];"
+              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);len(c)<n and sys.exit(92);"
+              "g={'__name__':'osync_agent'};exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
+
+AGENT_STUB_EXPLAINED = """
+# Run as: [env _REMOTE_TOKEN=TOKEN] [sudo -n] PYTHON -c AGENT_STUB N, osync.py on stdin.
+# Exit codes before the banner (AGENT_START_FAILURES gives each its sentence):
+#   91  this Python is older than 3.6 (the stub; its version on stderr)
+#   92  stdin ended before N bytes arrived (the stub)
+#   93  ssh_filter.py refused the command (wrong token, sudo not allowed, another stub)
+#   126 PYTHON cannot be executed, 127 there is no PYTHON (env or the shell: the next
+#       interpreter is tried), 255 ssh itself failed
+import sys
+# Python 2 and 3.0 to 3.5 parse this line too: they stop with exit code 91
+# (AGENT_EXIT_OLD_PYTHON) and say their version on stderr.
+sys.version_info<(3,6) and (sys.stderr.write('osync.py agent: Python 3.6 or newer is needed, this is '
+                                             +sys.version.split()[0]+'\\n'),sys.exit(91))
+# Never import a stray module (json.py, osync.py...) from the login directory.
+sys.path=[p for p in sys.path if p not in ('','.')]
+# Read exactly N bytes of osync.py; the rest of stdin is the agent protocol.
+n=int(sys.argv[1])
+c=sys.stdin.buffer.read(n)
+# Fewer bytes than announced: the stream broke, exit code 92 (AGENT_EXIT_SHORT_SOURCE).
+len(c)<n and sys.exit(92)
+# Not "__main__": osync.py's main() does not run; agent_main() writes the banner and serves.
+g={'__name__':'osync_agent'}
+exec(compile(c,'osync.py','exec'),g)
+g['agent_main']()
+"""
+
+# Exit codes of a failed start, each with its sentence.  The stub and ssh_filter.py use
+# codes that ssh (255), shells and env (126, 127), Python (1 for an uncaught exception,
+# 2 for usage) and signals (128 + n) do not.
+AGENT_EXIT_OLD_PYTHON = 91     # the stub: this Python is older than 3.6; its version is on stderr
+AGENT_EXIT_SHORT_SOURCE = 92   # the stub: stdin ended before the N bytes of osync.py arrived
+AGENT_EXIT_REFUSED = 93        # ssh_filter.py: not a command osync.py sends with this token
+EXIT_CANNOT_EXECUTE = 126      # env or the shell: the interpreter exists but cannot be run
+EXIT_NOT_FOUND = 127           # env or the shell: no such interpreter (the next one is tried)
+EXIT_SSH_FAILED = 255          # ssh itself: the connection failed (ssh_failure() says why)
+AGENT_START_FAILURES = {
+    AGENT_EXIT_OLD_PYTHON: "{python} on {host} is Python {version}, too old for the osync.py agent: install "
+                           "Python 3.6 or newer there, or set REMOTE_PYTHON to the path of one.",
+    AGENT_EXIT_SHORT_SOURCE: "The stream to {host} broke while osync.py was being sent to {python}, so the agent "
+                             "did not start: check the connection to {host} and run again.",
+    AGENT_EXIT_REFUSED: "ssh_filter.py on {host} refused to start the osync.py agent: set _REMOTE_TOKEN to the "
+                        "token that {host}'s authorized_keys gives ssh_filter.py (and add --allow-sudo there for "
+                        "SUDO_EXEC), and install there the ssh_filter.py of this osync.py version.",
+    EXIT_CANNOT_EXECUTE: "{python} on {host} cannot be executed: set REMOTE_PYTHON to the path of Python 3.6 or "
+                         "newer there.",
+    EXIT_NOT_FOUND: "No Python was found on {host} (tried {tried}): install Python 3.6 or newer there, or set "
+                    "REMOTE_PYTHON to its path.",
+}
+# EXIT_NOT_FOUND when REMOTE_PYTHON names the one interpreter to use.
+REMOTE_PYTHON_NOT_FOUND = ("REMOTE_PYTHON={python} was not found on {host}: set REMOTE_PYTHON to the path of "
+                           "Python 3.6 or newer there, or leave it empty to use python3 or python.")
+
+
+OLD_PYTHON_SAYS = re.compile(r"osync\.py agent: Python 3\.6 or newer is needed, this is (\S{1,40})")
+
+
+def stub_python_version(detail):
+    """The version an old Python's stub wrote on stderr ("unknown" when it is not there);
+    `detail` is that stderr as read_tail() gives it."""
+    found = OLD_PYTHON_SAYS.findall(detail)
+    return found[-1] if found else "unknown"
+
+
+def sudo_reports_missing(code, stderr_text):
+    """`sudo -n PROGRAM` reports a missing PROGRAM as exit code 1 and "command not
+    found", not as 127 the way env and the shell do."""
+    return code == 1 and "sudo:" in stderr_text and "command not found" in stderr_text
 
 
 class SshTransport(object):
@@ -3374,18 +3475,23 @@ class SshTransport(object):
             code = process.wait()
             detail = read_tail(stderr_file)
             tried.append(python)
-            if "3.6 or newer" in detail:
-                raise ReplicaError("The Python on %s is too old: %s. Install Python 3.6 or newer, or name one with "
-                                   "REMOTE_PYTHON." % (self.host, detail.split(": ", 1)[-1]))
-            if code == 127 or "not found" in detail or "no such file" in detail.lower():
+            if code == EXIT_NOT_FOUND or sudo_reports_missing(code, detail):
                 continue
-            if "ssh_filter" in detail or "refused" in detail.lower():
-                raise ReplicaError("%s refused to start the osync.py agent (ssh_filter.py): check _REMOTE_TOKEN."
-                                   % self.host)
-            raise ReplicaError("The osync.py agent could not start on %s (exit code %d)%s." % (
-                self.host, code, ": " + detail if detail else ""))
-        raise ReplicaError("No suitable Python on %s (tried %s): install Python 3.6 or newer there, or set "
-                           "REMOTE_PYTHON to its path." % (self.host, ", ".join(tried)))
+            raise ReplicaError(self.start_failure(python, code, detail))
+        if self.cfg["REMOTE_PYTHON"]:
+            raise ReplicaError(REMOTE_PYTHON_NOT_FOUND.format(python=self.cfg["REMOTE_PYTHON"], host=self.host))
+        raise ReplicaError(AGENT_START_FAILURES[EXIT_NOT_FOUND].format(host=self.host, tried=", ".join(tried)))
+
+    def start_failure(self, python, code, detail):
+        """The sentence for an agent that ended with exit code `code` before its banner."""
+        if code == EXIT_SSH_FAILED:
+            return ssh_failure(self.host, self.port, detail, code)
+        template = AGENT_START_FAILURES.get(code)
+        if template is not None:
+            return template.format(host=self.host, python=python, version=stub_python_version(detail),
+                                   tried=python)
+        return "The osync.py agent could not start on %s (exit code %d)%s." % (
+            self.host, code, ": " + detail if detail else "")
 
     BANNER_LINE_LIMIT = 65536    # bytes of one line of login noise
     BANNER_LINES_LIMIT = 1000    # lines of login noise

@@ -14,7 +14,7 @@ osync.py sends, carrying the token, is let through:
 
 `sudo -n` is allowed only when the key's command line adds --allow-sudo.  The command
 is split with shlex and executed directly (execvp): never through a shell, never eval.
-Anything else is refused: a line in ~/.ssh/ssh_filter.log and exit code 1.
+Anything else is refused: a line in ~/.ssh/ssh_filter.log and exit code 93 (EXIT_REFUSED).
 
 Standard library only; Python 3.6 or newer.
 """
@@ -25,12 +25,17 @@ import shlex
 import sys
 import time
 
-# The bootstrap osync.py sends as `python -c`; it must be this text exactly (osync.py's
-# AGENT_STUB; a test checks that both files agree).
-AGENT_STUB = ("import sys;sys.version_info<(3,6) and sys.exit('osync.py agent: Python 3.6 or newer is needed, "
-              "this is '+sys.version.split()[0]);sys.path=[p for p in sys.path if p not in ('','.')];"
-              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);g={'__name__':'osync_agent'};"
-              "exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
+# The bootstrap osync.py sends as `python -c`: osync.py's AGENT_STUB, byte for byte (a test
+# checks that both files agree; osync.py's AGENT_STUB_EXPLAINED is the same code, commented).
+# A new osync.py that changes the stub needs this new ssh_filter.py on every target host.
+AGENT_STUB = ("import sys;sys.version_info<(3,6) and (sys.stderr.write('osync.py agent: Python 3.6 or newer is "
+              "needed, this is '+sys.version.split()[0]+'\\n'),sys.exit(91));"
+              "sys.path=[p for p in sys.path if p not in ('','.')];"
+              "n=int(sys.argv[1]);c=sys.stdin.buffer.read(n);len(c)<n and sys.exit(92);"
+              "g={'__name__':'osync_agent'};exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
+# The exit code of a refused command: osync.py's AGENT_EXIT_REFUSED, which it turns into a
+# sentence about _REMOTE_TOKEN (ssh, shells and Python do not use this code).
+EXIT_REFUSED = 93
 PYTHON_NAME = re.compile(r"^python[0-9.]*$")
 RSYNC_NAME = re.compile(r"^[A-Za-z0-9_.+-]*rsync[A-Za-z0-9_.+-]*$")
 LOG_FILE = os.path.join(os.path.expanduser("~"), ".ssh", "ssh_filter.log")
@@ -83,7 +88,7 @@ def main(arguments):
         log("Command [%s] not allowed (from %s)." % (shown[:500] or "<interactive shell>",
                                                      os.environ.get("SSH_CLIENT", "?").split(" ")[0]))
         sys.stderr.write("ssh_filter.py: command refused.\n")
-        return 1
+        return EXIT_REFUSED
     try:
         os.execvp(argv[0], argv)
     except OSError as error:

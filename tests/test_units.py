@@ -258,6 +258,21 @@ def test_ssh_filter_knows_the_bootstrap_osync_sends():
                     ["env", "_REMOTE_TOKEN=t", "rsync", "--daemon"]):
         assert not ssh_filter.allowed(refused, "t", True)
     assert not ssh_filter.allowed(["env", "_REMOTE_TOKEN=", "rsync", "--server"], "", True)
+    assert ssh_filter.EXIT_REFUSED == osync.AGENT_EXIT_REFUSED
+
+
+def test_the_explained_stub_is_the_stub():
+    """AGENT_STUB_EXPLAINED, the commented copy, compiles to the same program as the
+    one-line AGENT_STUB, and the stub exits with the codes the initiator's table reads."""
+    import ast
+    assert ast.dump(ast.parse(osync.AGENT_STUB_EXPLAINED)) == ast.dump(ast.parse(osync.AGENT_STUB))
+    assert "\n" not in osync.AGENT_STUB
+    for code in (osync.AGENT_EXIT_OLD_PYTHON, osync.AGENT_EXIT_SHORT_SOURCE):
+        assert osync.AGENT_STUB.count("sys.exit(%d)" % code) == 1
+        assert code in osync.AGENT_START_FAILURES
+    used_elsewhere = {1, 2, 126, 127, 255}     # Python, usage, shells and env, ssh
+    own = {osync.AGENT_EXIT_OLD_PYTHON, osync.AGENT_EXIT_SHORT_SOURCE, osync.AGENT_EXIT_REFUSED}
+    assert len(own) == 3 and not own & used_elsewhere and max(own) < 128
 
 
 def test_protocol_round_trips_any_name_and_compresses_big_messages():
