@@ -3585,78 +3585,151 @@ def decide_one_way(decision, policy):
 
 
 class _DirFrame(object):
-    """A directory whose decision may change once its subtree has been seen."""
-    __slots__ = ("decision", "needs")
+    """A directory whose decision may change once its subtree has been seen: `needs` holds
+    the sides where something below it stays; `offset` is where the held decisions file
+    keeps the placeholder for that."""
+    __slots__ = ("decision", "needs", "offset")
 
     def __init__(self, decision):
         self.decision = decision
         self.needs = set()
+        self.offset = None
 
 
-def plan(previous, initiator_scan, target_scan, policy):
+def keep_for_subtree(decision, needs, policy):
+    """A directory deleted (or replaced) on one side is kept, copied back from the other,
+    when something below it stays on that side (`needs`)."""
+    for side in ("initiator", "target"):
+        if side not in needs:
+            continue
+        other = decision.now(OTHER_SIDE[side])
+        if decision.kind_after(side) != "d" and other is not None and other.kind == "d":
+            loser = decision.now(side)
+            decision.copy(OTHER_SIDE[side], policy, WON_SUBTREE, conflict=loser is not None, edit_won=True)
+
+
+class _HeldDecisions(object):
+    """The decisions below an open directory frame, spilled in order to a temp file, so a
+    deleted directory of a million files costs no memory.
+
+    A frame's decision is written when the frame opens, with a one-byte placeholder for
+    its `needs`; when the frame closes that byte is patched in place, and reading back
+    re-applies keep_for_subtree() with it: only the open frames stay in memory."""
+
+    PLAIN, PENDING = b"-", b"?"
+    NEEDS_BITS = {"initiator": 1, "target": 2}
+
+    def __init__(self, directory, policy):
+        self.directory = directory
+        self.policy = policy
+        self.file = None
+
+    def add(self, decision, frame=None):
+        """Hold a decision; `frame` when it is that open frame's own decision."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile("w+b", dir=self.directory)
+        marker = self.PLAIN
+        if frame is not None:
+            frame.offset = self.file.tell()
+            marker = self.PENDING
+        # JSON escapes every non-ASCII character (surrogates included): the line is ASCII.
+        self.file.write(marker + json.dumps(decision.record()).encode("ascii") + b"\n")
+
+    def close_frame(self, frame):
+        """Write down what the closed frame's subtree needs, in place of its placeholder."""
+        bits = sum(self.NEEDS_BITS[side] for side in frame.needs)
+        end = self.file.tell()
+        self.file.seek(frame.offset)
+        self.file.write(str(bits).encode("ascii"))
+        self.file.seek(end)
+
+    def release(self):
+        """Yield the held decisions in order, every frame's decision settled; the file is
+        then emptied for the next outermost frame."""
+        if self.file is None:
+            return
+        self.file.seek(0)
+        for line in self.file:
+            marker = line[:1]
+            decision = Decision.from_record(json.loads(line[1:].decode("ascii")))
+            if marker != self.PLAIN:
+                bits = int(marker)
+                needs = [side for side, bit in self.NEEDS_BITS.items() if bits & bit]
+                keep_for_subtree(decision, needs, self.policy)
+            yield decision
+        self.file.seek(0)
+        self.file.truncate()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
     """Yield one Decision per path, in canonical order.
 
     Directories are settled after their subtree: a directory that one side deleted (or
     replaced by a file) is kept, and recreated on that side, when something below it
-    stays, so that an edit made inside a deleted directory is never lost."""
+    stays, so that an edit made inside a deleted directory is never lost.  What waits for
+    such a directory is held in a temp file in `spool_dir` (None: the system's)."""
     two_way = not policy.sync_type
-    frames = []
-    held = []              # decisions waiting for an open directory frame to close
+    frames = []                                    # the open directory frames, outermost first
+    held = _HeldDecisions(spool_dir, policy)       # every decision since the outermost frame opened
     skipped_prefix = None  # an unreadable directory: its whole subtree is left alone
 
     def close_frame():
         frame = frames.pop()
-        decision = frame.decision
-        for side in frame.needs:
-            if decision.kind_after(side) != "d" and (decision.now(OTHER_SIDE[side]) or Entry("", "?")).kind == "d":
-                loser = decision.now(side)
-                decision.copy(OTHER_SIDE[side], policy, WON_SUBTREE, conflict=loser is not None, edit_won=True)
+        keep_for_subtree(frame.decision, frame.needs, policy)
+        held.close_frame(frame)
         if frames:
             for side in ("initiator", "target"):
-                if decision.kind_after(side) is not None:
+                if frame.decision.kind_after(side) is not None:
                     frames[-1].needs.add(side)
 
-    for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
-            previous, initiator_scan, target_scan):
-        while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
-            close_frame()
-            if not frames:
-                for decision in held:
-                    yield decision
-                held = []
-        decision = Decision(rel_path, prev_initiator, prev_target, now_initiator, now_target)
-        broken = [entry for entry in (now_initiator, now_target) if entry is not None and entry.error]
-        if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
-            decision.action = SKIP
-        elif broken:
-            # Whatever could not be read, a directory or not on this side, may hold a
-            # subtree on either side: all of it is left alone, attributes included.
-            decision.action = SKIP
-            decision.note = broken[0].error
-            skipped_prefix = rel_path + "/"
-        else:
-            skipped_prefix = None
-            if two_way:
-                decide_two_way(decision, policy)
+    try:
+        for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
+                previous, initiator_scan, target_scan):
+            while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
+                close_frame()
+                if not frames:
+                    for decision in held.release():
+                        yield decision
+            decision = Decision(rel_path, prev_initiator, prev_target, now_initiator, now_target)
+            broken = [entry for entry in (now_initiator, now_target) if entry is not None and entry.error]
+            if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
+                decision.action = SKIP
+            elif broken:
+                # Whatever could not be read, a directory or not on this side, may hold a
+                # subtree on either side: all of it is left alone, attributes included.
+                decision.action = SKIP
+                decision.note = broken[0].error
+                skipped_prefix = rel_path + "/"
             else:
-                decide_one_way(decision, policy)
-            note_unusable_dir_mode(decision, policy)
-        if frames:
-            for side in ("initiator", "target"):
-                if decision.action == SKIP or decision.kind_after(side) is not None:
-                    frames[-1].needs.add(side)
-        is_dir = any(entry is not None and entry.kind == "d" for entry in (now_initiator, now_target))
-        if two_way and is_dir and decision.action != SKIP and not all(
-                decision.kind_after(side) == "d" for side in ("initiator", "target")):
-            frames.append(_DirFrame(decision))
-        if frames:
-            held.append(decision)
-        else:
+                skipped_prefix = None
+                if two_way:
+                    decide_two_way(decision, policy)
+                else:
+                    decide_one_way(decision, policy)
+                note_unusable_dir_mode(decision, policy)
+            if frames:
+                for side in ("initiator", "target"):
+                    if decision.action == SKIP or decision.kind_after(side) is not None:
+                        frames[-1].needs.add(side)
+            is_dir = any(entry is not None and entry.kind == "d" for entry in (now_initiator, now_target))
+            if two_way and is_dir and decision.action != SKIP and not all(
+                    decision.kind_after(side) == "d" for side in ("initiator", "target")):
+                frames.append(_DirFrame(decision))
+                held.add(decision, frames[-1])
+            elif frames:
+                held.add(decision)
+            else:
+                yield decision
+        while frames:
+            close_frame()
+        for decision in held.release():
             yield decision
-    while frames:
-        close_frame()
-    for decision in held:
-        yield decision
+    finally:
+        held.close()
 
 
 def baseline(initiator_scan, target_scan):
@@ -4793,14 +4866,15 @@ class SyncRun(object):
             self.executor(policy).settle_interrupted_transfers(spool_dir)
         executor = self.executor(policy)
         try:
-            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy)
+            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy,
+                             spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = self.executor(policy)
-            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
+            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
             return outcome

@@ -516,3 +516,73 @@ def test_conflict_notice_names_the_reason_the_winner_won(pair):
     assert ("Conflict on tie: changed on both replicas; the target's version wins (equal mtimes, "
             "CONFLICT_PREVALANCE=target)" in r.output), r.output
     assert "Conflict on race: changed on both replicas; the target's version wins (newer)" in r.output, r.output
+
+
+# ======================================================================================
+# What waits for a directory's subtree is held on disk, not in memory
+# ======================================================================================
+
+def test_nested_deleted_directories_keep_the_ancestors_of_a_deep_new_file(tmp_path):
+    """Deleted dirs inside deleted dirs, each holding files; one new file deep inside on
+    the other side: every ancestor of it comes back, everything else is deleted, and the
+    frames that close before it (d/a) are settled from what was spilled."""
+    synced = [D("d"), D("d/a"), F("d/a/x"), D("d/b"), D("d/b/c"), F("d/b/c/y"), F("d/b/z"), F("d/w")]
+    prev = state(*[(entry, entry) for entry in synced])
+    target = synced + [F("d/b/c/new", mtime=900)]
+    _, decisions = run(prev, [], target)
+    got = dict((decision.path, decision) for decision in decisions)
+    assert [decision.path for decision in decisions] == [entry.path for entry in ordered(target)]
+    for kept in ("d", "d/b", "d/b/c", "d/b/c/new"):
+        assert action(got[kept]) == (COPY, "target"), kept
+    for gone in ("d/a", "d/a/x", "d/b/c/y", "d/b/z", "d/w"):
+        assert action(got[gone]) == (DELETE, "target"), gone
+    assert got["d/b/c"].reason == osync.WON_SUBTREE and got["d/b/c"].edit_won
+    spilled = list(osync.plan(iter(prev), iter([]), iter(ordered(target)), Policy(), str(tmp_path)))
+    assert [(d.path, d.action, d.source, d.side, d.reason) for d in spilled] == \
+        [(d.path, d.action, d.source, d.side, d.reason) for d in decisions]
+
+
+def test_frames_one_after_another_and_what_they_hold_come_out_whole():
+    """Two deleted directories in a row (the spill file is reused), awkward names, and the
+    notes and warnings of the held decisions survive the spill."""
+    names = ["d1", "d1/\udcff\nx", "d2", "d2/-a b", "d2/z"]
+    synced = [D(name) if name in ("d1", "d2") else F(name) for name in names]
+    prev = state(*[(entry, entry) for entry in synced])
+    broken = Entry("d2/z", "f", error="cannot read: Permission denied")
+    target = [D("d1"), F("d1/\udcff\nx"), D("d2"), F("d2/-a b"), D("d2/u", mode=0o600), broken, F("zz")]
+    got, decisions = run(prev, [F("zz")], target)
+    assert [decision.path for decision in decisions] == [entry.path for entry in ordered(target)]
+    assert action(got["d1"]) == (DELETE, "target") and action(got["d1/\udcff\nx"]) == (DELETE, "target")
+    assert got["d2/z"].action == SKIP and got["d2/z"].note == "cannot read: Permission denied"
+    assert action(got["d2"]) == (COPY, "target"), "kept: something below it is left alone"
+    assert action(got["d2/u"]) == (COPY, "target")
+    assert "d2/u on the target has mode 0600" in got["d2/u"].warning
+    assert action(got["zz"]) == (NOTHING, None)
+
+
+def test_a_deleted_directory_of_many_files_is_not_held_in_memory():
+    """The decisions below a directory deleted on one side wait until its subtree has been
+    seen; they wait in a file: the planner's peak memory stays flat."""
+    import tracemalloc
+    count = 20000
+
+    def synced():
+        yield D("big")
+        for number in range(count):
+            yield F("big/f%06d" % number)
+
+    def previous():
+        for entry in synced():
+            yield entry.path, entry, entry
+
+    tracemalloc.start()
+    try:
+        seen = 0
+        for decision in osync.plan(previous(), iter([]), synced(), Policy()):
+            assert action(decision) == (DELETE, "target")
+            seen += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count + 1
+    assert peak < 2 * 1024 * 1024, "%d KiB held for %d decisions" % (peak // 1024, count)
