@@ -3767,7 +3767,7 @@ def recorded_pair(decision, outcome=DONE, arrived=None):
         if outcome == DONE:
             return (None, None)
         if outcome == KEPT:
-            return current        # the directory stays on both sides, as it is now
+            return current        # the directory stays where it is, as it is now
         return previous
     source = decision.source
     if decision.action == ATTRS:
