@@ -4182,7 +4182,7 @@ class Executor(object):
         loser = decision.now(decision.destination())
         if loser is not None and loser.kind == "d":
             return "was a directory"
-        return "is not kept (CONFLICT_BACKUP=no)"
+        return "is replaced (CONFLICT_BACKUP=no)"
 
     def _fail(self, message):
         """Count a failed path; the first ones are named, the rest summed up at the end."""
