@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import osync  # noqa: E402
-from conftest import T0, find_content, put  # noqa: E402
+from conftest import T0, find_content, put, remove  # noqa: E402
 from osync import Entry, Policy, COPY, DELETE, NOTHING, ATTRS, SKIP  # noqa: E402
 
 
@@ -586,3 +586,17 @@ def test_a_deleted_directory_of_many_files_is_not_held_in_memory():
         tracemalloc.stop()
     assert seen == count + 1
     assert peak < 2 * 1024 * 1024, "%d KiB held for %d decisions" % (peak // 1024, count)
+
+
+def test_notice_for_a_deleted_directory_kept_for_a_new_file_inside(pair):
+    """The directory itself did not change on the target: it comes back because of what
+    is below it, and the notice says that."""
+    put(pair.initiator, "album/one.jpg", "one", T0)
+    pair.run(expect=0)
+    remove(pair.initiator, "album")
+    put(pair.target, "album/two.jpg", "two, new", T0 + 60)
+    r = pair.run(expect=0)
+    assert ("album was deleted on the initiator but items below it stay on the target: the directory is copied "
+            "back." in r.output), r.output
+    assert (pair.initiator / "album/two.jpg").read_text() == "two, new"
+    assert not (pair.initiator / "album/one.jpg").exists()
