@@ -3542,6 +3542,29 @@ NEW, SAME, CHANGED, DELETED, ABSENT = "new", "same", "changed", "deleted", "abse
 NOTHING, COPY, DELETE, ATTRS, SKIP = "nothing", "copy", "delete", "attrs", "skip"
 OTHER_SIDE = {"initiator": "target", "target": "initiator"}
 
+# Why the source of a copy (or of an attribute update) won: set where the choice is made,
+# so that the report says what the planner did instead of guessing it again.
+WON_ONLY_CHANGED = "only-changed"   # new or changed on that side only
+WON_NEWER = "newer"                 # changed on both sides: the newer mtime (ctime for attributes)
+WON_PREVALENCE = "prevalence"       # changed on both sides, equal times: CONFLICT_PREVALANCE
+WON_EDIT = "edit"                   # deleted on the other side, changed on this one: the edit wins
+WON_SUBTREE = "subtree"             # a directory kept because items below it stay
+WON_MIRROR = "mirror"               # SYNC_TYPE one-way: the source side always wins
+
+# How a decision came out, as the executor verified it; recorded_pair() says what the new
+# state records for each.
+DONE = "done"                       # carried out and verified
+FAILED = "failed"                   # not carried out, or not as planned
+KEPT = "kept"                       # a directory to delete still holds excluded or new items
+NOT_WRITTEN = "not-written"         # the destination could not be cleared for the copy
+UNSETTLED = "unsettled"             # what rsync replaced was put back (saved meanwhile) or not checked
+SOURCE_CHANGED = "source-changed"   # the source was edited during the transfer
+SOURCE_DELETED = "source-deleted"   # the source was deleted during the transfer
+SAVED_AFTER = "saved-after"         # the destination was saved again after rsync wrote it
+LEFT_HALF_WRITTEN = "half-written"  # a failed copy left the destination neither as it was nor as sent
+COPY_OUTCOMES = frozenset((DONE, FAILED, NOT_WRITTEN, UNSETTLED, SOURCE_CHANGED, SOURCE_DELETED, SAVED_AFTER,
+                           LEFT_HALF_WRITTEN))
+
 
 def unusable_dir_mode(entry):
     """Is this a directory whose mode lacks owner x (0644, 0600)?  Such a mode is not
@@ -3584,7 +3607,7 @@ class Decision(object):
     """What to do with one path.  `source` is the side whose version is copied (COPY,
     ATTRS); `side` the side where something is deleted (DELETE)."""
     __slots__ = ("path", "prev_initiator", "prev_target", "initiator", "target", "action", "source", "side",
-                 "conflict", "edit_won", "backup", "note", "warning")
+                 "conflict", "edit_won", "backup", "reason", "note", "warning")
 
     def __init__(self, path, prev_initiator, prev_target, initiator, target):
         self.path = path
@@ -3598,6 +3621,7 @@ class Decision(object):
         self.conflict = False
         self.edit_won = False
         self.backup = False
+        self.reason = ""      # why `source` won (WON_*), for COPY and ATTRS
         self.note = ""
         self.warning = ""     # a sentence for the user about this path, whatever the action
 
@@ -3610,9 +3634,10 @@ class Decision(object):
     def destination(self):
         return OTHER_SIDE[self.source]
 
-    def copy(self, source, policy, conflict=False, edit_won=False):
+    def copy(self, source, policy, reason, conflict=False, edit_won=False):
         self.action = COPY
         self.source = source
+        self.reason = reason
         self.conflict = conflict
         self.edit_won = edit_won
         loser = self.now(OTHER_SIDE[source])
@@ -3635,6 +3660,23 @@ class Decision(object):
         entry = self.now(side)
         return entry.kind if entry is not None else None
 
+    def record(self):
+        """The decision as a JSON-able list: spooled by the planner and the executor."""
+        return [self.path, self.action, self.source, self.side, self.conflict, self.edit_won, self.backup,
+                self.reason, self.note, self.warning, to_wire(self.prev_initiator), to_wire(self.prev_target),
+                to_wire(self.initiator), to_wire(self.target)]
+
+    @classmethod
+    def from_record(cls, record):
+        (path, action, source, side, conflict, edit_won, backup, reason, note, warning, prev_initiator,
+         prev_target, initiator, target) = record
+        decision = cls(path, from_wire(prev_initiator), from_wire(prev_target), from_wire(initiator),
+                       from_wire(target))
+        decision.action, decision.source, decision.side = action, source, side
+        decision.conflict, decision.edit_won, decision.backup = conflict, edit_won, backup
+        decision.reason, decision.note, decision.warning = reason, note, warning
+        return decision
+
     def __repr__(self):
         return "<Decision %s %s %s>" % (self.path, self.action, self.source or self.side or "")
 
@@ -3650,10 +3692,11 @@ def side_status(before, now):
 
 
 def newer_side(one, other, policy):
-    """The side whose version wins a conflict: newer mtime, CONFLICT_PREVALANCE on a tie."""
+    """The side whose version wins a conflict, and why: newer mtime, CONFLICT_PREVALANCE on
+    a tie."""
     if same_mtime(one.mtime_ns, other.mtime_ns):
-        return policy.prevalence
-    return "initiator" if one.mtime_ns > other.mtime_ns else "target"
+        return policy.prevalence, WON_PREVALENCE
+    return ("initiator" if one.mtime_ns > other.mtime_ns else "target"), WON_NEWER
 
 
 def note_unusable_dir_mode(decision, policy):
@@ -3695,13 +3738,15 @@ def decide_attributes(decision, policy):
             before_attrs, now_attrs = compared_attributes(policy, before, decision.now(side))
             changed[side] = before_attrs != now_attrs
     if changed["initiator"] != changed["target"]:
-        source = "initiator" if changed["initiator"] else "target"
+        source, reason = ("initiator" if changed["initiator"] else "target"), WON_ONLY_CHANGED
     elif decision.initiator.ctime_ns != decision.target.ctime_ns:
         source = "initiator" if decision.initiator.ctime_ns > decision.target.ctime_ns else "target"
+        reason = WON_NEWER
     else:
-        source = policy.prevalence
+        source, reason = policy.prevalence, WON_PREVALENCE
     decision.action = ATTRS
     decision.source = source
+    decision.reason = reason
     return decision
 
 
@@ -3724,8 +3769,9 @@ def decide_two_way(decision, policy):
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:
             return decide_attributes(decision, policy)
         if len(modified) == 1:
-            return decision.copy(modified[0], policy)
-        return decision.copy(newer_side(initiator, target, policy), policy, conflict=True)
+            return decision.copy(modified[0], policy, WON_ONLY_CHANGED)
+        winner, reason = newer_side(initiator, target, policy)
+        return decision.copy(winner, policy, reason, conflict=True)
     if initiator is None and target is None:
         return decision
     present = "initiator" if initiator is not None else "target"
@@ -3737,7 +3783,9 @@ def decide_two_way(decision, policy):
                 return decision
             return decision.delete(present)
         return decision  # kept on one side only, as a skipped deletion left it
-    return decision.copy(present, policy, edit_won=status[missing] == DELETED)
+    if status[missing] == DELETED:
+        return decision.copy(present, policy, WON_EDIT, edit_won=True)
+    return decision.copy(present, policy, WON_ONLY_CHANGED)
 
 
 def decide_one_way(decision, policy):
@@ -3750,9 +3798,10 @@ def decide_one_way(decision, policy):
             decision_attrs = decide_attributes(decision, policy)
             if decision_attrs.action == ATTRS:
                 decision_attrs.source = source
+                decision_attrs.reason = WON_MIRROR
             return decision_attrs
         destination_edited = side_status(decision.before(destination), now_destination) in (NEW, CHANGED)
-        return decision.copy(source, policy, conflict=now_destination is not None and destination_edited)
+        return decision.copy(source, policy, WON_MIRROR, conflict=now_destination is not None and destination_edited)
     if now_destination is not None:
         if destination in policy.skip_deletion:
             decision.note = "deletion skipped (SKIP_DELETION)"
@@ -3762,78 +3811,151 @@ def decide_one_way(decision, policy):
 
 
 class _DirFrame(object):
-    """A directory whose decision may change once its subtree has been seen."""
-    __slots__ = ("decision", "needs")
+    """A directory whose decision may change once its subtree has been seen: `needs` holds
+    the sides where something below it stays; `offset` is where the held decisions file
+    keeps the placeholder for that."""
+    __slots__ = ("decision", "needs", "offset")
 
     def __init__(self, decision):
         self.decision = decision
         self.needs = set()
+        self.offset = None
 
 
-def plan(previous, initiator_scan, target_scan, policy):
+def keep_for_subtree(decision, needs, policy):
+    """A directory deleted (or replaced) on one side is kept, copied back from the other,
+    when something below it stays on that side (`needs`)."""
+    for side in ("initiator", "target"):
+        if side not in needs:
+            continue
+        other = decision.now(OTHER_SIDE[side])
+        if decision.kind_after(side) != "d" and other is not None and other.kind == "d":
+            loser = decision.now(side)
+            decision.copy(OTHER_SIDE[side], policy, WON_SUBTREE, conflict=loser is not None, edit_won=True)
+
+
+class _HeldDecisions(object):
+    """The decisions below an open directory frame, spilled in order to a temp file, so a
+    deleted directory of a million files costs no memory.
+
+    A frame's decision is written when the frame opens, with a one-byte placeholder for
+    its `needs`; when the frame closes that byte is patched in place, and reading back
+    re-applies keep_for_subtree() with it: only the open frames stay in memory."""
+
+    PLAIN, PENDING = b"-", b"?"
+    NEEDS_BITS = {"initiator": 1, "target": 2}
+
+    def __init__(self, directory, policy):
+        self.directory = directory
+        self.policy = policy
+        self.file = None
+
+    def add(self, decision, frame=None):
+        """Hold a decision; `frame` when it is that open frame's own decision."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile("w+b", dir=self.directory)
+        marker = self.PLAIN
+        if frame is not None:
+            frame.offset = self.file.tell()
+            marker = self.PENDING
+        # JSON escapes every non-ASCII character (surrogates included): the line is ASCII.
+        self.file.write(marker + json.dumps(decision.record()).encode("ascii") + b"\n")
+
+    def close_frame(self, frame):
+        """Write down what the closed frame's subtree needs, in place of its placeholder."""
+        bits = sum(self.NEEDS_BITS[side] for side in frame.needs)
+        end = self.file.tell()
+        self.file.seek(frame.offset)
+        self.file.write(str(bits).encode("ascii"))
+        self.file.seek(end)
+
+    def release(self):
+        """Yield the held decisions in order, every frame's decision settled; the file is
+        then emptied for the next outermost frame."""
+        if self.file is None:
+            return
+        self.file.seek(0)
+        for line in self.file:
+            marker = line[:1]
+            decision = Decision.from_record(json.loads(line[1:].decode("ascii")))
+            if marker != self.PLAIN:
+                bits = int(marker)
+                needs = [side for side, bit in self.NEEDS_BITS.items() if bits & bit]
+                keep_for_subtree(decision, needs, self.policy)
+            yield decision
+        self.file.seek(0)
+        self.file.truncate()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
     """Yield one Decision per path, in canonical order.
 
     Directories are settled after their subtree: a directory that one side deleted (or
     replaced by a file) is kept, and recreated on that side, when something below it
-    stays, so that an edit made inside a deleted directory is never lost."""
+    stays, so that an edit made inside a deleted directory is never lost.  What waits for
+    such a directory is held in a temp file in `spool_dir` (None: the system's)."""
     two_way = not policy.sync_type
-    frames = []
-    held = []              # decisions waiting for an open directory frame to close
+    frames = []                                    # the open directory frames, outermost first
+    held = _HeldDecisions(spool_dir, policy)       # every decision since the outermost frame opened
     skipped_prefix = None  # an unreadable directory: its whole subtree is left alone
 
     def close_frame():
         frame = frames.pop()
-        decision = frame.decision
-        for side in frame.needs:
-            if decision.kind_after(side) != "d" and (decision.now(OTHER_SIDE[side]) or Entry("", "?")).kind == "d":
-                loser = decision.now(side)
-                decision.copy(OTHER_SIDE[side], policy, conflict=loser is not None, edit_won=True)
+        keep_for_subtree(frame.decision, frame.needs, policy)
+        held.close_frame(frame)
         if frames:
             for side in ("initiator", "target"):
-                if decision.kind_after(side) is not None:
+                if frame.decision.kind_after(side) is not None:
                     frames[-1].needs.add(side)
 
-    for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
-            previous, initiator_scan, target_scan):
-        while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
-            close_frame()
-            if not frames:
-                for decision in held:
-                    yield decision
-                held = []
-        decision = Decision(rel_path, prev_initiator, prev_target, now_initiator, now_target)
-        broken = [entry for entry in (now_initiator, now_target) if entry is not None and entry.error]
-        if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
-            decision.action = SKIP
-        elif broken:
-            # Whatever could not be read, a directory or not on this side, may hold a
-            # subtree on either side: all of it is left alone, attributes included.
-            decision.action = SKIP
-            decision.note = broken[0].error
-            skipped_prefix = rel_path + "/"
-        else:
-            skipped_prefix = None
-            if two_way:
-                decide_two_way(decision, policy)
+    try:
+        for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
+                previous, initiator_scan, target_scan):
+            while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
+                close_frame()
+                if not frames:
+                    for decision in held.release():
+                        yield decision
+            decision = Decision(rel_path, prev_initiator, prev_target, now_initiator, now_target)
+            broken = [entry for entry in (now_initiator, now_target) if entry is not None and entry.error]
+            if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
+                decision.action = SKIP
+            elif broken:
+                # Whatever could not be read, a directory or not on this side, may hold a
+                # subtree on either side: all of it is left alone, attributes included.
+                decision.action = SKIP
+                decision.note = broken[0].error
+                skipped_prefix = rel_path + "/"
             else:
-                decide_one_way(decision, policy)
-            note_unusable_dir_mode(decision, policy)
-        if frames:
-            for side in ("initiator", "target"):
-                if decision.action == SKIP or decision.kind_after(side) is not None:
-                    frames[-1].needs.add(side)
-        is_dir = any(entry is not None and entry.kind == "d" for entry in (now_initiator, now_target))
-        if two_way and is_dir and decision.action != SKIP and not all(
-                decision.kind_after(side) == "d" for side in ("initiator", "target")):
-            frames.append(_DirFrame(decision))
-        if frames:
-            held.append(decision)
-        else:
+                skipped_prefix = None
+                if two_way:
+                    decide_two_way(decision, policy)
+                else:
+                    decide_one_way(decision, policy)
+                note_unusable_dir_mode(decision, policy)
+            if frames:
+                for side in ("initiator", "target"):
+                    if decision.action == SKIP or decision.kind_after(side) is not None:
+                        frames[-1].needs.add(side)
+            is_dir = any(entry is not None and entry.kind == "d" for entry in (now_initiator, now_target))
+            if two_way and is_dir and decision.action != SKIP and not all(
+                    decision.kind_after(side) == "d" for side in ("initiator", "target")):
+                frames.append(_DirFrame(decision))
+                held.add(decision, frames[-1])
+            elif frames:
+                held.add(decision)
+            else:
+                yield decision
+        while frames:
+            close_frame()
+        for decision in held.release():
             yield decision
-    while frames:
-        close_frame()
-    for decision in held:
-        yield decision
+    finally:
+        held.close()
 
 
 def baseline(initiator_scan, target_scan):
@@ -3843,6 +3965,65 @@ def baseline(initiator_scan, target_scan):
         if now_initiator is not None and now_target is not None and not now_initiator.error \
                 and not now_target.error and same_content(now_initiator, now_target):
             yield rel_path, now_initiator, now_target
+
+
+def _by_side(source, source_entry, destination_entry):
+    """(initiator entry, target entry) from the entries of a copy's source and destination."""
+    if source == "initiator":
+        return (source_entry, destination_entry)
+    return (destination_entry, source_entry)
+
+
+def recorded_pair(decision, outcome=DONE, arrived=None):
+    """(initiator entry, target entry) the new state records for a path once its decision
+    came out as `outcome`; (None, None) records nothing.  `arrived` is what the
+    destination of a COPY or ATTRS holds now (None: absent).
+
+    The state moves only forward, and only for what was verified (DESIGN §4.3): whatever
+    did not come out as planned records the previous pair, so the next run sees both
+    sides as they are and decides again, or records what the next run needs to finish
+    the work instead of taking it for an edit."""
+    previous = (decision.prev_initiator, decision.prev_target)
+    current = (decision.initiator, decision.target)
+    if decision.action == SKIP:
+        return previous           # left alone: the next run sees it as the last one did
+    if decision.action == NOTHING:
+        return current            # in step (or deleted on both sides: forgotten)
+    if decision.action == DELETE:
+        if outcome == DONE:
+            return (None, None)
+        if outcome == KEPT:
+            return current        # the directory stays where it is, as it is now
+        return previous
+    source = decision.source
+    if decision.action == ATTRS:
+        if outcome == DONE:
+            return _by_side(source, decision.now(source), arrived)
+        return previous
+    if outcome not in COPY_OUTCOMES:
+        raise ValueError("no copy comes out as %r" % outcome)
+    if outcome == DONE:
+        return _by_side(source, decision.now(source), arrived)
+    if outcome in (SOURCE_CHANGED, SOURCE_DELETED):
+        # What arrived, if anything, is recorded as the destination's version and the
+        # source's as it was before, so the next run sends the source again (or carries its
+        # deletion over) instead of taking the destination for an edit.
+        recorded_source = decision.before(source)
+        if recorded_source is None and outcome == SOURCE_DELETED and arrived is not None:
+            # New, copied, then deleted on the source: recorded as held by both, so that the
+            # next run carries the deletion over instead of keeping the copy on one side only.
+            recorded_source = decision.now(source)
+        if recorded_source is None and arrived is None:
+            return previous
+        return _by_side(source, recorded_source, arrived)
+    if outcome == LEFT_HALF_WRITTEN:
+        # Neither as it was nor as sent: no version recorded for the source, so the next run
+        # copies it again instead of taking the destination for an edit.
+        return _by_side(source, None, arrived)
+    # NOT_WRITTEN, UNSETTLED (a version saved meanwhile is back in place), SAVED_AFTER (both
+    # sides are newer than the state: the next run resolves the conflict by mtime instead of
+    # sending the older source over the save), FAILED with the destination as it was.
+    return previous
 
 
 # ======================================================================================
@@ -3983,19 +4164,11 @@ def children_first(items):
 
 def decision_record(decision):
     """A Decision as a JSON-able list, for the spool."""
-    return [decision.path, decision.action, decision.source, decision.side, decision.conflict, decision.edit_won,
-            decision.backup, to_wire(decision.prev_initiator), to_wire(decision.prev_target),
-            to_wire(decision.initiator), to_wire(decision.target)]
+    return decision.record()
 
 
 def decision_from_record(record):
-    (path, action, source, side, conflict, edit_won, backup, prev_initiator, prev_target, initiator,
-     target) = record
-    decision = Decision(path, from_wire(prev_initiator), from_wire(prev_target), from_wire(initiator),
-                        from_wire(target))
-    decision.action, decision.source, decision.side = action, source, side
-    decision.conflict, decision.edit_won, decision.backup = conflict, edit_won, backup
-    return decision
+    return Decision.from_record(record)
 
 
 class Executor(object):
@@ -4040,12 +4213,9 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
-                if decision.action == SKIP:
-                    pair = (decision.prev_initiator, decision.prev_target)
-                else:
-                    pair = (decision.initiator, decision.target)
-                    if pair != (decision.prev_initiator, decision.prev_target):
-                        self.state_unchanged = False
+                pair = recorded_pair(decision)
+                if pair != (decision.prev_initiator, decision.prev_target):
+                    self.state_unchanged = False
                 if pair[0] is not None or pair[1] is not None:
                     self._count_entries(pair)
                     self.spool.file.write(state_line(decision.path, pair[0], pair[1]))
@@ -4175,72 +4345,59 @@ class Executor(object):
             yield state_line(item.path, pair[0], pair[1])
 
     def _result(self, decision, fresh):
-        """(initiator entry, target entry) to record for a decision that was carried out."""
-        previous = (decision.prev_initiator, decision.prev_target)
+        """(initiator entry, target entry) to record for a decision that was carried out:
+        find out how it came out, report that, and record what the planner says for it."""
         if decision.action == DELETE:
             problem = self.problems.get(("remove", decision.side, decision.path))
             if problem is None:
                 self.outcome.add("deleted", decision.side, decision.path)
-                return (None, None)
-            return (decision.initiator, decision.target) if problem == "kept" else previous
+                return recorded_pair(decision, DONE)
+            return recorded_pair(decision, KEPT if problem == "kept" else FAILED)
         destination = decision.destination()
-        source = decision.source
         if decision.action == COPY:
-            if ("overwrite", destination, decision.path) in self.problems \
-                    or ("settle", destination, decision.path) in self.problems:
-                # Not written, or a version saved meanwhile is back in place: both sides are as
-                # they were or newer, and the next run sees them as changed.
-                return previous
-            sent = decision.now(source)
-            arrived = fresh[(destination, decision.path)]
-            if arrived is not None and arrived.error:
-                arrived = None
-            pair = {source: sent, destination: arrived}
-            if not unchanged_since_scan(sent, fresh[(source, decision.path)]):
-                # The source changed during the run (a log appended to, a file saved or
-                # deleted): what arrived, if anything, is recorded as the destination's
-                # version and the source's as it was, so the next run sends it again
-                # instead of taking the destination for an edit.
-                if fresh[(source, decision.path)] is None:
-                    self.out.notice("%s was deleted on the %s during its transfer; the next run deletes it on the "
-                                    "%s too." % (decision.path, source, destination))
-                else:
-                    self.out.notice("%s changed on the %s during its transfer; the next run sends it again."
-                                    % (decision.path, source))
-                pair[source] = decision.before(source)
-                if pair[source] is None and fresh[(source, decision.path)] is None and arrived is not None:
-                    # New, copied, then deleted on the source: recorded as held by both, so
-                    # that the next run carries the deletion over instead of keeping the
-                    # copy on one side only.
-                    pair[source] = sent
-                if pair[source] is None and arrived is None:
-                    return previous
-                return (pair["initiator"], pair["target"])
-            if arrived is not None and not same_content(sent, arrived) and destination not in self.rsync_failed \
-                    and not unchanged_since_scan(decision.now(destination), arrived):
-                # rsync wrote every path and said so: what is there now was saved after it (an
-                # editor).  Both sides are newer than the state, so the next run resolves the
-                # conflict by mtime instead of sending the older source over the save.
-                self.out.notice("%s was saved on the %s after the run wrote it: the saved version stays and the "
-                                "next run resolves the conflict." % (decision.path, destination))
-                return previous
-            if arrived is None or not same_content(sent, arrived):
-                self._fail("Could not copy %s from the %s to the %s; the next run tries again."
-                           % (decision.path, source, destination))
-                if arrived is not None and not unchanged_since_scan(decision.now(destination), arrived):
-                    # The failed copy left the destination neither as it was nor as sent: remember
-                    # that the copy is owed (no version recorded for the source), so that the next
-                    # run copies the source again instead of taking this for an edit.
-                    pair[source] = None
-                    return (pair["initiator"], pair["target"])
-                return previous
-            self.outcome.add("updated", destination, decision.path)
-            return (pair["initiator"], pair["target"])
+            outcome, arrived = self._copy_outcome(decision, fresh)
+            if outcome == DONE:
+                self.outcome.add("updated", destination, decision.path)
+            return recorded_pair(decision, outcome, arrived)
         if ("attrs", destination, decision.path) in self.problems or fresh[(destination, decision.path)] is None:
-            return previous
+            return recorded_pair(decision, FAILED)
         self.outcome.add("attributes", destination, decision.path)
-        pair = {source: decision.now(source), destination: fresh[(destination, decision.path)]}
-        return (pair["initiator"], pair["target"])
+        return recorded_pair(decision, DONE, fresh[(destination, decision.path)])
+
+    def _copy_outcome(self, decision, fresh):
+        """How a copy came out (the planner's outcome constants), reported, and what its
+        destination holds now."""
+        source, destination, path = decision.source, decision.destination(), decision.path
+        if ("overwrite", destination, path) in self.problems:
+            return NOT_WRITTEN, None
+        if ("settle", destination, path) in self.problems:
+            return UNSETTLED, None
+        sent = decision.now(source)
+        source_now = fresh[(source, path)]
+        arrived = fresh[(destination, path)]
+        if arrived is not None and arrived.error:
+            arrived = None
+        if not unchanged_since_scan(sent, source_now):
+            # A log appended to, a file saved or deleted during the run.
+            if source_now is None:
+                self.out.notice("%s was deleted on the %s during its transfer; the next run deletes it on the "
+                                "%s too." % (path, source, destination))
+                return SOURCE_DELETED, arrived
+            self.out.notice("%s changed on the %s during its transfer; the next run sends it again." % (path, source))
+            return SOURCE_CHANGED, arrived
+        if arrived is not None and not same_content(sent, arrived) and destination not in self.rsync_failed \
+                and not unchanged_since_scan(decision.now(destination), arrived):
+            # rsync wrote every path and said so: what is there now was saved after it (an editor).
+            self.out.notice("%s was saved on the %s after the run wrote it: the saved version stays and the "
+                            "next run resolves the conflict." % (path, destination))
+            return SAVED_AFTER, arrived
+        if arrived is None or not same_content(sent, arrived):
+            self._fail("Could not copy %s from the %s to the %s; the next run tries again."
+                       % (path, source, destination))
+            if arrived is not None and not unchanged_since_scan(decision.now(destination), arrived):
+                return LEFT_HALF_WRITTEN, arrived
+            return FAILED, arrived
+        return DONE, arrived
 
     # -- reporting ----------------------------------------------------------------------------
     def _report_note(self, decision):
@@ -4252,19 +4409,10 @@ class Executor(object):
 
     def _report_plan(self, decision):
         if decision.conflict:
-            loser = decision.destination()
-            self.out.notice("Conflict on %s: changed on both replicas; the %s's version wins (%s), the %s's "
-                            "version %s." % (decision.path, decision.source,
-                                             "newer" if decision.now(loser) is None or not same_mtime(
-                                                 decision.now(loser).mtime_ns,
-                                                 decision.now(decision.source).mtime_ns)
-                                             else "CONFLICT_PREVALANCE",
-                                             loser, self._loser_fate(decision)))
+            self.out.notice(self._conflict_notice(decision))
             self.outcome.conflicts.append((decision.path, decision.source))
         elif decision.edit_won:
-            self.out.notice("%s was deleted on the %s but changed on the %s: the changed version %s back."
-                            % (decision.path, decision.destination(), decision.source,
-                               "would be copied" if self.dry else "is copied"))
+            self.out.notice(self._edit_won_notice(decision))
         if self.dry:
             kind = {COPY: "updated", ATTRS: "attributes", DELETE: "deleted"}[decision.action]
             self.outcome.add(kind, decision.side if decision.action == DELETE else decision.destination(),
@@ -4280,6 +4428,36 @@ class Executor(object):
         elif decision.action == ATTRS:
             self.out.verbose("%supdate attributes of %s on the %s." % (prefix, decision.path,
                                                                       decision.destination()))
+
+    def _conflict_notice(self, decision):
+        """The conflict notice: the reason the planner gave for the winner, and what becomes
+        of the losing version."""
+        winner, loser = decision.source, decision.destination()
+        fate = self._loser_fate(decision)
+        if decision.reason == WON_MIRROR:
+            return ("Conflict on %s: changed on the %s, but SYNC_TYPE=%s mirrors the %s: the %s's version replaces "
+                    "the %s's edit, which %s." % (decision.path, loser, self.policy.sync_type, winner, winner,
+                                                  loser, fate))
+        if decision.reason == WON_SUBTREE:
+            return ("Conflict on %s: the %s holds a %s there, but items below the %s's directory stay: the directory "
+                    "stays and the %s's version %s." % (decision.path, loser, KIND_NAMES.get(
+                        decision.now(loser).kind, "item"), winner, loser, fate))
+        if decision.reason == WON_PREVALENCE:
+            why = "equal mtimes, CONFLICT_PREVALANCE=%s" % self.policy.prevalence
+        else:
+            why = "newer"
+        return ("Conflict on %s: changed on both replicas; the %s's version wins (%s), the %s's version %s."
+                % (decision.path, winner, why, loser, fate))
+
+    def _edit_won_notice(self, decision):
+        """The notice for a deletion undone because the other side changed (or keeps items
+        below) what was deleted."""
+        copied = "would be copied" if self.dry else "is copied"
+        if decision.reason == WON_SUBTREE:
+            return ("%s was deleted on the %s but items below it stay on the %s: the directory %s back."
+                    % (decision.path, decision.destination(), decision.source, copied))
+        return ("%s was deleted on the %s but changed on the %s: the changed version %s back."
+                % (decision.path, decision.destination(), decision.source, copied))
 
     @staticmethod
     def _loser_fate(decision):
@@ -4951,14 +5129,15 @@ class SyncRun(object):
             self.executor(policy).settle_interrupted_transfers(spool_dir)
         executor = self.executor(policy)
         try:
-            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy)
+            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy,
+                             spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = self.executor(policy)
-            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy)
+            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
             return outcome

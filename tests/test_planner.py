@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import osync  # noqa: E402
+from conftest import T0, find_content, put, remove  # noqa: E402
 from osync import Entry, Policy, COPY, DELETE, NOTHING, ATTRS, SKIP  # noqa: E402
 
 
@@ -345,3 +346,257 @@ def test_same_size_rewrite_with_equal_digests_is_not_copied():
     touched = Entry("a", "f", 3, 100 * 10 ** 9 + 1, 0o644, 0, 0, 1, 101 * 10 ** 9, "", "d1")
     got, _ = run(state((synced, synced)), [touched], [synced])
     assert action(got["a"]) == (NOTHING, None)
+
+
+# ======================================================================================
+# Why a version won: the reason travels with the decision
+# ======================================================================================
+
+def test_the_reason_a_version_won_is_set_where_it_was_chosen():
+    prev = state((F("changed"), F("changed")), (F("both"), F("both")), (F("tie"), F("tie")),
+                 (F("gone"), F("gone")), (F("mode"), F("mode")))
+    got, _ = run(prev,
+                 [F("both", mtime=300, size=4), F("changed", mtime=200), F("mode", mode=0o600, ctime=300),
+                  F("new"), F("tie", mtime=150, size=4)],
+                 [F("both", mtime=200, size=5), F("changed"), F("gone", mtime=400), F("mode"),
+                  F("tie", mtime=150, size=5)], prevalence="target")
+    assert (got["new"].reason, got["changed"].reason) == (osync.WON_ONLY_CHANGED, osync.WON_ONLY_CHANGED)
+    assert (got["both"].source, got["both"].reason) == ("initiator", osync.WON_NEWER)
+    assert (got["tie"].source, got["tie"].reason) == ("target", osync.WON_PREVALENCE)
+    assert (got["gone"].source, got["gone"].reason) == ("target", osync.WON_EDIT)
+    assert (got["mode"].action, got["mode"].reason) == (ATTRS, osync.WON_ONLY_CHANGED)
+
+
+def test_a_directory_kept_for_its_subtree_says_so():
+    prev = state((D("d"), D("d")), (F("d/x"), F("d/x")), (D("e"), D("e")), (F("e/x"), F("e/x")))
+    got, _ = run(prev, [F("e", mtime=200)], [D("d"), F("d/x"), F("d/new"), D("e"), F("e/x", mtime=300)])
+    assert (got["d"].source, got["d"].reason, got["d"].conflict) == ("target", osync.WON_SUBTREE, False)
+    assert (got["e"].source, got["e"].reason, got["e"].conflict) == ("target", osync.WON_SUBTREE, True)
+
+
+def test_one_way_copies_win_because_of_sync_type_even_when_older():
+    prev = state((F("a", mtime=100), F("a", mtime=100)), (F("m"), F("m")))
+    got, _ = run(prev, [F("a", mtime=100), F("m"), F("new")], [F("a", mtime=900, size=8), F("m", mode=0o600)],
+                 sync_type="initiator2target")
+    assert (got["a"].source, got["a"].reason, got["a"].conflict) == ("initiator", osync.WON_MIRROR, True)
+    assert (got["new"].source, got["new"].reason) == ("initiator", osync.WON_MIRROR)
+    assert (got["m"].action, got["m"].source, got["m"].reason) == (ATTRS, "initiator", osync.WON_MIRROR)
+
+
+def test_a_decision_survives_its_record():
+    got, _ = run(state((F("a"), F("a"))), [F("a", mtime=300, size=4)], [F("a", mtime=200, size=5)])
+    decision = got["a"]
+    decision.note, decision.warning = "a note", "a warning"
+    back = osync.Decision.from_record(decision.record())
+    assert [getattr(back, name) for name in osync.Decision.__slots__] == \
+        [getattr(decision, name) for name in osync.Decision.__slots__]
+
+
+# ======================================================================================
+# What the new state records for each outcome of each decision
+# ======================================================================================
+
+def one_decision(previous, initiator, target, **policy):
+    _, decisions = run(previous, initiator, target, **policy)
+    assert len(decisions) == 1
+    return decisions[0]
+
+
+def test_recorded_for_paths_that_need_no_work():
+    synced, touched = F("a"), F("a", mtime=300)
+    nothing = one_decision(state((synced, synced)), [touched], [touched])
+    assert nothing.action == NOTHING
+    assert osync.recorded_pair(nothing) == (touched, touched), "in step: the current pair"
+    forgotten = one_decision(state((synced, synced)), [], [])
+    assert osync.recorded_pair(forgotten) == (None, None), "deleted on both sides: forgotten"
+    broken = Entry("a", "f", error="cannot read: Permission denied")
+    skipped = one_decision(state((synced, synced)), [broken], [touched])
+    assert skipped.action == SKIP
+    assert osync.recorded_pair(skipped) == (synced, synced), "left alone: the previous pair"
+
+
+def test_recorded_after_a_deletion():
+    synced, now = D("d"), D("d", ctime=300)
+    decision = one_decision(state((synced, synced)), [], [now])
+    assert action(decision) == (DELETE, "target")
+    assert osync.recorded_pair(decision, osync.DONE) == (None, None)
+    assert osync.recorded_pair(decision, osync.KEPT) == (None, now), "kept: as it is now"
+    assert osync.recorded_pair(decision, osync.FAILED) == (synced, synced)
+
+
+@pytest.mark.parametrize("source", ["initiator", "target"])
+def test_recorded_after_each_outcome_of_a_copy(source):
+    """An edited file copied from `source`: what the state records for each way the copy
+    can come out, in (initiator, target) order."""
+    synced, sent = F("a"), F("a", mtime=200, size=5)
+    arrived = Entry("a", "f", 5, 200 * 10 ** 9, 0o644, 0, 0, 9, 250 * 10 ** 9)
+    other = "target" if source == "initiator" else "initiator"
+    initiator, target = ([sent], [synced]) if source == "initiator" else ([synced], [sent])
+    decision = one_decision(state((synced, synced)), initiator, target)
+    assert action(decision) == (COPY, source)
+
+    def pair(**by_side):
+        return (by_side["initiator"], by_side["target"])
+
+    previous = (synced, synced)
+    recorded = osync.recorded_pair
+    assert recorded(decision, osync.DONE, arrived) == pair(**{source: sent, other: arrived})
+    assert recorded(decision, osync.NOT_WRITTEN) == previous
+    assert recorded(decision, osync.UNSETTLED) == previous
+    assert recorded(decision, osync.SAVED_AFTER, arrived) == previous
+    assert recorded(decision, osync.FAILED, synced) == previous
+    # The source changed (or went) during the transfer: its version as recorded before,
+    # so the next run sends it again; the destination as it arrived.
+    assert recorded(decision, osync.SOURCE_CHANGED, arrived) == pair(**{source: synced, other: arrived})
+    assert recorded(decision, osync.SOURCE_DELETED, arrived) == pair(**{source: synced, other: arrived})
+    # A failed copy that left the destination neither old nor new: no source version, so
+    # the copy is owed and the next run does not take the destination for an edit.
+    half = Entry("a", "f", 2, 222 * 10 ** 9)
+    assert recorded(decision, osync.LEFT_HALF_WRITTEN, half) == pair(**{source: None, other: half})
+    with pytest.raises(ValueError):
+        recorded(decision, osync.KEPT)
+
+
+@pytest.mark.parametrize("source", ["initiator", "target"])
+def test_recorded_after_a_new_file_changed_or_deleted_during_its_transfer(source):
+    new, arrived = F("n", mtime=200), F("n", mtime=200)
+    initiator, target = ([new], []) if source == "initiator" else ([], [new])
+    decision = one_decision([], initiator, target)
+    assert action(decision) == (COPY, source)
+    # New, copied, then deleted on the source: recorded on both sides, so that the next
+    # run carries the deletion over instead of keeping the copy on one side only.
+    assert osync.recorded_pair(decision, osync.SOURCE_DELETED, arrived) == (new, arrived)
+    # Changed while copied: the destination's copy only, so the next run sends it again.
+    only_arrived = (None, arrived) if source == "initiator" else (arrived, None)
+    assert osync.recorded_pair(decision, osync.SOURCE_CHANGED, arrived) == only_arrived
+    # Nothing arrived and nothing was recorded before: nothing to record.
+    assert osync.recorded_pair(decision, osync.SOURCE_DELETED, None) == (None, None)
+    assert osync.recorded_pair(decision, osync.SOURCE_CHANGED, None) == (None, None)
+
+
+def test_recorded_after_an_attribute_update():
+    synced = F("a", mode=0o644)
+    changed = F("a", mode=0o600, ctime=500)
+    decision = one_decision(state((synced, synced)), [synced], [changed])
+    assert action(decision) == (ATTRS, "target")
+    arrived = F("a", mode=0o600, ctime=600)
+    assert osync.recorded_pair(decision, osync.DONE, arrived) == (arrived, changed)
+    assert osync.recorded_pair(decision, osync.FAILED) == (synced, synced)
+
+
+# ======================================================================================
+# The notices say why, end to end
+# ======================================================================================
+
+def test_one_way_notice_says_the_target_edit_is_replaced_because_of_sync_type(pair):
+    """Only the target edited, the initiator years older: in one-way mode the initiator's
+    version wins because SYNC_TYPE mirrors it, not because it is newer or changed."""
+    years_ago = T0 - 5 * 365 * 86400
+    put(pair.initiator, "report.txt", "initiator, years old", years_ago)
+    pair.run(expect=0)
+    put(pair.target, "report.txt", "target edit, today", T0)
+    r = pair.run("--sync-type=initiator2target", expect=0)
+    assert ("Conflict on report.txt: changed on the target, but SYNC_TYPE=initiator2target mirrors the "
+            "initiator: the initiator's version replaces the target's edit, which is kept in its backup dir."
+            in r.output), r.output
+    assert "changed on both replicas" not in r.output and "newer" not in r.output, r.output
+    assert (pair.target / "report.txt").read_text() == "initiator, years old"
+    assert find_content(pair.workdir("target") / "backup", "target edit, today"), "the edit must be kept"
+
+
+def test_conflict_notice_names_the_reason_the_winner_won(pair):
+    put(pair.initiator, "tie", "synced", T0)
+    put(pair.initiator, "race", "synced", T0)
+    pair.run(expect=0)
+    put(pair.initiator, "tie", "initiator edit", T0 + 60)
+    put(pair.target, "tie", "target edit!", T0 + 60)
+    put(pair.initiator, "race", "initiator edit", T0 + 30)
+    put(pair.target, "race", "target edit!", T0 + 90)
+    r = pair.run(env={"CONFLICT_PREVALANCE": "target"}, expect=0)
+    assert ("Conflict on tie: changed on both replicas; the target's version wins (equal mtimes, "
+            "CONFLICT_PREVALANCE=target)" in r.output), r.output
+    assert "Conflict on race: changed on both replicas; the target's version wins (newer)" in r.output, r.output
+
+
+# ======================================================================================
+# What waits for a directory's subtree is held on disk, not in memory
+# ======================================================================================
+
+def test_nested_deleted_directories_keep_the_ancestors_of_a_deep_new_file(tmp_path):
+    """Deleted dirs inside deleted dirs, each holding files; one new file deep inside on
+    the other side: every ancestor of it comes back, everything else is deleted, and the
+    frames that close before it (d/a) are settled from what was spilled."""
+    synced = [D("d"), D("d/a"), F("d/a/x"), D("d/b"), D("d/b/c"), F("d/b/c/y"), F("d/b/z"), F("d/w")]
+    prev = state(*[(entry, entry) for entry in synced])
+    target = synced + [F("d/b/c/new", mtime=900)]
+    _, decisions = run(prev, [], target)
+    got = dict((decision.path, decision) for decision in decisions)
+    assert [decision.path for decision in decisions] == [entry.path for entry in ordered(target)]
+    for kept in ("d", "d/b", "d/b/c", "d/b/c/new"):
+        assert action(got[kept]) == (COPY, "target"), kept
+    for gone in ("d/a", "d/a/x", "d/b/c/y", "d/b/z", "d/w"):
+        assert action(got[gone]) == (DELETE, "target"), gone
+    assert got["d/b/c"].reason == osync.WON_SUBTREE and got["d/b/c"].edit_won
+    spilled = list(osync.plan(iter(prev), iter([]), iter(ordered(target)), Policy(), str(tmp_path)))
+    assert [(d.path, d.action, d.source, d.side, d.reason) for d in spilled] == \
+        [(d.path, d.action, d.source, d.side, d.reason) for d in decisions]
+
+
+def test_frames_one_after_another_and_what_they_hold_come_out_whole():
+    """Two deleted directories in a row (the spill file is reused), awkward names, and the
+    notes and warnings of the held decisions survive the spill."""
+    names = ["d1", "d1/\udcff\nx", "d2", "d2/-a b", "d2/z"]
+    synced = [D(name) if name in ("d1", "d2") else F(name) for name in names]
+    prev = state(*[(entry, entry) for entry in synced])
+    broken = Entry("d2/z", "f", error="cannot read: Permission denied")
+    target = [D("d1"), F("d1/\udcff\nx"), D("d2"), F("d2/-a b"), D("d2/u", mode=0o600), broken, F("zz")]
+    got, decisions = run(prev, [F("zz")], target)
+    assert [decision.path for decision in decisions] == [entry.path for entry in ordered(target)]
+    assert action(got["d1"]) == (DELETE, "target") and action(got["d1/\udcff\nx"]) == (DELETE, "target")
+    assert got["d2/z"].action == SKIP and got["d2/z"].note == "cannot read: Permission denied"
+    assert action(got["d2"]) == (COPY, "target"), "kept: something below it is left alone"
+    assert action(got["d2/u"]) == (COPY, "target")
+    assert "d2/u on the target has mode 0600" in got["d2/u"].warning
+    assert action(got["zz"]) == (NOTHING, None)
+
+
+def test_a_deleted_directory_of_many_files_is_not_held_in_memory():
+    """The decisions below a directory deleted on one side wait until its subtree has been
+    seen; they wait in a file: the planner's peak memory stays flat."""
+    import tracemalloc
+    count = 20000
+
+    def synced():
+        yield D("big")
+        for number in range(count):
+            yield F("big/f%06d" % number)
+
+    def previous():
+        for entry in synced():
+            yield entry.path, entry, entry
+
+    tracemalloc.start()
+    try:
+        seen = 0
+        for decision in osync.plan(previous(), iter([]), synced(), Policy()):
+            assert action(decision) == (DELETE, "target")
+            seen += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count + 1
+    assert peak < 2 * 1024 * 1024, "%d KiB held for %d decisions" % (peak // 1024, count)
+
+
+def test_notice_for_a_deleted_directory_kept_for_a_new_file_inside(pair):
+    """The directory itself did not change on the target: it comes back because of what
+    is below it, and the notice says that."""
+    put(pair.initiator, "album/one.jpg", "one", T0)
+    pair.run(expect=0)
+    remove(pair.initiator, "album")
+    put(pair.target, "album/two.jpg", "two, new", T0 + 60)
+    r = pair.run(expect=0)
+    assert ("album was deleted on the initiator but items below it stay on the target: the directory is copied "
+            "back." in r.output), r.output
+    assert (pair.initiator / "album/two.jpg").read_text() == "two, new"
+    assert not (pair.initiator / "album/one.jpg").exists()
