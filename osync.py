@@ -4352,7 +4352,7 @@ class Executor(object):
             if problem is None:
                 self.outcome.add("deleted", decision.side, decision.path)
                 return recorded_pair(decision, DONE)
-            return recorded_pair(decision, KEPT if problem == "kept" else FAILED)
+            return recorded_pair(decision, KEPT if problem == Answer.KEPT else FAILED)
         destination = decision.destination()
         if decision.action == COPY:
             outcome, arrived = self._copy_outcome(decision, fresh)
