@@ -283,7 +283,9 @@ def test_the_lock_names_the_children_of_the_run(pair, tmp_path):
     put(pair.initiator, "f", b"data\n")
     children = pair.workdir("initiator") / "lock.children"
     seen = tmp_path / "seen"
-    env = rsync_wrapper(tmp_path, "cat %s > %s" % (shell_quote(children), shell_quote(seen)))
+    # osync.py records a child once it has started, so the wrapper (the child) waits for it.
+    env = rsync_wrapper(tmp_path, "for i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done; cat %s > %s"
+                        % (shell_quote(children), shell_quote(children), shell_quote(seen)))
     pair.run(env=env, expect=0)
     recorded = [int(line.split()[0]) for line in seen.read_text().splitlines()]
     assert recorded, "no child was recorded beside the lock while rsync ran"
