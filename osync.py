@@ -167,11 +167,14 @@ SETTINGS = [
       "Log file; empty: /var/log/osync.INSTANCE_ID.log, else ~/osync.INSTANCE_ID.log, else ./osync.INSTANCE_ID.log."),
     S("MINIMUM_SPACE", "int", 10240, "GENERAL",
       "Warn when a replica has less free space than this, in KiB; 0 disables the check.", quick=1024),
-    S("BANDWIDTH", "int", 0, "GENERAL", "rsync bandwidth limit in KiB/s; 0 means no limit."),
+    S("BANDWIDTH", "int", 0, "GENERAL", "rsync bandwidth limit of each transfer, in KiB/s; 0 means no limit."),
     S("SUDO_EXEC", "bool", False, "GENERAL",
       "Run the remote agent and the remote rsync through sudo."),
-    S("RSYNC_EXECUTABLE", "str", "rsync", "GENERAL", "rsync program name, locally and on the remote host."),
-    S("RSYNC_REMOTE_PATH", "str", "", "GENERAL", "Directory of rsync on the remote host, if not in its PATH."),
+    S("RSYNC_EXECUTABLE", "str", "rsync", "GENERAL",
+      "rsync program: a name looked up in PATH, or a path; the remote host runs it too, unless RSYNC_REMOTE_PATH is set."),
+    S("RSYNC_REMOTE_PATH", "str", "", "GENERAL",
+      "Directory of rsync on the remote host, if not in its PATH: the remote host runs the program of "
+      "RSYNC_EXECUTABLE's name there."),
     S("RSYNC_PATTERN_FIRST", "choice", "include", "GENERAL",
       "Which pattern list is checked first: include or exclude (the first matching pattern wins).",
       choices=("include", "exclude")),
@@ -208,7 +211,8 @@ SETTINGS = [
       old_names=("REMOTE_3RD_PARTY_HOST",)),
     # ---------------------------------------------------------------- [MISC_OPTIONS]
     S("RSYNC_OPTIONAL_ARGS", "str", "", "MISC_OPTIONS",
-      "Extra rsync arguments (e.g. --modify-window=2 for FAT/SMB)."),
+      "Extra rsync options for every transfer (e.g. --modify-window=2 for FAT/SMB); options osync.py sets itself or "
+      "that would break its guarantees (--inplace, --delete, --partial, --temp-dir, --backup, filters...) are refused."),
     S("PRESERVE_PERMISSIONS", "bool", True, "MISC_OPTIONS", "Sync permission bits."),
     S("PRESERVE_OWNER", "bool", True, "MISC_OPTIONS", "Sync file owners (only when running as root)."),
     S("PRESERVE_GROUP", "bool", True, "MISC_OPTIONS", "Sync file groups (only when running as root)."),
@@ -223,7 +227,8 @@ SETTINGS = [
     S("PRESERVE_HARDLINKS", "bool", False, "MISC_OPTIONS", "Keep hard links as hard links."),
     S("CHECKSUM", "bool", False, "MISC_OPTIONS",
       "Detect changes by content hash instead of size and modification time (slow)."),
-    S("RSYNC_COMPRESS", "bool", True, "MISC_OPTIONS", "Compress remote rsync transfers."),
+    S("RSYNC_COMPRESS", "bool", True, "MISC_OPTIONS",
+      "Compress the transfers to and from a remote target (copies between local directories never are)."),
     S("SOFT_MAX_EXEC_TIME", "int", 7200, "MISC_OPTIONS",
       "Warn when a run takes longer than this many seconds; 0 disables.", quick=0,
       old_names=("SOFT_MAX_EXEC_TIME_FILE_TASK", "MAX_SOFT_EXEC_TIME")),
@@ -274,10 +279,12 @@ SETTINGS = [
     S("FORCE_STRANGER_LOCK_RESUME", "bool", False, "RESUME_OPTIONS",
       "Take over a dead remote target lock left by another INSTANCE_ID."),
     S("PARTIAL", "bool", False, "RESUME_OPTIONS",
-      "Keep partly transferred files in .osync_workdir/_partial so the next run resumes them.",
+      "Keep partly transferred files in .osync_workdir/_partial so the next run sends only the rest "
+      "(with DELTA_COPIES=yes).",
       option="--partial"),
     S("DELTA_COPIES", "bool", True, "RESUME_OPTIONS",
-      "Use the rsync delta algorithm (off: whole files, less CPU on fast links)."),
+      "Send only the changed parts of changed files, also between local directories (off: whole files, less CPU "
+      "on fast links)."),
     # ---------------------------------------------------------------- [ALERT_OPTIONS]
     S("DESTINATION_MAILS", "str", "", "ALERT_OPTIONS",
       "Alert mail recipients, separated by spaces; empty sends no mail.", option="--destination-mails"),
@@ -724,6 +731,10 @@ class Config(object):
         if problem:
             raise ConfigError("%s: RSYNC_OPTIONAL_ARGS: %s." % (self.origin["RSYNC_OPTIONAL_ARGS"], problem))
         self.check_rsync_program()
+        if self.values["PARTIAL"] and not self.values["DELTA_COPIES"]:
+            self.notices.append("%s: PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no (%s) rsync "
+                                "sends whole files and the next run sends them again from the start; set "
+                                "DELTA_COPIES=yes to resume them." % (self.origin["PARTIAL"], self.origin["DELTA_COPIES"]))
         for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR"):
             value = self.values[key]
             if URL_LIKE.match(value) and not value.startswith("ssh://"):
@@ -3937,7 +3948,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     if cfg["PRESERVE_EXECUTABILITY"] and not cfg["PRESERVE_PERMISSIONS"]:
         argv.append("--executability")
     if cfg["BANDWIDTH"]:
-        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])
+        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])   # KiB/s, rsync's default unit
+    # Said either way: between local directories rsync copies whole files unless told
+    # --no-whole-file, over ssh it uses the delta algorithm unless told --whole-file.
     argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
     # Files are written to a temp file in the destination's work dir, then renamed into
     # place: a path holds its old or its new content, never a mix.
@@ -3947,6 +3960,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # while the run transfers is never lost (see LocalReplica.settle_transfers).
     argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
     if cfg["PARTIAL"]:
+        # An absolute partial dir: rsync keeps an interrupted file there under its base
+        # name, never at its own name, and the next transfer of that name starts from it
+        # (with the delta algorithm only: --whole-file discards it).
         argv += ["--partial", "--partial-dir=" + destination.partial_dir()]
     if cfg.switch("stats"):
         argv.append("--stats")
@@ -3954,6 +3970,11 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
         argv.append("-i")
     if transport is not None:
         argv += transport.rsync_arguments()
+        # Compression only where data crosses a network.  No --skip-compress list, unlike
+        # osync v1.3: rsync >= 3.2 negotiates zstd or lz4, for which it skips nothing by
+        # suffix (rsync(1): "no compression method currently supports per-file compression
+        # changes"), and both cost little on data that does not compress; an older rsync
+        # compressing with zlib has its own default list of compressed suffixes.
         if cfg["RSYNC_COMPRESS"]:
             argv.append("-z")
     argv += shlex.split(cfg["RSYNC_OPTIONAL_ARGS"])

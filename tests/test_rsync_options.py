@@ -8,6 +8,7 @@ RSYNC_EXECUTABLE wrapper that logs each call and then runs the real rsync."""
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -97,9 +98,8 @@ def wire_bytes(stats):
 
 def random_bytes(size, seed):
     """Incompressible content, the same for the same seed."""
-    import random
     generator = random.Random(seed)
-    return bytes(generator.getrandbits(8) for _ in range(size))
+    return generator.getrandbits(8 * size).to_bytes(size, "little")
 
 
 def write(path, data, mtime):
@@ -243,3 +243,144 @@ def test_optional_args_refused_from_the_environment(pair):
     assert "environment variable RSYNC_OPTIONAL_ARGS: RSYNC_OPTIONAL_ARGS: --inplace" in line, line
     after = snapshot(pair.initiator, exclude_workdir=False), snapshot(pair.target, exclude_workdir=False)
     assert after == before, "a refused run changed a replica"
+
+
+# --------------------------------------------------------------------------------------
+# RSYNC_COMPRESS, BANDWIDTH, DELTA_COPIES
+# --------------------------------------------------------------------------------------
+
+COMPRESSIBLE = 1000 * KIB
+
+
+@pytest.mark.parametrize("compress", ["yes", "no"])
+def test_rsync_compress(pair, compress):
+    """RSYNC_COMPRESS=yes compresses what crosses to a remote target, in both directions,
+    also files whose names say they are compressed already (rsync >= 3.2 compresses with
+    zstd or lz4 and skips nothing by name); =no sends the data as it is.  A local copy is
+    never compressed: nothing crosses a network."""
+    write(pair.initiator / "zeros.gz", b"\0" * COMPRESSIBLE, 1500000000)
+    write(pair.target / "zeros.txt", b"\0" * COMPRESSIBLE, 1500000000)
+    r = pair.run("--stats", "--verbose", env={"RSYNC_COMPRESS": compress}, expect=0)
+    assert (pair.target / "zeros.gz").read_bytes() == (pair.initiator / "zeros.txt").read_bytes() == b"\0" * COMPRESSIBLE
+    stats = rsync_stats(r.stdout)
+    assert sorted(stats) == ["pull", "push"], describe(r)
+    for direction in ("push", "pull"):
+        sent = wire_bytes(stats[direction])
+        if compress == "yes" and pair.kind not in LOCAL_KINDS:
+            assert sent < COMPRESSIBLE / 10, (direction, stats)
+        else:
+            assert sent >= COMPRESSIBLE, (direction, stats)
+
+
+def test_bandwidth_limits_both_directions(pair, tmp_path):
+    """BANDWIDTH (KiB/s) is rsync's --bwlimit: 250 KiB at 100 KiB/s take at least about
+    2.5 s in each direction (a lower bound: a loaded machine only makes it slower), and
+    the transfers complete."""
+    program, calls = rsync_wrapper(tmp_path / "tools")
+    size = 250 * KIB
+    write(pair.initiator / "up", random_bytes(size, 1), 1500000000)
+    write(pair.target / "down", random_bytes(size, 2), 1500000000)
+    pair.run(env={"RSYNC_EXECUTABLE": str(program), "BANDWIDTH": "100"}, expect=0)
+    assert (pair.target / "up").read_bytes() == random_bytes(size, 1)
+    assert (pair.initiator / "down").read_bytes() == random_bytes(size, 2)
+    clients = client_calls(calls())
+    assert len(clients) == 2, calls()
+    for call in clients:
+        assert "--bwlimit=100" in call["argv"], call
+        assert call["seconds"] >= 1.5, ("the transfer was not slowed down", call)
+
+
+def edit_middle(path, data, mtime):
+    """`data` with 1000 bytes in its middle replaced, written to path (same size)."""
+    middle = len(data) // 2
+    changed = data[:middle] + random_bytes(1000, mtime) + data[middle + 1000:]
+    write(path, changed, mtime)
+    return changed
+
+
+@pytest.mark.parametrize("delta", ["yes", "no"])
+def test_delta_copies(pair, delta):
+    """DELTA_COPIES=yes sends only what changed in a file the destination already holds,
+    also between local directories (where rsync would copy whole files by default);
+    =no sends whole files.  In both directions."""
+    size = 1000 * KIB
+    up, down = random_bytes(size, 3), random_bytes(size, 4)
+    write(pair.initiator / "up", up, 1500000000)
+    write(pair.target / "down", down, 1500000000)
+    pair.run(expect=0)
+    up = edit_middle(pair.initiator / "up", up, 1500000100)
+    down = edit_middle(pair.target / "down", down, 1500000100)
+    r = pair.run("--stats", "--verbose", env={"DELTA_COPIES": delta}, expect=0)
+    assert (pair.target / "up").read_bytes() == up and (pair.initiator / "down").read_bytes() == down
+    stats = rsync_stats(r.stdout)
+    assert sorted(stats) == ["pull", "push"], describe(r)
+    for direction in ("push", "pull"):
+        literal = stats[direction]["Literal data"]
+        if delta == "yes":
+            assert literal < size / 10, (direction, stats)
+        else:
+            assert literal == size, (direction, stats)
+
+
+# --------------------------------------------------------------------------------------
+# PARTIAL
+# --------------------------------------------------------------------------------------
+
+def wait_for(condition, what, timeout=60, process=None):
+    """Poll until condition() is true; fail naming `what` (with the run's output when the
+    run `process` ended first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail("the run ended before %s:\n%s\n%s" % (what, out, err))
+        time.sleep(0.05)
+    pytest.fail("timed out waiting for %s" % what)
+
+
+def biggest_file(directory):
+    sizes = [entry.stat().st_size for entry in directory.iterdir()] if directory.is_dir() else []
+    return max(sizes) if sizes else 0
+
+
+@pytest.mark.parametrize("source", ["initiator", "target"])
+def test_partial_transfer_is_resumed(pair, source):
+    """PARTIAL=yes: a run stopped (SIGTERM) in the middle of a large transfer keeps what
+    arrived in the destination's .osync_workdir/_partial (never at the file's own name),
+    and the next run sends only the rest."""
+    size = 8 * 1024 * KIB
+    data = random_bytes(size, 5)
+    destination = pair.other(source)
+    write(pair.root(source) / "big", data, 1500000000)
+    temp_dir = pair.workdir(destination) / "_tmp"
+    partial = pair.workdir(destination) / "_partial" / "big"
+    # 512 KiB/s: the whole file would take 16 s; the run is stopped once 1 MiB arrived.
+    process = pair.popen(env={"PARTIAL": "yes", "BANDWIDTH": "512"})
+    wait_for(lambda: biggest_file(temp_dir) >= 1024 * KIB, "1 MiB in the destination's _tmp", process=process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Stopped by signal SIGTERM" in out + err, out + err
+    assert "Traceback" not in out + err
+    wait_for(partial.exists, "the partial file in _partial", timeout=30)
+    kept = partial.stat().st_size
+    assert 1024 * KIB <= kept < size
+    assert data.startswith(partial.read_bytes())
+    assert not (pair.root(destination) / "big").exists(), "a partial file reached its final name"
+
+    r = pair.run("--stats", "--verbose", env={"PARTIAL": "yes"}, expect=0)
+    assert (pair.root(destination) / "big").read_bytes() == data
+    stats = rsync_stats(r.stdout)["push" if source == "initiator" else "pull"]
+    assert stats["Literal data"] <= size - kept + 16 * KIB, (kept, stats)
+    assert not partial.exists(), "the partial file was left behind once used"
+
+
+def test_partial_without_delta_copies_is_a_notice(lpair):
+    """rsync discards a partial file when it copies whole files: PARTIAL=yes with
+    DELTA_COPIES=no says so (and the run goes on)."""
+    build(lpair.initiator, {"a": "a"})
+    r = lpair.run("--partial", env={"DELTA_COPIES": "no"}, expect=0)
+    assert "PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no" in r.stdout, describe(r)
+    assert "set DELTA_COPIES=yes" in r.stdout
+    assert snapshot(lpair.target) == expected({"a": "a"})
