@@ -171,7 +171,8 @@ SETTINGS = [
     S("SUDO_EXEC", "bool", False, "GENERAL",
       "Run the remote agent and the remote rsync through sudo."),
     S("RSYNC_EXECUTABLE", "str", "rsync", "GENERAL",
-      "rsync program: a name looked up in PATH, or a path; the remote host runs it too, unless RSYNC_REMOTE_PATH is set."),
+      "rsync program: a name looked up in PATH, or a path; the remote host runs it too, unless "
+      "RSYNC_REMOTE_PATH is set."),
     S("RSYNC_REMOTE_PATH", "str", "", "GENERAL",
       "Directory of rsync on the remote host, if not in its PATH: the remote host runs the program of "
       "RSYNC_EXECUTABLE's name there."),
@@ -211,8 +212,9 @@ SETTINGS = [
       old_names=("REMOTE_3RD_PARTY_HOST",)),
     # ---------------------------------------------------------------- [MISC_OPTIONS]
     S("RSYNC_OPTIONAL_ARGS", "str", "", "MISC_OPTIONS",
-      "Extra rsync options for every transfer (e.g. --modify-window=2 for FAT/SMB); options osync.py sets itself or "
-      "that would break its guarantees (--inplace, --delete, --partial, --temp-dir, --backup, filters...) are refused."),
+      "Extra rsync options for every transfer (e.g. --modify-window=2 for FAT/SMB); options osync.py sets "
+      "itself or that would break its guarantees (--inplace, --delete, --partial, --temp-dir, --backup, "
+      "filters...) are refused."),
     S("PRESERVE_PERMISSIONS", "bool", True, "MISC_OPTIONS", "Sync permission bits."),
     S("PRESERVE_OWNER", "bool", True, "MISC_OPTIONS", "Sync file owners (only when running as root)."),
     S("PRESERVE_GROUP", "bool", True, "MISC_OPTIONS", "Sync file groups (only when running as root)."),
@@ -732,9 +734,10 @@ class Config(object):
             raise ConfigError("%s: RSYNC_OPTIONAL_ARGS: %s." % (self.origin["RSYNC_OPTIONAL_ARGS"], problem))
         self.check_rsync_program()
         if self.values["PARTIAL"] and not self.values["DELTA_COPIES"]:
-            self.notices.append("%s: PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no (%s) rsync "
-                                "sends whole files and the next run sends them again from the start; set "
-                                "DELTA_COPIES=yes to resume them." % (self.origin["PARTIAL"], self.origin["DELTA_COPIES"]))
+            self.notices.append("%s: PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no (%s) "
+                                "rsync sends whole files and the next run sends them again from the start; set "
+                                "DELTA_COPIES=yes to resume them."
+                                % (self.origin["PARTIAL"], self.origin["DELTA_COPIES"]))
         for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR"):
             value = self.values[key]
             if URL_LIKE.match(value) and not value.startswith("ssh://"):
@@ -824,7 +827,8 @@ NEEDED_RSYNC_OPTIONS = ("--links", "-l", "--times", "-t", "-D", "--devices", "--
 # rsync options whose value may be the next word (--exclude PATTERN), and the short ones
 # whose value may follow them in the same word (-T/tmp) or be the next one.
 RSYNC_OPTIONS_WITH_VALUE = frozenset((
-    "--info", "--debug", "--backup-dir", "--suffix", "--confine-root", "--chmod", "--checksum-choice",
+    "--info", "--debug", "--stderr", "--backup-dir", "--suffix", "--confine-root", "--chmod", "--checksum-choice",
+    "--cc",
     "--block-size", "--rsh", "--rsync-path", "--max-delete", "--max-size", "--min-size", "--max-alloc",
     "--partial-dir", "--usermap", "--groupmap", "--chown", "--timeout", "--contimeout", "--modify-window",
     "--temp-dir", "--compare-dest", "--copy-dest", "--link-dest", "--compress-choice", "--zc",
