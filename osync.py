@@ -761,7 +761,8 @@ class Config(object):
             raise ConfigError("%s: RSYNC_EXECUTABLE %r holds more than a program: set it to %s and put the rest "
                               "in RSYNC_OPTIONAL_ARGS." % (where, program, words[0]))
         directory = self.values["RSYNC_REMOTE_PATH"]
-        if directory and posixpath.basename(directory.rstrip("/")) == posixpath.basename(program):
+        remote = self.values["TARGET_SYNC_DIR"].startswith("ssh://")
+        if remote and directory and posixpath.basename(directory.rstrip("/")) == posixpath.basename(program):
             self.notices.append("%s: RSYNC_REMOTE_PATH %s is the directory of rsync on the remote host, so the "
                                 "remote rsync run is %s; if %s is the program itself, set RSYNC_REMOTE_PATH to %s."
                                 % (self.origin["RSYNC_REMOTE_PATH"], directory, remote_rsync_program(self),

@@ -383,3 +383,19 @@ def test_partial_without_delta_copies_is_a_notice(lpair):
     assert "PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no" in r.stdout, describe(r)
     assert "set DELTA_COPIES=yes" in r.stdout
     assert snapshot(lpair.target) == expected({"a": "a"})
+
+
+def test_rsync_remote_path_naming_the_program_is_a_notice(pair, tmp_path):
+    """RSYNC_REMOTE_PATH=.../rsync looks like the program, not its directory: the run says
+    which program the remote host runs (here there is one, .../rsync/rsync)."""
+    remote_dir = tmp_path / "tools" / "rsync"
+    remote_program, remote_calls = rsync_wrapper(remote_dir)
+    build(pair.initiator, {"from_i": "i"})
+    r = pair.run(env={"RSYNC_REMOTE_PATH": str(remote_dir)}, expect=0)
+    assert snapshot(pair.target) == expected({"from_i": "i"})
+    notice = "the remote rsync run is %s" % remote_program
+    if pair.kind in LOCAL_KINDS:
+        assert notice not in r.stdout and remote_calls() == [], describe(r)
+    else:
+        assert notice in r.stdout and "set RSYNC_REMOTE_PATH to %s" % remote_dir.parent in r.stdout, describe(r)
+        assert len(server_calls(remote_calls())) == 1
