@@ -764,7 +764,7 @@ class Config(object):
         remote = self.values["TARGET_SYNC_DIR"].startswith("ssh://")
         if remote and directory and posixpath.basename(directory.rstrip("/")) == posixpath.basename(program):
             self.notices.append("%s: RSYNC_REMOTE_PATH %s is the directory of rsync on the remote host, so the "
-                                "remote rsync run is %s; if %s is the program itself, set RSYNC_REMOTE_PATH to %s."
+                                "remote host runs %s; if %s is the program itself, set RSYNC_REMOTE_PATH to %s."
                                 % (self.origin["RSYNC_REMOTE_PATH"], directory, remote_rsync_program(self),
                                    directory, posixpath.dirname(directory.rstrip("/")) or "/"))
 

@@ -393,7 +393,7 @@ def test_rsync_remote_path_naming_the_program_is_a_notice(pair, tmp_path):
     build(pair.initiator, {"from_i": "i"})
     r = pair.run(env={"RSYNC_REMOTE_PATH": str(remote_dir)}, expect=0)
     assert snapshot(pair.target) == expected({"from_i": "i"})
-    notice = "the remote rsync run is %s" % remote_program
+    notice = "so the remote host runs %s" % remote_program
     if pair.kind in LOCAL_KINDS:
         assert notice not in r.stdout and remote_calls() == [], describe(r)
     else:
