@@ -167,11 +167,15 @@ SETTINGS = [
       "Log file; empty: /var/log/osync.INSTANCE_ID.log, else ~/osync.INSTANCE_ID.log, else ./osync.INSTANCE_ID.log."),
     S("MINIMUM_SPACE", "int", 10240, "GENERAL",
       "Warn when a replica has less free space than this, in KiB; 0 disables the check.", quick=1024),
-    S("BANDWIDTH", "int", 0, "GENERAL", "rsync bandwidth limit in KiB/s; 0 means no limit."),
+    S("BANDWIDTH", "int", 0, "GENERAL", "rsync bandwidth limit of each transfer, in KiB/s; 0 means no limit."),
     S("SUDO_EXEC", "bool", False, "GENERAL",
       "Run the remote agent and the remote rsync through sudo."),
-    S("RSYNC_EXECUTABLE", "str", "rsync", "GENERAL", "rsync program name, locally and on the remote host."),
-    S("RSYNC_REMOTE_PATH", "str", "", "GENERAL", "Directory of rsync on the remote host, if not in its PATH."),
+    S("RSYNC_EXECUTABLE", "str", "rsync", "GENERAL",
+      "rsync program: a name looked up in PATH, or a path; the remote host runs it too, unless "
+      "RSYNC_REMOTE_PATH is set."),
+    S("RSYNC_REMOTE_PATH", "str", "", "GENERAL",
+      "Directory of rsync on the remote host, if not in its PATH: the remote host runs the program of "
+      "RSYNC_EXECUTABLE's name there."),
     S("RSYNC_PATTERN_FIRST", "choice", "include", "GENERAL",
       "Which pattern list is checked first: include or exclude (the first matching pattern wins).",
       choices=("include", "exclude")),
@@ -208,7 +212,9 @@ SETTINGS = [
       old_names=("REMOTE_3RD_PARTY_HOST",)),
     # ---------------------------------------------------------------- [MISC_OPTIONS]
     S("RSYNC_OPTIONAL_ARGS", "str", "", "MISC_OPTIONS",
-      "Extra rsync arguments (e.g. --modify-window=2 for FAT/SMB)."),
+      "Extra rsync options for every transfer (e.g. --modify-window=2 for FAT/SMB); options osync.py sets "
+      "itself or that would break its guarantees (--inplace, --delete, --partial, --temp-dir, --backup, "
+      "filters...) are refused."),
     S("PRESERVE_PERMISSIONS", "bool", True, "MISC_OPTIONS", "Sync permission bits."),
     S("PRESERVE_OWNER", "bool", True, "MISC_OPTIONS", "Sync file owners (only when running as root)."),
     S("PRESERVE_GROUP", "bool", True, "MISC_OPTIONS", "Sync file groups (only when running as root)."),
@@ -223,7 +229,8 @@ SETTINGS = [
     S("PRESERVE_HARDLINKS", "bool", False, "MISC_OPTIONS", "Keep hard links as hard links."),
     S("CHECKSUM", "bool", False, "MISC_OPTIONS",
       "Detect changes by content hash instead of size and modification time (slow)."),
-    S("RSYNC_COMPRESS", "bool", True, "MISC_OPTIONS", "Compress remote rsync transfers."),
+    S("RSYNC_COMPRESS", "bool", True, "MISC_OPTIONS",
+      "Compress the transfers to and from a remote target (copies between local directories never are)."),
     S("SOFT_MAX_EXEC_TIME", "int", 7200, "MISC_OPTIONS",
       "Warn when a run takes longer than this many seconds; 0 disables.", quick=0,
       old_names=("SOFT_MAX_EXEC_TIME_FILE_TASK", "MAX_SOFT_EXEC_TIME")),
@@ -274,10 +281,12 @@ SETTINGS = [
     S("FORCE_STRANGER_LOCK_RESUME", "bool", False, "RESUME_OPTIONS",
       "Take over a dead remote target lock left by another INSTANCE_ID."),
     S("PARTIAL", "bool", False, "RESUME_OPTIONS",
-      "Keep partly transferred files in .osync_workdir/_partial so the next run resumes them.",
+      "Keep partly transferred files in .osync_workdir/_partial so the next run sends only the rest "
+      "(with DELTA_COPIES=yes).",
       option="--partial"),
     S("DELTA_COPIES", "bool", True, "RESUME_OPTIONS",
-      "Use the rsync delta algorithm (off: whole files, less CPU on fast links)."),
+      "Send only the changed parts of changed files, also between local directories (off: whole files, less CPU "
+      "on fast links)."),
     # ---------------------------------------------------------------- [ALERT_OPTIONS]
     S("DESTINATION_MAILS", "str", "", "ALERT_OPTIONS",
       "Alert mail recipients, separated by spaces; empty sends no mail.", option="--destination-mails"),
@@ -720,6 +729,15 @@ class Config(object):
                 raise ConfigError("%s: %s: unbalanced quote or trailing backslash (%s) in %s; quote or escape it "
                                   "so that the value splits into arguments."
                                   % (self.origin[key], key, str(error).lower(), self.values[key]))
+        problem = rsync_arguments_problem(shlex.split(self.values["RSYNC_OPTIONAL_ARGS"]))
+        if problem:
+            raise ConfigError("%s: RSYNC_OPTIONAL_ARGS: %s." % (self.origin["RSYNC_OPTIONAL_ARGS"], problem))
+        self.check_rsync_program()
+        if self.values["PARTIAL"] and not self.values["DELTA_COPIES"]:
+            self.notices.append("%s: PARTIAL=yes keeps partly transferred files, but with DELTA_COPIES=no (%s) "
+                                "rsync sends whole files and the next run sends them again from the start; set "
+                                "DELTA_COPIES=yes to resume them."
+                                % (self.origin["PARTIAL"], self.origin["DELTA_COPIES"]))
         for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR"):
             value = self.values[key]
             if URL_LIKE.match(value) and not value.startswith("ssh://"):
@@ -729,6 +747,162 @@ class Config(object):
         for key in ("INITIATOR_SYNC_DIR", "TARGET_SYNC_DIR", "SSH_RSA_PRIVATE_KEY", "SSH_PASSWORD_FILE"):
             if self.values[key].startswith("~"):
                 self.values[key] = os.path.expanduser(self.values[key])
+
+    def check_rsync_program(self):
+        """RSYNC_EXECUTABLE names one program (a name on PATH or a path), RSYNC_REMOTE_PATH
+        the directory of rsync on the remote host.  Whether the local program exists is
+        checked when the run starts (a refusal, as for every missing tool)."""
+        program, where = self.values["RSYNC_EXECUTABLE"], self.origin["RSYNC_EXECUTABLE"]
+        if not program.strip():
+            raise ConfigError("%s: RSYNC_EXECUTABLE is empty: set it to rsync, or to the path of the rsync program."
+                              % where)
+        words = program.split()
+        if len(words) > 1 and not shutil.which(program) and shutil.which(words[0]):
+            raise ConfigError("%s: RSYNC_EXECUTABLE %r holds more than a program: set it to %s and put the rest "
+                              "in RSYNC_OPTIONAL_ARGS." % (where, program, words[0]))
+        directory = self.values["RSYNC_REMOTE_PATH"]
+        remote = self.values["TARGET_SYNC_DIR"].startswith("ssh://")
+        if remote and directory and posixpath.basename(directory.rstrip("/")) == posixpath.basename(program):
+            self.notices.append("%s: RSYNC_REMOTE_PATH %s is the directory of rsync on the remote host, so the "
+                                "remote host runs %s; if %s is the program itself, set RSYNC_REMOTE_PATH to %s."
+                                % (self.origin["RSYNC_REMOTE_PATH"], directory, remote_rsync_program(self),
+                                   directory, posixpath.dirname(directory.rstrip("/")) or "/"))
+
+
+# rsync options a user may add -------------------------------------------------------------
+# RSYNC_OPTIONAL_ARGS goes to every transfer, right before the source and the destination.
+# What osync.py manages itself, or what would break its guarantees (original or final
+# content, nothing lost, the state recording what was done), is refused when the config is
+# read, before anything is written, each with the reason and what to use instead.
+REFUSED_RSYNC_OPTIONS = [
+    # (spellings, why it is refused, what to do instead or None)
+    (("--inplace", "--append", "--append-verify", "--write-devices"),
+     "makes rsync write into the file it replaces, so an interrupted run would leave a mix of old and new "
+     "content", None),
+    (("--partial", "-P", "--partial-dir"),
+     "keeps an interrupted transfer where osync.py does not look for it", "set PARTIAL=yes instead"),
+    (("--delete", "--del", "--delete-before", "--delete-during", "--delete-delay", "--delete-after",
+      "--delete-excluded", "--delete-missing-args", "--remove-source-files", "--remove-sent-files", "--force"),
+     "lets rsync delete files, which osync.py does only itself (into .osync_workdir/deleted)", None),
+    (("--backup", "-b", "--backup-dir", "--suffix", "--temp-dir", "-T", "--delay-updates"),
+     "is set by osync.py itself: what rsync replaces goes to .osync_workdir/backup, transfers in progress to "
+     ".osync_workdir/_tmp", None),
+    (("--files-from", "--from0", "-0", "--recursive", "-r", "--no-implied-dirs",
+      "--implied-dirs", "--list-only", "--update", "-u", "--existing", "--ignore-non-existing",
+      "--ignore-existing", "--max-size", "--min-size", "--size-only", "--compare-dest", "--link-dest",
+      "--remote-option", "-M", "--server", "--sender", "--daemon", "--read-batch", "--write-batch",
+      "--only-write-batch", "--stop-after", "--stop-at", "--version", "-V", "--help"),
+     "changes which files rsync transfers, which osync.py decides and hands to rsync as a list", None),
+    (("--dry-run", "-n"), "is a run switch of osync.py", "run osync.py with --dry instead"),
+    (("--exclude", "--include", "--filter", "-f", "-F", "--exclude-from", "--include-from", "--cvs-exclude", "-C"),
+     "would hide files from rsync but not from osync.py's own scan",
+     "use RSYNC_EXCLUDE_PATTERN, RSYNC_INCLUDE_PATTERN, RSYNC_EXCLUDE_FROM or RSYNC_INCLUDE_FROM instead"),
+    (("--chmod", "--chown", "--usermap", "--groupmap", "--copy-dirlinks", "-k", "--copy-unsafe-links",
+      "--safe-links", "--munge-links", "--iconv"),
+     "makes the copy differ from its source, so every run would find it changed again", None),
+    (("--rsh", "-e"), "is set by osync.py itself to reach the remote host", "use SSH_OPTIONAL_ARGS instead"),
+    (("--rsync-path",), "is set by osync.py itself", "use RSYNC_REMOTE_PATH or RSYNC_EXECUTABLE instead"),
+    (("--old-args", "--no-secluded-args", "--no-protect-args", "--no-s"),
+     "lets the remote shell split and expand file names", None),
+    (("--bwlimit",), "is set by osync.py itself", "use BANDWIDTH instead"),
+    (("--compress", "-z"), "is set by osync.py itself", "use RSYNC_COMPRESS instead"),
+    (("--whole-file", "-W", "--no-whole-file", "--no-W"), "is set by osync.py itself", "use DELTA_COPIES instead"),
+    (("--copy-links", "-L"), "is set by osync.py itself", "use COPY_SYMLINKS instead"),
+    (("--keep-dirlinks", "-K"), "is set by osync.py itself", "use KEEP_DIRLINKS instead"),
+    (("--hard-links", "-H"), "is set by osync.py itself", "use PRESERVE_HARDLINKS instead"),
+    (("--perms", "-p"), "is set by osync.py itself", "use PRESERVE_PERMISSIONS instead"),
+    (("--owner", "-o"), "is set by osync.py itself", "use PRESERVE_OWNER instead"),
+    (("--group", "-g"), "is set by osync.py itself", "use PRESERVE_GROUP instead"),
+    (("--executability", "-E"), "is set by osync.py itself", "use PRESERVE_EXECUTABILITY instead"),
+    (("--acls", "-A"), "is set by osync.py itself", "use PRESERVE_ACL instead"),
+    (("--xattrs", "-X"), "is set by osync.py itself", "use PRESERVE_XATTR instead"),
+    (("--checksum", "-c"), "is set by osync.py itself", "use CHECKSUM instead"),
+    (("--archive", "-a"), "turns on options that osync.py sets itself",
+     "use PRESERVE_PERMISSIONS, PRESERVE_OWNER and PRESERVE_GROUP instead"),
+]
+REFUSED_RSYNC_OPTION = dict((spelling, (why, instead)) for spellings, why, instead in REFUSED_RSYNC_OPTIONS
+                            for spelling in spellings)
+# What osync.py passes and needs: turning it off (--no-times, --no-D...) is refused too.
+NEEDED_RSYNC_OPTIONS = ("--links", "-l", "--times", "-t", "-D", "--devices", "--specials", "--ignore-times", "-I",
+                        "--relative", "-R", "--secluded-args", "--protect-args", "-s", "--8-bit-output", "-8")
+# rsync options whose value may be the next word (--exclude PATTERN), and the short ones
+# whose value may follow them in the same word (-T/tmp) or be the next one.
+RSYNC_OPTIONS_WITH_VALUE = frozenset((
+    "--info", "--debug", "--stderr", "--backup-dir", "--suffix", "--confine-root", "--chmod", "--checksum-choice",
+    "--cc",
+    "--block-size", "--rsh", "--rsync-path", "--max-delete", "--max-size", "--min-size", "--max-alloc",
+    "--partial-dir", "--usermap", "--groupmap", "--chown", "--timeout", "--contimeout", "--modify-window",
+    "--temp-dir", "--compare-dest", "--copy-dest", "--link-dest", "--compress-choice", "--zc",
+    "--compress-level", "--zl", "--compress-threads", "--zt", "--skip-compress", "--filter", "--exclude",
+    "--exclude-from", "--include", "--include-from", "--files-from", "--copy-as", "--address", "--port",
+    "--sockopts", "--outbuf", "--remote-option", "--out-format", "--log-format", "--log-file",
+    "--log-file-format", "--password-file", "--early-input", "--bwlimit", "--stop-after", "--stop-at",
+    "--write-batch", "--only-write-batch", "--read-batch", "--protocol", "--iconv", "--checksum-seed"))
+RSYNC_SHORT_OPTIONS_WITH_VALUE = "BeTfM@"
+
+
+def refused_rsync_option(option, shown):
+    """Why `option` (one spelling: --long or -x) may not be in RSYNC_OPTIONAL_ARGS, or None;
+    `shown` is how the sentence names it (the option, or it and the word holding it)."""
+    if option in REFUSED_RSYNC_OPTION:
+        why, instead = REFUSED_RSYNC_OPTION[option]
+        return "%s %s; remove it%s" % (shown, why, ", and " + instead if instead else "")
+    if option.startswith("--no-"):
+        for turned_off in ("--" + option[5:], "-" + option[5:]):
+            if turned_off in NEEDED_RSYNC_OPTIONS:
+                return "%s turns off %s, which osync.py needs to copy each file as its scan saw it; remove it" % (
+                    shown, turned_off)
+            if turned_off in REFUSED_RSYNC_OPTION:
+                why, instead = REFUSED_RSYNC_OPTION[turned_off]
+                return "%s turns off %s, which %s; remove it%s" % (
+                    shown, turned_off, why, ", and " + instead if instead else "")
+    return None
+
+
+def rsync_arguments_problem(words):
+    """What is wrong with these RSYNC_OPTIONAL_ARGS words, as the end of a sentence, or None.
+
+    Every word must be an option (a stray word would be one more file to copy) or the
+    value of the option before it; an option whose value is the next word needs one there
+    (else it would take the source directory as its value)."""
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word.startswith("--") and len(word) > 2:
+            option, has_value = word.split("=", 1)[0], "=" in word
+            problem = refused_rsync_option(option, option)
+            if problem:
+                return problem
+            if option in RSYNC_OPTIONS_WITH_VALUE and not has_value:
+                if index >= len(words):
+                    return "%s needs a value: write %s=VALUE" % (option, option)
+                index += 1
+        elif word.startswith("-") and len(word) > 1:
+            for position, letter in enumerate(word[1:], 1):
+                shown = "-" + letter if len(word) == 2 else "-%s (in %s)" % (letter, word)
+                problem = refused_rsync_option("-" + letter, shown)
+                if problem:
+                    return problem
+                if letter in RSYNC_SHORT_OPTIONS_WITH_VALUE:
+                    if position == len(word) - 1:
+                        if index >= len(words):
+                            return "-%s needs a value: write -%s VALUE" % (letter, letter)
+                        index += 1
+                    break
+        else:
+            return ("%r is not an option: rsync would take it as one more file to copy; RSYNC_OPTIONAL_ARGS holds "
+                    "rsync options only" % word)
+    return None
+
+
+def remote_rsync_program(cfg):
+    """The rsync the remote host runs: RSYNC_EXECUTABLE, or its program name in the
+    directory RSYNC_REMOTE_PATH when that is set (RSYNC_EXECUTABLE may be a local path)."""
+    program = cfg["RSYNC_EXECUTABLE"]
+    if cfg["RSYNC_REMOTE_PATH"]:
+        return posixpath.join(cfg["RSYNC_REMOTE_PATH"], posixpath.basename(program))
+    return program
 
 
 def version_tuple(text):
@@ -3436,10 +3610,7 @@ class SshTransport(object):
     def rsync_arguments(self):
         """What rsync needs to reach the remote side through the master connection."""
         shell = " ".join(shlex.quote(arg) for arg in ["ssh"] + self.options() + ["-o", "ControlMaster=no"])
-        remote_rsync = self.cfg["RSYNC_EXECUTABLE"]
-        if self.cfg["RSYNC_REMOTE_PATH"]:
-            remote_rsync = posixpath.join(self.cfg["RSYNC_REMOTE_PATH"], remote_rsync)
-        rsync_path = " ".join(shlex.quote(arg) for arg in self.remote_prefix() + [remote_rsync])
+        rsync_path = " ".join(shlex.quote(arg) for arg in self.remote_prefix() + [remote_rsync_program(self.cfg)])
         return ["-e", shell, "--rsync-path=" + rsync_path, "-s"]
 
     def start_agent(self, role, state_dir):
@@ -4069,7 +4240,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     if cfg["PRESERVE_EXECUTABILITY"] and not cfg["PRESERVE_PERMISSIONS"]:
         argv.append("--executability")
     if cfg["BANDWIDTH"]:
-        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])
+        argv.append("--bwlimit=%d" % cfg["BANDWIDTH"])   # KiB/s, rsync's default unit
+    # Said either way: between local directories rsync copies whole files unless told
+    # --no-whole-file, over ssh it uses the delta algorithm unless told --whole-file.
     argv.append("--no-whole-file" if cfg["DELTA_COPIES"] else "--whole-file")
     # Files are written to a temp file in the destination's work dir, then renamed into
     # place: a path holds its old or its new content, never a mix.
@@ -4079,6 +4252,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # while the run transfers is never lost (see LocalReplica.settle_transfers).
     argv += ["--backup", "--backup-dir=" + destination.transfer_backup_dir(stamp)]
     if cfg["PARTIAL"]:
+        # An absolute partial dir: rsync keeps an interrupted file there under its base
+        # name, never at its own name, and the next transfer of that name starts from it
+        # (with the delta algorithm only: --whole-file discards it).
         argv += ["--partial", "--partial-dir=" + destination.partial_dir()]
     if cfg.switch("stats"):
         argv.append("--stats")
@@ -4086,6 +4262,11 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
         argv.append("-i")
     if transport is not None:
         argv += transport.rsync_arguments()
+        # Compression only where data crosses a network.  No --skip-compress list, unlike
+        # osync v1.3: rsync >= 3.2 negotiates zstd or lz4, for which it skips nothing by
+        # suffix (rsync(1): "no compression method currently supports per-file compression
+        # changes"), and both cost little on data that does not compress; an older rsync
+        # compressing with zlib has its own default list of compressed suffixes.
         if cfg["RSYNC_COMPRESS"]:
             argv.append("-z")
     argv += shlex.split(cfg["RSYNC_OPTIONAL_ARGS"])
