@@ -1430,9 +1430,11 @@ def transcode(value, convert):
 
 # Every field of an Entry in its order, with its default: the one list that the class,
 # the state lines, the wire form and the checks of what an agent sends derive from.
-# The whole numbers are the lstat figures; link, digest and error are texts.
+# The whole numbers are the lstat figures (nlink: how many hard links a file has, 0 for
+# anything else); link, digest and error are texts.
 ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("mode", 0), ("uid", 0),
-                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""))
+                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""),
+                ("nlink", 0))
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
@@ -1604,12 +1606,39 @@ class PathFilter(object):
 
 # The walk --------------------------------------------------------------------------------
 
+# A test hook: with _OSYNC_DIGEST_LOG set to a file name, every digest appends the path
+# it read to that file, so that tests can check which files a run read (nothing else
+# reads the contents of a replica's files).
+DIGEST_LOG_VARIABLE = "_OSYNC_DIGEST_LOG"
+
+
 def file_digest(path):
+    """The CHECKSUM digest of a file's content (blake2b, 160 bits, in hex)."""
     digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    log_path = os.environ.get(DIGEST_LOG_VARIABLE)
+    if log_path:
+        with open(log_path, "ab") as log:
+            log.write(os.fsencode(path) + b"\n")
     return digest.hexdigest()
+
+
+def digest_still_valid(recorded, now):
+    """May the digest the state recorded for a file stand for its content now, without
+    reading it again?
+
+    Size and mtime alone are not enough: CHECKSUM exists for the file rewritten with the
+    same size whose mtime was kept or set back (touch -r, os.utime, a restore).  Every
+    write and every change of mtime also sets the ctime to the current time, which no
+    user can set back, and a file replaced by another (an editor's save by rename, a
+    copy moved into place) has another inode.  So the digest is reused only while size,
+    mtime, ctime and inode all stay what the state recorded; anything else is read."""
+    return (recorded is not None and now is not None and recorded.kind == "f" and now.kind == "f"
+            and bool(recorded.digest) and not recorded.error and recorded.size == now.size
+            and recorded.mtime_ns == now.mtime_ns and recorded.ctime_ns == now.ctime_ns
+            and recorded.ino == now.ino)
 
 
 def make_entry(abs_path, rel_path, info, options):
@@ -1644,7 +1673,7 @@ def make_entry(abs_path, rel_path, info, options):
         except OSError as error:
             return Entry(rel_path, "f", error="cannot read: %s" % error.strerror)
     return Entry(rel_path, kind, size, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
-                 info.st_ino, info.st_ctime_ns, link, digest, "")
+                 info.st_ino, info.st_ctime_ns, link, digest, "", info.st_nlink if kind == "f" else 0)
 
 
 def walk_tree(root, path_filter, options):
@@ -1908,6 +1937,66 @@ def merge_streams(previous, initiator, target):
         rel_path = record[0] if record else (now_initiator or now_target).path
         yield (rel_path, record[1] if record else None, record[2] if record else None,
                now_initiator, now_target)
+
+
+class DigestCounts(object):
+    """How many files with_digests() had read on each side, and how many digests it took
+    from the state, for the run's report."""
+
+    def __init__(self):
+        self.read = {"initiator": 0, "target": 0}
+        self.reused = 0
+
+
+def with_digests(rows, replicas, options, counts, batch_size=500, rows_held=5000):
+    """CHECKSUM: the merged rows of merge_streams() with the digest of every file filled
+    in, in the same order.  The scans come without digests; a file whose size, mtime,
+    ctime and inode are still those the state recorded keeps the recorded digest (see
+    digest_still_valid), the others are read by their replica, `batch_size` paths per
+    call.  At most `rows_held` rows wait for a batch, so memory stays bounded.  A file that
+    cannot be read gets an error: the planner then leaves it alone, as the scan would."""
+    held = []                                   # rows as lists, in order
+    wanted = {"initiator": [], "target": []}    # (row, column, path) waiting for a digest
+    columns = {"initiator": 3, "target": 4}
+    recorded_column = {"initiator": 1, "target": 2}
+
+    def fill():
+        for side, items in wanted.items():
+            if not items:
+                continue
+            answers = replicas[side].digest_paths([path for _, _, path in items], options)
+            counts.read[side] += len(items)
+            for (row, column, _), (digest, problem) in zip(items, answers):
+                entry = row[column]
+                if digest:
+                    row[column] = entry._replace(digest=digest)
+                elif problem:
+                    row[column] = entry._replace(error=problem)
+                else:
+                    row[column] = None   # deleted since the scan saw it: as if the scan had not
+            wanted[side] = []
+        for row in held:
+            yield tuple(row)
+        del held[:]
+
+    for row in rows:
+        row = list(row)
+        for side, column in columns.items():
+            entry = row[column]
+            if entry is None or entry.kind != "f" or entry.error or entry.digest:
+                continue
+            recorded = row[recorded_column[side]]
+            if digest_still_valid(recorded, entry):
+                row[column] = entry._replace(digest=recorded.digest)
+                counts.reused += 1
+            else:
+                wanted[side].append((row, column, entry.path))
+        held.append(row)
+        if max(len(items) for items in wanted.values()) >= batch_size or len(held) >= rows_held:
+            for ready in fill():
+                yield ready
+    for ready in fill():
+        yield ready
 
 
 # ======================================================================================
@@ -2358,6 +2447,25 @@ class LocalReplica(WorkDirLayout):
             return None
         except OSError as error:
             return Entry(path, "?", error=error.strerror)
+
+    def digest_paths(self, paths, options):
+        """CHECKSUM digests of the content of the given files, each [digest, problem]:
+        [hex digest, ""] once read, ["", ""] when the file is gone, ["", what went wrong]
+        when it cannot be read.  A file that became a symbolic link since the scan is not
+        followed (unless COPY_SYMLINKS, whose scan follows links)."""
+        answers = []
+        for path in paths:
+            abs_path = self.abs(path)
+            try:
+                if not options.get("copy_links") and stat.S_ISLNK(os.lstat(abs_path).st_mode):
+                    answers.append(["", "it became a symbolic link during the run"])
+                    continue
+                answers.append([file_digest(abs_path), ""])
+            except (FileNotFoundError, NotADirectoryError):
+                answers.append(["", ""])
+            except OSError as error:
+                answers.append(["", "cannot read: %s" % error.strerror])
+        return answers
 
     # -- changes --------------------------------------------------------------------------
     def prepare_overwrite(self, items, stamp, multiple, options):
@@ -2935,6 +3043,25 @@ def one_entry_per_path(paths, answers, host, op):
     return checked_stats(paths, answers, host)
 
 
+HEX_DIGEST = re.compile(r"^[0-9a-f]{40}\Z")
+
+
+def one_digest_per_path(paths, answers, host, op):
+    """The check of a digest_paths reply: one [digest, problem] pair per path, the digest
+    40 hex digits or empty, the problem a short text (shown as printable)."""
+    if not isinstance(answers, list) or len(answers) != len(paths):
+        raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+    checked = []
+    for answer in answers:
+        if not (isinstance(answer, list) and len(answer) == 2 and all(isinstance(part, str) for part in answer)):
+            raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+        digest, problem = answer
+        if (digest and (problem or not HEX_DIGEST.match(digest))) or len(problem) > WIRE_TEXT_LIMIT:
+            raise agent_violation(host, "a digest that is not 40 hex digits in its reply to %s" % op)
+        checked.append([digest, printable(problem)])
+    return checked
+
+
 # The operations the agent serves, each the LocalReplica method of that name, and how
 # its reply is checked before the run uses it.  A CALL answers with one result, checked
 # by check(result, host, op); a CHUNKED call takes a list as its first argument and is
@@ -2955,6 +3082,7 @@ AGENT_OPERATIONS = {
     "write_state_file": (CALL, shaped(_is_bool)),
     "finish_transfers": (CALL, shaped(_is_bool)),
     "stat_paths": (CHUNKED, one_entry_per_path),
+    "digest_paths": (CHUNKED, one_digest_per_path),
     "filesystems_of": (CHUNKED, one_answer_per_item),
     "prepare_overwrite": (CHUNKED, one_answer_per_item),
     "remove_paths": (CHUNKED, one_answer_per_item),
@@ -3892,7 +4020,12 @@ class _HeldDecisions(object):
 
 
 def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
-    """Yield one Decision per path, in canonical order.
+    """Yield one Decision per path, in canonical order (see plan_merged)."""
+    return plan_merged(merge_streams(previous, initiator_scan, target_scan), policy, spool_dir)
+
+
+def plan_merged(rows, policy, spool_dir=None):
+    """Yield one Decision per merged row of merge_streams(), in canonical order.
 
     Directories are settled after their subtree: a directory that one side deleted (or
     replaced by a file) is kept, and recreated on that side, when something below it
@@ -3913,8 +4046,7 @@ def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
                     frames[-1].needs.add(side)
 
     try:
-        for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
-                previous, initiator_scan, target_scan):
+        for rel_path, prev_initiator, prev_target, now_initiator, now_target in rows:
             while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
                 close_frame()
                 if not frames:
@@ -5083,10 +5215,33 @@ class SyncRun(object):
                       executability=cfg["PRESERVE_EXECUTABILITY"], owner=cfg["PRESERVE_OWNER"] and root,
                       group=cfg["PRESERVE_GROUP"] and root)
 
-    def scan(self, side, spec):
+    def scan(self, side, spec, digests=True):
+        """A replica's scan; with digests=False, CHECKSUM's digests are left to
+        with_digests(), which reads only the files that moved since the last run."""
         if side in self.missing:
             return iter(())
-        return self.replicas[side].scan(spec, self.options)
+        options = self.options if digests else dict(self.options, checksum=False)
+        return self.replicas[side].scan(spec, options)
+
+    def planned(self, previous, spec, policy, spool_dir):
+        """The decisions for both scans against `previous`; with CHECKSUM, the digests are
+        filled in between the merge and the planner (see with_digests)."""
+        rows = merge_streams(previous, self.scan("initiator", spec, digests=False),
+                             self.scan("target", spec, digests=False))
+        if self.cfg["CHECKSUM"]:
+            rows = self.reported_digests(rows)
+        return plan_merged(rows, policy, spool_dir)
+
+    def reported_digests(self, rows):
+        """with_digests() over the rows; once they are all through, say how many files
+        CHECKSUM read on each side."""
+        counts = DigestCounts()
+        for row in with_digests(rows, self.replicas, self.options, counts):
+            yield row
+        self.out.verbose("CHECKSUM read %d files on the initiator and %d on the target; %d unchanged files kept "
+                         "the digest of the last run." % (counts.read["initiator"], counts.read["target"],
+                                                          counts.reused))
+
 
     def state_path(self):
         return os.path.join(self.replicas["initiator"].state_dir, state_dir_file("state", self.instance))
@@ -5129,15 +5284,14 @@ class SyncRun(object):
             self.executor(policy).settle_interrupted_transfers(spool_dir)
         executor = self.executor(policy)
         try:
-            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy,
-                             spool_dir)
+            decisions = self.planned(self.previous_state(), spec, policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = self.executor(policy)
-            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy, spool_dir)
+            decisions = self.planned(iter(()), spec, policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
             return outcome
