@@ -3704,7 +3704,7 @@ class Policy(object):
     """The settings the planner needs, as plain values."""
 
     def __init__(self, sync_type="", prevalence="initiator", skip_deletion=(), backup_overwrites=True,
-                 permissions=True, executability=True, owner=False, group=False):
+                 permissions=True, executability=True, owner=False, group=False, hardlinks=False):
         self.sync_type = sync_type
         self.prevalence = prevalence
         self.skip_deletion = frozenset(skip_deletion)
@@ -3713,6 +3713,7 @@ class Policy(object):
         self.executability = executability
         self.owner = owner
         self.group = group
+        self.hardlinks = hardlinks    # PRESERVE_HARDLINKS: leaving a hard-link group is a change
 
     def attributes(self, entry):
         """The attributes of an entry that are synced: (mode, uid, gid), None where not.
@@ -3819,6 +3820,15 @@ def side_status(before, now):
     return SAME if same_version(before, now) else CHANGED
 
 
+def left_link_group(policy, before, now):
+    """With PRESERVE_HARDLINKS: was this file one of several hard links to one inode, and
+    is it now a file of its own on another inode?  Replaced by a copy of itself (cp -p, a
+    restore) it has the same size and mtime, yet it is a change: the other copy must
+    leave the group too, or an edit of another member there would change it as well."""
+    return (policy.hardlinks and before is not None and now is not None and before.kind == "f"
+            and now.kind == "f" and before.nlink > 1 and now.nlink == 1 and before.ino != now.ino)
+
+
 def newer_side(one, other, policy):
     """The side whose version wins a conflict, and why: newer mtime, CONFLICT_PREVALANCE on
     a tie."""
@@ -3883,15 +3893,20 @@ def decide_two_way(decision, policy):
     initiator, target = decision.initiator, decision.target
     status = {"initiator": side_status(decision.prev_initiator, initiator),
               "target": side_status(decision.prev_target, target)}
+    split = [side for side in status if left_link_group(policy, decision.before(side), decision.now(side))]
+    for side in split:
+        if status[side] == SAME:
+            status[side] = CHANGED
     legacy = any(entry is not None and entry.kind == "?" for entry in (decision.prev_initiator, decision.prev_target))
     if initiator is not None and target is not None:
         modified = [side for side in ("initiator", "target") if status[side] in (NEW, CHANGED)]
         # Changed on one side only: copied even when both now look alike to rsync's quick
         # check (same size, and mtimes equal to the second where one side has no
         # sub-second part): a same-size rewrite in the same second must still travel.  With
-        # content digests on both sides (CHECKSUM) the comparison is exact and decides.
+        # content digests on both sides (CHECKSUM) the comparison is exact and decides, unless
+        # the change is a file that left its hard-link group.
         one_sided = len(modified) == 1 and not legacy and status[OTHER_SIDE[modified[0]]] == SAME \
-            and not (initiator.digest and target.digest)
+            and (bool(split) or not (initiator.digest and target.digest))
         if same_content(initiator, target) and not one_sided:
             return decide_attributes(decision, policy)
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:
@@ -3922,7 +3937,8 @@ def decide_one_way(decision, policy):
     destination = OTHER_SIDE[source]
     now_source, now_destination = decision.now(source), decision.now(destination)
     if now_source is not None:
-        if now_destination is not None and same_content(now_source, now_destination):
+        if now_destination is not None and same_content(now_source, now_destination) and \
+                not left_link_group(policy, decision.before(source), now_source):
             decision_attrs = decide_attributes(decision, policy)
             if decision_attrs.action == ATTRS:
                 decision_attrs.source = source
@@ -4328,6 +4344,7 @@ class Executor(object):
         self.journal_name = None      # the state dir file that notes the transfers until settled
         self.spool = None
         self.lists = {}
+        self.link_groups = {"initiator": {}, "target": {}}   # see _note_link_member
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self, decisions, spool_dir):
@@ -4345,6 +4362,7 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
+                self._note_link_member(decision)
                 pair = recorded_pair(decision)
                 if pair != (decision.prev_initiator, decision.prev_target):
                     self.state_unchanged = False
@@ -4724,11 +4742,46 @@ class Executor(object):
                     self._fail(failure % (path, side, answer))
 
     def _copies_to(self, destination):
-        """The spooled COPY decisions whose destination is still to be written."""
+        """The spooled COPY decisions whose destination is still to be written, then, with
+        PRESERVE_HARDLINKS, the in-step hard links of the files they copy (see
+        _link_companions)."""
+        source = OTHER_SIDE[destination]
+        linked = set()   # the source inodes of copied files that have other hard links
         for decision in self._spooled_actions():
             if decision.action == COPY and decision.destination() == destination \
                     and ("overwrite", destination, decision.path) not in self.problems:
+                sent = decision.now(source)
+                if sent.kind == "f" and sent.nlink > 1 and self.link_groups[source]:
+                    linked.add(sent.ino)
                 yield decision
+        for companion in self._link_companions(source, linked):
+            yield companion
+
+    def _note_link_member(self, decision):
+        """With PRESERVE_HARDLINKS, remember a file in step on both sides that has other
+        hard links (on either side), by its inode there.  Only such files are held, never
+        every file."""
+        if not self.cfg["PRESERVE_HARDLINKS"] or decision.action != NOTHING:
+            return
+        initiator, target = decision.initiator, decision.target
+        if initiator is None or target is None or initiator.kind != "f" or target.kind != "f" \
+                or initiator.error or target.error:
+            return
+        for side, entry in (("initiator", initiator), ("target", target)):
+            if entry.nlink > 1:
+                self.link_groups[side].setdefault(entry.ino, []).append((decision.path, initiator, target))
+
+    def _link_companions(self, source, inodes):
+        """rsync -H links only the files of one transfer list: a file copied to join a
+        hard-link group (a new `ln`) goes with the other members, already in step, so
+        that rsync makes them one group on the destination.  They go as copies that change
+        nothing (the destination's version is the source's), settled like any transfer;
+        their state stays, since inode and link count are no change of their own."""
+        for inode in sorted(inodes):
+            for path, initiator, target in self.link_groups[source].get(inode, ()):
+                companion = Decision(path, initiator, target, initiator, target)
+                companion.source = source
+                yield companion
 
     def _settle_items(self, destination):
         for decision in self._copies_to(destination):
@@ -5213,7 +5266,7 @@ class SyncRun(object):
                       skip_deletion=[side for side in cfg["SKIP_DELETION"].split(",") if side],
                       backup_overwrites=cfg["CONFLICT_BACKUP"], permissions=cfg["PRESERVE_PERMISSIONS"],
                       executability=cfg["PRESERVE_EXECUTABILITY"], owner=cfg["PRESERVE_OWNER"] and root,
-                      group=cfg["PRESERVE_GROUP"] and root)
+                      group=cfg["PRESERVE_GROUP"] and root, hardlinks=cfg["PRESERVE_HARDLINKS"])
 
     def scan(self, side, spec, digests=True):
         """A replica's scan; with digests=False, CHECKSUM's digests are left to

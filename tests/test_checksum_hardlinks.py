@@ -135,13 +135,22 @@ def assert_groups(root, groups, singles=()):
     assert len(set(seen.values())) == len(seen), "two groups share an inode in %s" % root
 
 
-def synced_group(pair, side, names=("a", "b")):
+def assert_nothing_kept(pair):
+    """No side keeps a backup or a transfer leftover: a member sent only to be linked
+    replaced nothing that needs keeping."""
+    for side in SIDES:
+        kept = [path for path in pair.backup(side).rglob("*") if not path.is_dir()] \
+            if pair.backup(side).exists() else []
+        assert kept == [], "%s keeps %s" % (side, kept)
+
+
+def synced_group(pair, side, names=("a", "b"), options=HARDLINKS):
     """A group of hard links made on `side` and synced: both sides hold it as a group."""
     root = pair.root(side)
     put(root, names[0], "linked content")
     for name in names[1:]:
         os.link(str(root / names[0]), str(root / name))
-    pair.run(env=HARDLINKS, expect=0)
+    pair.run(env=options, expect=0)
     for any_side in SIDES:
         assert_groups(pair.root(any_side), [names])
 
@@ -157,36 +166,51 @@ def test_hard_link_group_created_next_to_a_synced_file(pair, side):
     pair.run(env=HARDLINKS, expect=0)
     assert snapshot(other) == expected({"a": "already here", "dir-b": "already here", "plain": "not linked"})
     assert_groups(other, [("a", "dir-b")], singles=["plain"])
+    assert_nothing_kept(pair)
     pair.assert_converged(env=HARDLINKS)
     assert_groups(other, [("a", "dir-b")], singles=["plain"])
 
 
+@pytest.mark.parametrize("checksum", [False, True], ids=["quick-check", "checksum"])
 @pytest.mark.parametrize("side", SIDES)
-def test_hard_link_group_extended(pair, side):
+def test_hard_link_group_extended(pair, side, checksum):
     """A synced group of two gets a third member in another directory."""
-    synced_group(pair, side)
+    options = dict(HARDLINKS, **(CHECKSUM if checksum else {}))
+    synced_group(pair, side, options=options)
     root, other = pair.root(side), pair.root(pair.other(side))
     os.makedirs(str(root / "sub"))
     os.link(str(root / "b"), str(root / "sub" / "c"))
-    pair.run(env=HARDLINKS, expect=0)
+    pair.run(env=options, expect=0)
     assert_groups(other, [("a", "b", "sub/c")])
     assert snapshot(other) == snapshot(root)
-    pair.assert_converged(env=HARDLINKS)
+    assert_nothing_kept(pair)
+    pair.assert_converged(env=options)
 
 
+# rsync_command passes --checksum with CHECKSUM=yes, and then rsync skips a listed file
+# whose content the destination already has, --ignore-times or not: the copy that splits
+# the group never happens (the planner decides it; the transfer drops it).
+RSYNC_CHECKSUM_SKIPS = pytest.mark.xfail(strict=True, reason="rsync --checksum skips a listed file with the "
+                                                           "same content, so the split copy is not made")
+
+
+@pytest.mark.parametrize("checksum", [False, pytest.param(True, marks=RSYNC_CHECKSUM_SKIPS)],
+                         ids=["quick-check", "checksum"])
 @pytest.mark.parametrize("side", SIDES)
-def test_hard_link_group_split_by_a_copy_with_the_same_size_and_mtime(pair, side):
+def test_hard_link_group_split_by_a_copy_with_the_same_size_and_mtime(pair, side, checksum):
     """b is replaced by a copy of itself (cp -p: same bytes, size and mtime): it leaves the
-    group on the other side too, so that an edit of a there no longer changes b."""
-    synced_group(pair, side, names=("a", "b", "c"))
+    group on the other side too, so that an edit of a there no longer changes b (with
+    CHECKSUM too, where the same digest would otherwise say "same")."""
+    options = dict(HARDLINKS, **(CHECKSUM if checksum else {}))
+    synced_group(pair, side, names=("a", "b", "c"), options=options)
     root, other = pair.root(side), pair.root(pair.other(side))
     info = os.stat(str(root / "b"))
     copy = root / "b.copy"
     copy.write_bytes((root / "b").read_bytes())
     os.utime(str(copy), ns=(info.st_atime_ns, info.st_mtime_ns))
     os.rename(str(copy), str(root / "b"))
-    pair.run(env=HARDLINKS, expect=0)
+    pair.run(env=options, expect=0)
     assert_groups(other, [("a", "c")], singles=["b"])
     assert snapshot(other) == snapshot(root)
-    pair.assert_converged(env=HARDLINKS)
+    pair.assert_converged(env=options)
     assert_groups(other, [("a", "c")], singles=["b"])
