@@ -214,3 +214,87 @@ def test_hard_link_group_split_by_a_copy_with_the_same_size_and_mtime(pair, side
     assert snapshot(other) == snapshot(root)
     pair.assert_converged(env=options)
     assert_groups(other, [("a", "c")], singles=["b"])
+
+
+# --------------------------------------------------------------------------------------
+# The digests a target host sends are checked like every other reply
+# --------------------------------------------------------------------------------------
+
+DIGEST_LIES = {
+    "one-too-few": ("return answers[:-1]", "digest_paths"),
+    "not-hex": ('return [["../../etc/passwd" * 3, ""] for _ in answers]', "hex digits"),
+    "digest-and-problem": ('return [["0" * 40, "and a problem"] for _ in answers]', "hex digits"),
+    "not-a-pair": ("return [answer[0] for answer in answers]", "digest_paths"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIGEST_LIES))
+def test_digest_reply_lies_end_the_run(pair, case):
+    if not pair.kind.startswith("remote"):
+        pytest.skip("the hostile agent needs a remote target")
+    from test_hostile_agent import assert_refused, hostile_python
+    put(pair.initiator, "kept", "kept bytes")
+    put(pair.initiator, "edited", "old bytes")
+    pair.run(env=CHECKSUM, expect=0)
+    rewrite_keeping_size_and_mtime(pair.target / "edited", b"new bytes")
+    body, word = DIGEST_LIES[case]
+    patch = ("_real_digest_paths = LocalReplica.digest_paths\n"
+             "def _lying_digest_paths(self, paths, options):\n"
+             "    answers = _real_digest_paths(self, paths, options)\n"
+             "    %s\n"
+             "LocalReplica.digest_paths = _lying_digest_paths\n" % body)
+    before = pair.full_snapshot()
+    r = pair.run(env=dict(CHECKSUM, REMOTE_PYTHON=hostile_python(pair, patch)))
+    assert_refused(r, words=[word])
+    assert pair.full_snapshot() == before, "a replica or work dir changed"
+    # The honest agent then finds the edit by its content.
+    pair.run(env=CHECKSUM, expect=0)
+    assert (pair.initiator / "edited").read_bytes() == b"new bytes"
+
+
+# --------------------------------------------------------------------------------------
+# The digest stage itself: order kept, bounded batches, the state's digests reused
+# --------------------------------------------------------------------------------------
+
+def test_digest_stage_streams_in_bounded_batches_and_keeps_the_order(tmp_path):
+    import osync
+
+    class CountingReplica(osync.LocalReplica):
+        """A real local replica that notes the size of each digest_paths call."""
+        batches = []
+
+        def digest_paths(self, paths, options):
+            self.batches.append(len(paths))
+            return osync.LocalReplica.digest_paths(self, paths, options)
+
+    root = tmp_path / "replica"
+    names = ["d%02d/f%03d" % (number % 7, number) for number in range(1200)]
+    for name in names:
+        put(root, name, "content of %s" % name)
+    replica = CountingReplica("initiator", str(root))
+    replicas = {"initiator": replica, "target": replica}
+    scan = list(replica.scan([], {}))
+    assert all(not entry.digest for entry in scan)
+
+    counts = osync.DigestCounts()
+    rows = osync.with_digests(osync.merge_streams([], iter(scan), iter(())), replicas, {}, counts,
+                              batch_size=500)
+    first = next(rows)
+    assert CountingReplica.batches == [500]          # the first row came after one batch only
+    out = [first] + list(rows)
+    assert [row[0] for row in out] == [entry.path for entry in scan]
+    assert max(CountingReplica.batches) <= 500 and sum(CountingReplica.batches) == 1200
+    for path, _, _, entry, _ in out:
+        if entry.kind == "f":
+            assert entry.digest == osync.file_digest(str(root / path))
+    assert counts.read == {"initiator": 1200, "target": 0}
+
+    # Recorded with those digests, the same files are not read again.
+    CountingReplica.batches = []
+    recorded = [(path, entry, None) for path, _, _, entry, _ in out]
+    counts = osync.DigestCounts()
+    again = list(osync.with_digests(osync.merge_streams(iter(recorded), iter(scan), iter(())), replicas, {},
+                                    counts))
+    assert CountingReplica.batches == []
+    assert counts.reused == 1200
+    assert [row[3] for row in again] == [row[3] for row in out]
