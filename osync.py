@@ -5295,7 +5295,6 @@ class SyncRun(object):
                          "the digest of the last run." % (counts.read["initiator"], counts.read["target"],
                                                           counts.reused))
 
-
     def state_path(self):
         return os.path.join(self.replicas["initiator"].state_dir, state_dir_file("state", self.instance))
 
