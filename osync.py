@@ -1604,9 +1604,11 @@ def transcode(value, convert):
 
 # Every field of an Entry in its order, with its default: the one list that the class,
 # the state lines, the wire form and the checks of what an agent sends derive from.
-# The whole numbers are the lstat figures; link, digest and error are texts.
+# The whole numbers are the lstat figures (nlink: how many hard links a file has, 0 for
+# anything else); link, digest and error are texts.
 ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("mode", 0), ("uid", 0),
-                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""))
+                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""),
+                ("nlink", 0))
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
@@ -1778,12 +1780,39 @@ class PathFilter(object):
 
 # The walk --------------------------------------------------------------------------------
 
+# A test hook: with _OSYNC_DIGEST_LOG set to a file name, every digest appends the path
+# it read to that file, so that tests can check which files a run read (nothing else
+# reads the contents of a replica's files).
+DIGEST_LOG_VARIABLE = "_OSYNC_DIGEST_LOG"
+
+
 def file_digest(path):
+    """The CHECKSUM digest of a file's content (blake2b, 160 bits, in hex)."""
     digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    log_path = os.environ.get(DIGEST_LOG_VARIABLE)
+    if log_path:
+        with open(log_path, "ab") as log:
+            log.write(os.fsencode(path) + b"\n")
     return digest.hexdigest()
+
+
+def digest_still_valid(recorded, now):
+    """May the digest the state recorded for a file stand for its content now, without
+    reading it again?
+
+    Size and mtime alone are not enough: CHECKSUM exists for the file rewritten with the
+    same size whose mtime was kept or set back (touch -r, os.utime, a restore).  Every
+    write and every change of mtime also sets the ctime to the current time, which no
+    user can set back, and a file replaced by another (an editor's save by rename, a
+    copy moved into place) has another inode.  So the digest is reused only while size,
+    mtime, ctime and inode all stay what the state recorded; anything else is read."""
+    return (recorded is not None and now is not None and recorded.kind == "f" and now.kind == "f"
+            and bool(recorded.digest) and not recorded.error and recorded.size == now.size
+            and recorded.mtime_ns == now.mtime_ns and recorded.ctime_ns == now.ctime_ns
+            and recorded.ino == now.ino)
 
 
 def make_entry(abs_path, rel_path, info, options):
@@ -1818,7 +1847,7 @@ def make_entry(abs_path, rel_path, info, options):
         except OSError as error:
             return Entry(rel_path, "f", error="cannot read: %s" % error.strerror)
     return Entry(rel_path, kind, size, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
-                 info.st_ino, info.st_ctime_ns, link, digest, "")
+                 info.st_ino, info.st_ctime_ns, link, digest, "", info.st_nlink if kind == "f" else 0)
 
 
 def walk_tree(root, path_filter, options):
@@ -2082,6 +2111,66 @@ def merge_streams(previous, initiator, target):
         rel_path = record[0] if record else (now_initiator or now_target).path
         yield (rel_path, record[1] if record else None, record[2] if record else None,
                now_initiator, now_target)
+
+
+class DigestCounts(object):
+    """How many files with_digests() had read on each side, and how many digests it took
+    from the state, for the run's report."""
+
+    def __init__(self):
+        self.read = {"initiator": 0, "target": 0}
+        self.reused = 0
+
+
+def with_digests(rows, replicas, options, counts, batch_size=500, rows_held=5000):
+    """CHECKSUM: the merged rows of merge_streams() with the digest of every file filled
+    in, in the same order.  The scans come without digests; a file whose size, mtime,
+    ctime and inode are still those the state recorded keeps the recorded digest (see
+    digest_still_valid), the others are read by their replica, `batch_size` paths per
+    call.  At most `rows_held` rows wait for a batch, so memory stays bounded.  A file that
+    cannot be read gets an error: the planner then leaves it alone, as the scan would."""
+    held = []                                   # rows as lists, in order
+    wanted = {"initiator": [], "target": []}    # (row, column, path) waiting for a digest
+    columns = {"initiator": 3, "target": 4}
+    recorded_column = {"initiator": 1, "target": 2}
+
+    def fill():
+        for side, items in wanted.items():
+            if not items:
+                continue
+            answers = replicas[side].digest_paths([path for _, _, path in items], options)
+            counts.read[side] += len(items)
+            for (row, column, _), (digest, problem) in zip(items, answers):
+                entry = row[column]
+                if digest:
+                    row[column] = entry._replace(digest=digest)
+                elif problem:
+                    row[column] = entry._replace(error=problem)
+                else:
+                    row[column] = None   # deleted since the scan saw it: as if the scan had not
+            wanted[side] = []
+        for row in held:
+            yield tuple(row)
+        del held[:]
+
+    for row in rows:
+        row = list(row)
+        for side, column in columns.items():
+            entry = row[column]
+            if entry is None or entry.kind != "f" or entry.error or entry.digest:
+                continue
+            recorded = row[recorded_column[side]]
+            if digest_still_valid(recorded, entry):
+                row[column] = entry._replace(digest=recorded.digest)
+                counts.reused += 1
+            else:
+                wanted[side].append((row, column, entry.path))
+        held.append(row)
+        if max(len(items) for items in wanted.values()) >= batch_size or len(held) >= rows_held:
+            for ready in fill():
+                yield ready
+    for ready in fill():
+        yield ready
 
 
 # ======================================================================================
@@ -2532,6 +2621,25 @@ class LocalReplica(WorkDirLayout):
             return None
         except OSError as error:
             return Entry(path, "?", error=error.strerror)
+
+    def digest_paths(self, paths, options):
+        """CHECKSUM digests of the content of the given files, each [digest, problem]:
+        [hex digest, ""] once read, ["", ""] when the file is gone, ["", what went wrong]
+        when it cannot be read.  A file that became a symbolic link since the scan is not
+        followed (unless COPY_SYMLINKS, whose scan follows links)."""
+        answers = []
+        for path in paths:
+            abs_path = self.abs(path)
+            try:
+                if not options.get("copy_links") and stat.S_ISLNK(os.lstat(abs_path).st_mode):
+                    answers.append(["", "it became a symbolic link during the run"])
+                    continue
+                answers.append([file_digest(abs_path), ""])
+            except (FileNotFoundError, NotADirectoryError):
+                answers.append(["", ""])
+            except OSError as error:
+                answers.append(["", "cannot read: %s" % error.strerror])
+        return answers
 
     # -- changes --------------------------------------------------------------------------
     def prepare_overwrite(self, items, stamp, multiple, options):
@@ -3109,6 +3217,25 @@ def one_entry_per_path(paths, answers, host, op):
     return checked_stats(paths, answers, host)
 
 
+HEX_DIGEST = re.compile(r"^[0-9a-f]{40}\Z")
+
+
+def one_digest_per_path(paths, answers, host, op):
+    """The check of a digest_paths reply: one [digest, problem] pair per path, the digest
+    40 hex digits or empty, the problem a short text (shown as printable)."""
+    if not isinstance(answers, list) or len(answers) != len(paths):
+        raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+    checked = []
+    for answer in answers:
+        if not (isinstance(answer, list) and len(answer) == 2 and all(isinstance(part, str) for part in answer)):
+            raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+        digest, problem = answer
+        if (digest and (problem or not HEX_DIGEST.match(digest))) or len(problem) > WIRE_TEXT_LIMIT:
+            raise agent_violation(host, "a digest that is not 40 hex digits in its reply to %s" % op)
+        checked.append([digest, printable(problem)])
+    return checked
+
+
 # The operations the agent serves, each the LocalReplica method of that name, and how
 # its reply is checked before the run uses it.  A CALL answers with one result, checked
 # by check(result, host, op); a CHUNKED call takes a list as its first argument and is
@@ -3129,6 +3256,7 @@ AGENT_OPERATIONS = {
     "write_state_file": (CALL, shaped(_is_bool)),
     "finish_transfers": (CALL, shaped(_is_bool)),
     "stat_paths": (CHUNKED, one_entry_per_path),
+    "digest_paths": (CHUNKED, one_digest_per_path),
     "filesystems_of": (CHUNKED, one_answer_per_item),
     "prepare_overwrite": (CHUNKED, one_answer_per_item),
     "remove_paths": (CHUNKED, one_answer_per_item),
@@ -3747,7 +3875,7 @@ class Policy(object):
     """The settings the planner needs, as plain values."""
 
     def __init__(self, sync_type="", prevalence="initiator", skip_deletion=(), backup_overwrites=True,
-                 permissions=True, executability=True, owner=False, group=False):
+                 permissions=True, executability=True, owner=False, group=False, hardlinks=False):
         self.sync_type = sync_type
         self.prevalence = prevalence
         self.skip_deletion = frozenset(skip_deletion)
@@ -3756,6 +3884,7 @@ class Policy(object):
         self.executability = executability
         self.owner = owner
         self.group = group
+        self.hardlinks = hardlinks    # PRESERVE_HARDLINKS: leaving a hard-link group is a change
 
     def attributes(self, entry):
         """The attributes of an entry that are synced: (mode, uid, gid), None where not.
@@ -3862,6 +3991,15 @@ def side_status(before, now):
     return SAME if same_version(before, now) else CHANGED
 
 
+def left_link_group(policy, before, now):
+    """With PRESERVE_HARDLINKS: was this file one of several hard links to one inode, and
+    is it now a file of its own on another inode?  Replaced by a copy of itself (cp -p, a
+    restore) it has the same size and mtime, yet it is a change: the other copy must
+    leave the group too, or an edit of another member there would change it as well."""
+    return (policy.hardlinks and before is not None and now is not None and before.kind == "f"
+            and now.kind == "f" and before.nlink > 1 and now.nlink == 1 and before.ino != now.ino)
+
+
 def newer_side(one, other, policy):
     """The side whose version wins a conflict, and why: newer mtime, CONFLICT_PREVALANCE on
     a tie."""
@@ -3926,15 +4064,20 @@ def decide_two_way(decision, policy):
     initiator, target = decision.initiator, decision.target
     status = {"initiator": side_status(decision.prev_initiator, initiator),
               "target": side_status(decision.prev_target, target)}
+    split = [side for side in status if left_link_group(policy, decision.before(side), decision.now(side))]
+    for side in split:
+        if status[side] == SAME:
+            status[side] = CHANGED
     legacy = any(entry is not None and entry.kind == "?" for entry in (decision.prev_initiator, decision.prev_target))
     if initiator is not None and target is not None:
         modified = [side for side in ("initiator", "target") if status[side] in (NEW, CHANGED)]
         # Changed on one side only: copied even when both now look alike to rsync's quick
         # check (same size, and mtimes equal to the second where one side has no
         # sub-second part): a same-size rewrite in the same second must still travel.  With
-        # content digests on both sides (CHECKSUM) the comparison is exact and decides.
+        # content digests on both sides (CHECKSUM) the comparison is exact and decides, unless
+        # the change is a file that left its hard-link group.
         one_sided = len(modified) == 1 and not legacy and status[OTHER_SIDE[modified[0]]] == SAME \
-            and not (initiator.digest and target.digest)
+            and (bool(split) or not (initiator.digest and target.digest))
         if same_content(initiator, target) and not one_sided:
             return decide_attributes(decision, policy)
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:
@@ -3965,7 +4108,8 @@ def decide_one_way(decision, policy):
     destination = OTHER_SIDE[source]
     now_source, now_destination = decision.now(source), decision.now(destination)
     if now_source is not None:
-        if now_destination is not None and same_content(now_source, now_destination):
+        if now_destination is not None and same_content(now_source, now_destination) and \
+                not left_link_group(policy, decision.before(source), now_source):
             decision_attrs = decide_attributes(decision, policy)
             if decision_attrs.action == ATTRS:
                 decision_attrs.source = source
@@ -4063,7 +4207,12 @@ class _HeldDecisions(object):
 
 
 def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
-    """Yield one Decision per path, in canonical order.
+    """Yield one Decision per path, in canonical order (see plan_merged)."""
+    return plan_merged(merge_streams(previous, initiator_scan, target_scan), policy, spool_dir)
+
+
+def plan_merged(rows, policy, spool_dir=None):
+    """Yield one Decision per merged row of merge_streams(), in canonical order.
 
     Directories are settled after their subtree: a directory that one side deleted (or
     replaced by a file) is kept, and recreated on that side, when something below it
@@ -4084,8 +4233,7 @@ def plan(previous, initiator_scan, target_scan, policy, spool_dir=None):
                     frames[-1].needs.add(side)
 
     try:
-        for rel_path, prev_initiator, prev_target, now_initiator, now_target in merge_streams(
-                previous, initiator_scan, target_scan):
+        for rel_path, prev_initiator, prev_target, now_initiator, now_target in rows:
             while frames and not rel_path.startswith(frames[-1].decision.path + "/"):
                 close_frame()
                 if not frames:
@@ -4377,6 +4525,7 @@ class Executor(object):
         self.journal_name = None      # the state dir file that notes the transfers until settled
         self.spool = None
         self.lists = {}
+        self.link_groups = {"initiator": {}, "target": {}}   # see _note_link_member
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self, decisions, spool_dir):
@@ -4394,6 +4543,7 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
+                self._note_link_member(decision)
                 pair = recorded_pair(decision)
                 if pair != (decision.prev_initiator, decision.prev_target):
                     self.state_unchanged = False
@@ -4773,11 +4923,46 @@ class Executor(object):
                     self._fail(failure % (path, side, answer))
 
     def _copies_to(self, destination):
-        """The spooled COPY decisions whose destination is still to be written."""
+        """The spooled COPY decisions whose destination is still to be written, then, with
+        PRESERVE_HARDLINKS, the in-step hard links of the files they copy (see
+        _link_companions)."""
+        source = OTHER_SIDE[destination]
+        linked = set()   # the source inodes of copied files that have other hard links
         for decision in self._spooled_actions():
             if decision.action == COPY and decision.destination() == destination \
                     and ("overwrite", destination, decision.path) not in self.problems:
+                sent = decision.now(source)
+                if sent.kind == "f" and sent.nlink > 1 and self.link_groups[source]:
+                    linked.add(sent.ino)
                 yield decision
+        for companion in self._link_companions(source, linked):
+            yield companion
+
+    def _note_link_member(self, decision):
+        """With PRESERVE_HARDLINKS, remember a file in step on both sides that has other
+        hard links (on either side), by its inode there.  Only such files are held, never
+        every file."""
+        if not self.cfg["PRESERVE_HARDLINKS"] or decision.action != NOTHING:
+            return
+        initiator, target = decision.initiator, decision.target
+        if initiator is None or target is None or initiator.kind != "f" or target.kind != "f" \
+                or initiator.error or target.error:
+            return
+        for side, entry in (("initiator", initiator), ("target", target)):
+            if entry.nlink > 1:
+                self.link_groups[side].setdefault(entry.ino, []).append((decision.path, initiator, target))
+
+    def _link_companions(self, source, inodes):
+        """rsync -H links only the files of one transfer list: a file copied to join a
+        hard-link group (a new `ln`) goes with the other members, already in step, so
+        that rsync makes them one group on the destination.  They go as copies that change
+        nothing (the destination's version is the source's), settled like any transfer;
+        their state stays, since inode and link count are no change of their own."""
+        for inode in sorted(inodes):
+            for path, initiator, target in self.link_groups[source].get(inode, ()):
+                companion = Decision(path, initiator, target, initiator, target)
+                companion.source = source
+                yield companion
 
     def _settle_items(self, destination):
         for decision in self._copies_to(destination):
@@ -5262,12 +5447,34 @@ class SyncRun(object):
                       skip_deletion=[side for side in cfg["SKIP_DELETION"].split(",") if side],
                       backup_overwrites=cfg["CONFLICT_BACKUP"], permissions=cfg["PRESERVE_PERMISSIONS"],
                       executability=cfg["PRESERVE_EXECUTABILITY"], owner=cfg["PRESERVE_OWNER"] and root,
-                      group=cfg["PRESERVE_GROUP"] and root)
+                      group=cfg["PRESERVE_GROUP"] and root, hardlinks=cfg["PRESERVE_HARDLINKS"])
 
-    def scan(self, side, spec):
+    def scan(self, side, spec, digests=True):
+        """A replica's scan; with digests=False, CHECKSUM's digests are left to
+        with_digests(), which reads only the files that moved since the last run."""
         if side in self.missing:
             return iter(())
-        return self.replicas[side].scan(spec, self.options)
+        options = self.options if digests else dict(self.options, checksum=False)
+        return self.replicas[side].scan(spec, options)
+
+    def planned(self, previous, spec, policy, spool_dir):
+        """The decisions for both scans against `previous`; with CHECKSUM, the digests are
+        filled in between the merge and the planner (see with_digests)."""
+        rows = merge_streams(previous, self.scan("initiator", spec, digests=False),
+                             self.scan("target", spec, digests=False))
+        if self.cfg["CHECKSUM"]:
+            rows = self.reported_digests(rows)
+        return plan_merged(rows, policy, spool_dir)
+
+    def reported_digests(self, rows):
+        """with_digests() over the rows; once they are all through, say how many files
+        CHECKSUM read on each side."""
+        counts = DigestCounts()
+        for row in with_digests(rows, self.replicas, self.options, counts):
+            yield row
+        self.out.verbose("CHECKSUM read %d files on the initiator and %d on the target; %d unchanged files kept "
+                         "the digest of the last run." % (counts.read["initiator"], counts.read["target"],
+                                                          counts.reused))
 
     def state_path(self):
         return os.path.join(self.replicas["initiator"].state_dir, state_dir_file("state", self.instance))
@@ -5310,15 +5517,14 @@ class SyncRun(object):
             self.executor(policy).settle_interrupted_transfers(spool_dir)
         executor = self.executor(policy)
         try:
-            decisions = plan(self.previous_state(), self.scan("initiator", spec), self.scan("target", spec), policy,
-                             spool_dir)
+            decisions = self.planned(self.previous_state(), spec, policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             executor.close()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = self.executor(policy)
-            decisions = plan(iter(()), self.scan("initiator", spec), self.scan("target", spec), policy, spool_dir)
+            decisions = self.planned(iter(()), spec, policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
             return outcome
