@@ -4374,7 +4374,10 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     final name, since from another filesystem it would copy into the final name."""
     # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
     # --ignore-times: every listed path was judged different by osync.py, even one rewritten
-    # with the same size in the same second, which rsync's quick check would skip.
+    # with the same size in the same second, which rsync's quick check would skip.  For the
+    # same reason CHECKSUM is never passed on as --checksum: osync.py compares the digests
+    # itself, and rsync would skip a listed file whose bytes the destination already has
+    # (a copy that takes a file out of its hard-link group) after reading both sides.
     argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
             "--files-from=" + list_file]
     # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
@@ -4382,7 +4385,7 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     argv.append("--chmod=Du+x")
     for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
                       ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
-                      ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H"), ("CHECKSUM", "--checksum")):
+                      ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H")):
         if cfg[key]:
             argv.append(flag)
     if cfg["PRESERVE_EXECUTABILITY"] and not cfg["PRESERVE_PERMISSIONS"]:

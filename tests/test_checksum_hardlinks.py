@@ -187,14 +187,7 @@ def test_hard_link_group_extended(pair, side, checksum):
     pair.assert_converged(env=options)
 
 
-# rsync_command passes --checksum with CHECKSUM=yes, and then rsync skips a listed file
-# whose content the destination already has, --ignore-times or not: the copy that splits
-# the group never happens (the planner decides it; the transfer drops it).
-RSYNC_CHECKSUM_SKIPS = pytest.mark.xfail(strict=True, reason="rsync --checksum skips a listed file with the "
-                                                           "same content, so the split copy is not made")
-
-
-@pytest.mark.parametrize("checksum", [False, pytest.param(True, marks=RSYNC_CHECKSUM_SKIPS)],
+@pytest.mark.parametrize("checksum", [False, True],
                          ids=["quick-check", "checksum"])
 @pytest.mark.parametrize("side", SIDES)
 def test_hard_link_group_split_by_a_copy_with_the_same_size_and_mtime(pair, side, checksum):
