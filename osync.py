@@ -1457,7 +1457,30 @@ def from_wire(data):
     return None if data is None else Entry(*data)
 
 
-KIND_NAMES = {"f": "file", "d": "directory", "l": "symlink"}
+KIND_NAMES = {"f": "file", "d": "directory", "l": "symlink", "s": "special file"}
+
+# The note of an Entry of kind "s" (a device, fifo or socket: never synced, see make_entry).
+SPECIAL_FILE_NOTE = "a %s, and devices, fifos and sockets are not synced"
+
+
+def special_file_name(mode):
+    """What a device, fifo or socket is, in words."""
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
+
+
+def only_special_files(entries):
+    """Are the entries with an error (of the paths a scan could not sync) all devices,
+    fifos or sockets, left alone as a rule rather than because something failed?"""
+    troubled = [entry for entry in entries if entry is not None and entry.error]
+    return bool(troubled) and all(entry.kind == "s" for entry in troubled)
 
 
 def path_key(path):
@@ -1632,7 +1655,15 @@ def make_entry(abs_path, rel_path, info, options):
     elif stat.S_ISLNK(mode):
         kind = "l"
     else:
-        return None  # devices, fifos and sockets are not synced
+        # Devices, fifos and sockets are not synced.  They are runtime objects (an agent's
+        # socket, a program's fifo) that mean nothing on another host, and a non-root
+        # rsync cannot create a device: syncing them would make every run fail, or fill
+        # deleted/ with stale sockets.  The scan shows one as kind "s" with a note in
+        # `error`, so the planner leaves its path alone on both replicas (never replaced
+        # by the other side's file, never a reason to delete the other side's copy) and
+        # the state keeps what it recorded; the run reports it as a notice, not an error.
+        return Entry(rel_path, "s", 0, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
+                     info.st_ino, info.st_ctime_ns, error=SPECIAL_FILE_NOTE % special_file_name(mode))
     link = ""
     digest = ""
     size = info.st_size if kind == "f" else 0
@@ -1926,6 +1957,18 @@ def remove_any(path):
         os.unlink(path)
 
 
+def remove_empty_dir(path):
+    """rmdir, also for a symbolic link that the scan showed as the (empty) directory it
+    points to (COPY_SYMLINKS, KEEP_DIRLINKS): then the link itself goes, never what it
+    points to.  A directory that is not empty raises ENOTEMPTY, through a link too."""
+    if not os.path.islink(path):
+        os.rmdir(path)
+        return
+    if os.path.isdir(path) and os.listdir(path):
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
+    os.unlink(path)
+
+
 def move_into_place(source, destination):
     """Rename source over destination.  Across filesystems (a mount point inside the
     replica) it is first copied beside the destination, so that the swap is still one
@@ -2089,8 +2132,8 @@ class LocalReplica(WorkDirLayout):
                 break   # nothing there yet: nothing to be reached through
             if stat.S_ISLNK(info.st_mode):
                 raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
-                                           "moved, backed up or changed, as it may lie outside the replica"
-                              % "/".join(parts[:depth + 1]))
+                                           "moved, backed up or changed, as it may lie outside the replica; do "
+                                           "it by hand if it should be done" % "/".join(parts[:depth + 1]))
         return os.path.join(self.root, rel_path)
 
     # -- checks -----------------------------------------------------------------------
@@ -2381,7 +2424,10 @@ class LocalReplica(WorkDirLayout):
                         self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
                     os.unlink(abs_path)
                 elif current is not None and current.kind == "d" and new_kind != "d":
-                    os.rmdir(abs_path)
+                    if backup and os.path.islink(abs_path) and not os.listdir(abs_path):
+                        # A link the scan showed as a directory: the link itself is kept.
+                        self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
+                    remove_empty_dir(abs_path)
                 results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
@@ -2483,7 +2529,7 @@ class LocalReplica(WorkDirLayout):
                     if soft and not lexists(os.path.join(self.work_dir, DELETED_DIR_NAME, path)):
                         self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                     else:
-                        os.rmdir(abs_path)
+                        remove_empty_dir(abs_path)
                 elif soft:
                     self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                 else:
@@ -2735,7 +2781,7 @@ def bounded_decompress(payload, limit):
 # it, backups are made under it), so every path and every reply is checked here, where it
 # arrives, and anything else ends the run before it is used.
 
-ENTRY_KINDS = ("f", "d", "l", "?")
+ENTRY_KINDS = ("f", "d", "l", "s", "?")
 ENTRY_INT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if type(default) is int)
 ENTRY_TEXT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if default == "")
 WIRE_TEXT_LIMIT = 65536     # a link target, digest or error note from the agent
@@ -3769,7 +3815,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # --no-implied-dirs: the root and parents that are not listed keep their own attributes.
     # --ignore-times: every listed path was judged different by osync.py, even one rewritten
     # with the same size in the same second, which rsync's quick check would skip.
-    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
+    # No -D: devices, fifos and sockets are not synced (see make_entry), and no listed
+    # path that became one since the scan is recreated on the other side.
+    argv = [cfg["RSYNC_EXECUTABLE"], "-lt", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
             "--files-from=" + list_file]
     # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
     # directory always lets its owner in.
@@ -3917,6 +3965,7 @@ class Executor(object):
         self.journal_name = None      # the state dir file that notes the transfers until settled
         self.spool = None
         self.lists = {}
+        self.special_files_left_alone = 0   # paths holding a device, fifo or socket
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self, decisions, spool_dir):
@@ -3949,6 +3998,12 @@ class Executor(object):
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
+        if self.special_files_left_alone:
+            count = self.special_files_left_alone
+            self.out.notice("Left %d %s alone that %s a device, fifo or socket, which osync does not sync "
+                            "(--verbose lists %s)." % (count, "path" if count == 1 else "paths",
+                                                       "holds" if count == 1 else "hold",
+                                                       "it" if count == 1 else "them"))
         self._check_deletion_share()
         if actions and not self.dry:
             self._carry_out()
@@ -4138,7 +4193,11 @@ class Executor(object):
 
     # -- reporting ----------------------------------------------------------------------------
     def _report_note(self, decision):
-        if decision.action == SKIP:
+        if decision.action == SKIP and only_special_files((decision.initiator, decision.target)):
+            # Not an error: a device, fifo or socket is left alone on every run.
+            self.out.verbose("Left %s alone on both replicas: %s." % (decision.path, decision.note))
+            self.special_files_left_alone += 1
+        elif decision.action == SKIP:
             self.out.error("Left %s alone on both replicas: %s." % (decision.path, decision.note))
             self.outcome.failed += 1
         else:
