@@ -2424,9 +2424,6 @@ class LocalReplica(WorkDirLayout):
                         self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
                     os.unlink(abs_path)
                 elif current is not None and current.kind == "d" and new_kind != "d":
-                    if backup and os.path.islink(abs_path) and not os.listdir(abs_path):
-                        # A link the scan showed as a directory: the link itself is kept.
-                        self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
                     remove_empty_dir(abs_path)
                 results.append(Answer.OK)
             except OSError as error:
