@@ -2120,6 +2120,16 @@ class LocalReplica(WorkDirLayout):
         COPY_SYMLINKS or KEEP_DIRLINKS the scan goes through links, but what lies behind
         one may be outside the replica, so it is left alone.  Raises OSError whose text
         names the link (callers put the path in front)."""
+        link = self.link_above(rel_path)
+        if link is not None:
+            raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
+                                       "moved, backed up or changed, as it may lie outside the replica; do "
+                                       "it by hand if it should be done" % link)
+        return os.path.join(self.root, rel_path)
+
+    def link_above(self, rel_path):
+        """The relative path of the first parent of rel_path that lstat shows to be a
+        symbolic link, None when there is none."""
         parts = rel_path.split("/")
         if any(part in ("", ".", "..") for part in parts) or parts[0] == WORK_DIR_NAME:
             raise OSError(errno.EINVAL, "not a path of the replica")
@@ -2129,12 +2139,10 @@ class LocalReplica(WorkDirLayout):
             try:
                 info = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
-                break   # nothing there yet: nothing to be reached through
+                return None   # nothing there yet: nothing to be reached through
             if stat.S_ISLNK(info.st_mode):
-                raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
-                                           "moved, backed up or changed, as it may lie outside the replica; do "
-                                           "it by hand if it should be done" % "/".join(parts[:depth + 1]))
-        return os.path.join(self.root, rel_path)
+                return "/".join(parts[:depth + 1])
+        return None
 
     # -- checks -----------------------------------------------------------------------
     def probe(self, create):
@@ -2506,7 +2514,16 @@ class LocalReplica(WorkDirLayout):
     def remove_paths(self, items, soft, stamp, multiple, options):
         """Delete items (children listed before their parents), moving them into
         deleted/ when `soft`.  An item changed since the scan is left alone ("changed");
-        a directory that still holds something is kept ("kept")."""
+        a directory that still holds something is kept ("kept").
+
+        With COPY_SYMLINKS or KEEP_DIRLINKS a link to a directory is scanned as that
+        directory.  When it is to be deleted too, it goes itself, the link and nothing
+        else, and what was seen through it is done with it ("ok", untouched); an item
+        reached through a link that stays is refused with a sentence naming the link."""
+        linked_dirs = set()
+        for path, expected in items:
+            if expected is not None and from_wire(expected).kind == "d" and self._is_link(path):
+                linked_dirs.add(path)
         results = []
         for path, expected in items:
             expected = from_wire(expected)
@@ -2514,12 +2531,25 @@ class LocalReplica(WorkDirLayout):
             if current is None:
                 results.append(Answer.OK)
                 continue
+            try:
+                if self.link_above(path) in linked_dirs:
+                    results.append(Answer.OK)   # goes with the link, which is deleted below
+                    continue
+            except OSError as error:
+                results.append("%s: %s" % (path, error.strerror))
+                continue
             if not unchanged_since_scan(expected, current):
                 results.append(Answer.CHANGED)
                 continue
             try:
                 abs_path = self.inside(path)
-                if current.kind == "d":
+                if current.kind == "d" and path in linked_dirs:
+                    # The link itself is the item; what lies behind it is not the replica's.
+                    if soft:
+                        self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
+                    else:
+                        os.unlink(abs_path)
+                elif current.kind == "d":
                     if os.listdir(abs_path):
                         results.append(Answer.KEPT)
                         continue
@@ -2535,6 +2565,13 @@ class LocalReplica(WorkDirLayout):
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
+
+    def _is_link(self, rel_path):
+        """Is rel_path, a path of the replica reached through no link, a symbolic link?"""
+        try:
+            return os.path.islink(self.inside(rel_path))
+        except OSError:
+            return False
 
     def _keep_copy(self, path, area, stamp, multiple, link, source=None):
         """Put the item at `path` (or at `source`, a version rsync replaced) into backup/ or
