@@ -2521,8 +2521,9 @@ class LocalReplica(WorkDirLayout):
         else, and what was seen through it is done with it ("ok", untouched); an item
         reached through a link that stays is refused with a sentence naming the link."""
         linked_dirs = set()
+        follows_links = options.get("copy_links") or options.get("dir_links")
         for path, expected in items:
-            if expected is not None and from_wire(expected).kind == "d" and self._is_link(path):
+            if follows_links and expected is not None and from_wire(expected).kind == "d" and self._is_link(path):
                 linked_dirs.add(path)
         results = []
         for path, expected in items:

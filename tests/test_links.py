@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (T0, WORKDIR, build, describe, expected, find_content, link, put, remove,
+from conftest import (T0, build, describe, expected, find_content, link, put, remove,
                       run_osync, snapshot)
 
 OUTSIDE_CONTENT = b"outside the replica: never touched\n"
