@@ -2869,6 +2869,8 @@ def entry_problem(data):
             return "its %s %s is not a number" % (name, printable(repr(value), 40))
     if fields["size"] < 0 or not 0 <= fields["mode"] <= 0o7777:
         return "its size or mode is out of range"
+    if fields["kind"] == "s" and not fields["error"]:
+        return "a device, fifo or socket without its note"   # such a path is left alone, never synced
     for name in ENTRY_TEXT_FIELDS:
         value = fields[name]
         if not isinstance(value, str) or len(value) > WIRE_TEXT_LIMIT or "\0" in value:

@@ -307,3 +307,21 @@ def test_devices_fifos_and_sockets_are_left_alone_with_one_notice(pair):
             assert any(("Left %s alone" % rel) in line for line in result.output.splitlines()), \
                 rel + describe(result)
     assert pair.full_snapshot() == before, "something changed" + describe(result)
+
+
+def test_keep_dirlinks_writes_through_a_link_to_a_directory_inside_the_replica(pair):
+    """On the target, inl is a relative link to indir, inside the replica: with
+    KEEP_DIRLINKS a file new in the initiator's inl lands in the target's indir, through
+    the link, which stays a link (rsync 3.4 and later refuse only links that leave the
+    replica)."""
+    env = {"KEEP_DIRLINKS": "yes"}
+    build(pair.target, {"indir/f": "f", "inl": ("l", "indir")})
+    pair.run(env=env, expect=0)
+    assert (pair.initiator / "inl" / "f").read_text() == "f"
+    put(pair.initiator, "inl/new", "new", mtime=T0 + 100)
+    result = pair.run(env=env, expect=0)
+    assert os.readlink(str(pair.target / "inl")) == "indir", describe(result)
+    assert (pair.target / "indir" / "new").read_text() == "new", describe(result)
+    pair.run(env=env, expect=0)
+    assert (pair.initiator / "indir" / "new").read_text() == "new"
+    pair.assert_converged(env=env)
