@@ -1436,10 +1436,12 @@ ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
-    """What a scan saw of one path: kind f(ile), d(ir) or l(ink), size, times, attributes.
+    """What a scan saw of one path: kind f(ile), d(ir), l(ink) or s(pecial: a device,
+    fifo or socket), size, times, attributes.
 
     `error` is set when the item could not be read (an unreadable directory, a broken
-    link with COPY_SYMLINKS): the planner then leaves the path and its subtree alone."""
+    link with COPY_SYMLINKS) and on every special file: the planner then leaves the path
+    and its subtree alone."""
     __slots__ = ()
 
 
