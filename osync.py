@@ -2480,7 +2480,7 @@ class LocalReplica(WorkDirLayout):
                 results.append(Answer.OK)   # nothing was replaced
                 continue
             try:
-                replaced_entry = make_entry(replaced, path, info, {})
+                replaced_entry = self._replaced_entry(replaced, path, info, options)
                 current = self._stat(path, options)
                 arrived = current is not None and from_wire(sent) is not None and same_content(
                     from_wire(sent), current)
@@ -2500,6 +2500,23 @@ class LocalReplica(WorkDirLayout):
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
+
+    def _replaced_entry(self, replaced, path, info, options):
+        """The Entry of a version rsync moved aside, comparable with what the scan saw at
+        `path`.  A link the scan followed (COPY_SYMLINKS, KEEP_DIRLINKS) is followed here
+        too, from where it stood (a relative link means something else in the work dir):
+        else a link replaced by the file it showed would look changed, be put back, and
+        be replaced again on every run."""
+        if not (stat.S_ISLNK(info.st_mode) and (options.get("copy_links") or options.get("dir_links"))):
+            return make_entry(replaced, path, info, {})
+        pointed_to = os.path.join(os.path.dirname(self.abs(path)), os.readlink(replaced))
+        try:
+            target_info = os.stat(pointed_to)
+        except OSError:
+            return make_entry(replaced, path, info, {})
+        if stat.S_ISDIR(target_info.st_mode) or options.get("copy_links"):
+            return make_entry(pointed_to, path, target_info, dict(options, copy_links=False, dir_links=False))
+        return make_entry(replaced, path, info, {})
 
     def finish_transfers(self, stamp):
         """Remove the run's transfer backup dir once settled; anything still in it is kept."""

@@ -156,6 +156,28 @@ def test_a_dangling_link_with_copy_symlinks_is_one_error_and_the_rest_syncs(pair
     pair.assert_converged(env=env)
 
 
+def test_with_copy_symlinks_a_link_overwritten_from_the_other_side_becomes_the_file(pair, tmp_path):
+    """An absolute and a relative link on the initiator show their files; the target
+    rewrites both copies.  Each link gives way to the new file and is kept in backup/ as
+    a link, what it pointed to is untouched, and the next run has nothing to do (the link
+    was put back, and replaced again, on every run)."""
+    outside_file = tmp_path / "outside_file"
+    outside_file.write_bytes(OUTSIDE_CONTENT)
+    os.utime(str(outside_file), (T0, T0))
+    build(pair.initiator, {"real": "real", "abs": ("l", str(outside_file)), "sub/rel": ("l", "../real")})
+    env = {"COPY_SYMLINKS": "yes"}
+    pair.run(env=env, expect=0)
+    put(pair.target, "abs", "rewritten on the target", mtime=T0 + 100)
+    put(pair.target, "sub/rel", "rewritten too", mtime=T0 + 100)
+    result = pair.run(env=env, expect=0)
+    assert snapshot(pair.initiator) == expected({"real": "real", "abs": "rewritten on the target",
+                                                 "sub/rel": "rewritten too"}), describe(result)
+    assert snapshot(pair.backup("initiator")) == expected({"abs": ("l", str(outside_file)),
+                                                           "sub/rel": ("l", "../real")}), describe(result)
+    assert outside_file.read_bytes() == OUTSIDE_CONTENT
+    pair.assert_converged(env=env)
+
+
 # -- links out of the root -----------------------------------------------------------------------
 
 OPTION_SETS = [{"COPY_SYMLINKS": "yes"}, {"KEEP_DIRLINKS": "yes"}, {"COPY_SYMLINKS": "yes", "KEEP_DIRLINKS": "yes"}]
