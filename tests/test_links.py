@@ -159,8 +159,8 @@ def test_a_dangling_link_with_copy_symlinks_is_one_error_and_the_rest_syncs(pair
 def test_with_copy_symlinks_a_link_overwritten_from_the_other_side_becomes_the_file(pair, tmp_path):
     """An absolute and a relative link on the initiator show their files; the target
     rewrites both copies.  Each link gives way to the new file and is kept in backup/ as
-    a link, what it pointed to is untouched, and the next run has nothing to do (the link
-    was put back, and replaced again, on every run)."""
+    a link, what it pointed to is untouched, and the next run has nothing to do (rather
+    than put the link back and replace it again on every run)."""
     outside_file = tmp_path / "outside_file"
     outside_file.write_bytes(OUTSIDE_CONTENT)
     os.utime(str(outside_file), (T0, T0))
@@ -224,8 +224,8 @@ def test_nothing_behind_a_link_out_of_the_root_is_deleted_or_backed_up(pair, env
 @pytest.mark.parametrize("env", OPTION_SETS[:2], ids=OPTION_IDS[:2])
 def test_a_link_seen_as_a_directory_is_deleted_or_replaced_as_the_link(pair, env):
     """With SOFT_DELETE=no, e and r on the initiator are links to empty directories
-    outside: the target deletes e and turns r into a file.  The links go (rmdir failed
-    on them), the directories they point to stay."""
+    outside: the target deletes e and turns r into a file.  The links themselves go, the
+    directories they point to stay."""
     env = dict(env, SOFT_DELETE="no")
     outside_e = pair.base / "outside_e"
     outside_r = pair.base / "outside_r"
