@@ -1612,10 +1612,12 @@ ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
-    """What a scan saw of one path: kind f(ile), d(ir) or l(ink), size, times, attributes.
+    """What a scan saw of one path: kind f(ile), d(ir), l(ink) or s(pecial: a device,
+    fifo or socket), size, times, attributes.
 
     `error` is set when the item could not be read (an unreadable directory, a broken
-    link with COPY_SYMLINKS): the planner then leaves the path and its subtree alone."""
+    link with COPY_SYMLINKS) and on every special file: the planner then leaves the path
+    and its subtree alone."""
     __slots__ = ()
 
 
@@ -1633,7 +1635,30 @@ def from_wire(data):
     return None if data is None else Entry(*data)
 
 
-KIND_NAMES = {"f": "file", "d": "directory", "l": "symlink"}
+KIND_NAMES = {"f": "file", "d": "directory", "l": "symlink", "s": "special file"}
+
+# The note of an Entry of kind "s" (a device, fifo or socket: never synced, see make_entry).
+SPECIAL_FILE_NOTE = "a %s, and devices, fifos and sockets are not synced"
+
+
+def special_file_name(mode):
+    """What a device, fifo or socket is, in words."""
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
+
+
+def only_special_files(entries):
+    """Are the entries with an error (of the paths a scan could not sync) all devices,
+    fifos or sockets, left alone as a rule rather than because something failed?"""
+    troubled = [entry for entry in entries if entry is not None and entry.error]
+    return bool(troubled) and all(entry.kind == "s" for entry in troubled)
 
 
 def path_key(path):
@@ -1835,7 +1860,15 @@ def make_entry(abs_path, rel_path, info, options):
     elif stat.S_ISLNK(mode):
         kind = "l"
     else:
-        return None  # devices, fifos and sockets are not synced
+        # Devices, fifos and sockets are not synced.  They are runtime objects (an agent's
+        # socket, a program's fifo) that mean nothing on another host, and a non-root
+        # rsync cannot create a device: syncing them would make every run fail, or fill
+        # deleted/ with stale sockets.  The scan shows one as kind "s" with a note in
+        # `error`, so the planner leaves its path alone on both replicas (never replaced
+        # by the other side's file, never a reason to delete the other side's copy) and
+        # the state keeps what it recorded; the run reports it as a notice, not an error.
+        return Entry(rel_path, "s", 0, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
+                     info.st_ino, info.st_ctime_ns, error=SPECIAL_FILE_NOTE % special_file_name(mode))
     link = ""
     digest = ""
     size = info.st_size if kind == "f" else 0
@@ -2189,6 +2222,18 @@ def remove_any(path):
         os.unlink(path)
 
 
+def remove_empty_dir(path):
+    """rmdir, also for a symbolic link that the scan showed as the (empty) directory it
+    points to (COPY_SYMLINKS, KEEP_DIRLINKS): then the link itself goes, never what it
+    points to.  A directory that is not empty raises ENOTEMPTY, through a link too."""
+    if not os.path.islink(path):
+        os.rmdir(path)
+        return
+    if os.path.isdir(path) and os.listdir(path):
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
+    os.unlink(path)
+
+
 def move_into_place(source, destination):
     """Rename source over destination.  Across filesystems (a mount point inside the
     replica) it is first copied beside the destination, so that the swap is still one
@@ -2340,6 +2385,16 @@ class LocalReplica(WorkDirLayout):
         COPY_SYMLINKS or KEEP_DIRLINKS the scan goes through links, but what lies behind
         one may be outside the replica, so it is left alone.  Raises OSError whose text
         names the link (callers put the path in front)."""
+        link = self.link_above(rel_path)
+        if link is not None:
+            raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
+                                       "moved, backed up or changed, as it may lie outside the replica; do "
+                                       "it by hand if it should be done" % link)
+        return os.path.join(self.root, rel_path)
+
+    def link_above(self, rel_path):
+        """The relative path of the first parent of rel_path that lstat shows to be a
+        symbolic link, None when there is none."""
         parts = rel_path.split("/")
         if any(part in ("", ".", "..") for part in parts) or parts[0] == WORK_DIR_NAME:
             raise OSError(errno.EINVAL, "not a path of the replica")
@@ -2349,12 +2404,10 @@ class LocalReplica(WorkDirLayout):
             try:
                 info = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
-                break   # nothing there yet: nothing to be reached through
+                return None   # nothing there yet: nothing to be reached through
             if stat.S_ISLNK(info.st_mode):
-                raise OSError(errno.ELOOP, "%s is a symbolic link, and nothing reached through a link is deleted, "
-                                           "moved, backed up or changed, as it may lie outside the replica"
-                              % "/".join(parts[:depth + 1]))
-        return os.path.join(self.root, rel_path)
+                return "/".join(parts[:depth + 1])
+        return None
 
     # -- checks -----------------------------------------------------------------------
     def probe(self, create):
@@ -2663,7 +2716,7 @@ class LocalReplica(WorkDirLayout):
                         self._keep_copy(path, BACKUP_DIR_NAME, stamp, multiple, link=True)
                     os.unlink(abs_path)
                 elif current is not None and current.kind == "d" and new_kind != "d":
-                    os.rmdir(abs_path)
+                    remove_empty_dir(abs_path)
                 results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
@@ -2709,7 +2762,7 @@ class LocalReplica(WorkDirLayout):
                 results.append(Answer.OK)   # nothing was replaced
                 continue
             try:
-                replaced_entry = make_entry(replaced, path, info, {})
+                replaced_entry = self._replaced_entry(replaced, path, info, options)
                 current = self._stat(path, options)
                 arrived = current is not None and from_wire(sent) is not None and same_content(
                     from_wire(sent), current)
@@ -2730,6 +2783,23 @@ class LocalReplica(WorkDirLayout):
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
 
+    def _replaced_entry(self, replaced, path, info, options):
+        """The Entry of a version rsync moved aside, comparable with what the scan saw at
+        `path`.  A link the scan followed (COPY_SYMLINKS, KEEP_DIRLINKS) is followed here
+        too, from where it stood (a relative link means something else in the work dir):
+        else a link replaced by the file it showed would look changed, be put back, and
+        be replaced again on every run."""
+        if not (stat.S_ISLNK(info.st_mode) and (options.get("copy_links") or options.get("dir_links"))):
+            return make_entry(replaced, path, info, {})
+        pointed_to = os.path.join(os.path.dirname(self.abs(path)), os.readlink(replaced))
+        try:
+            target_info = os.stat(pointed_to)
+        except OSError:
+            return make_entry(replaced, path, info, {})
+        if stat.S_ISDIR(target_info.st_mode) or options.get("copy_links"):
+            return make_entry(pointed_to, path, target_info, dict(options, copy_links=False, dir_links=False))
+        return make_entry(replaced, path, info, {})
+
     def finish_transfers(self, stamp):
         """Remove the run's transfer backup dir once settled; anything still in it is kept."""
         top = self.transfer_backup_dir(stamp)
@@ -2745,7 +2815,17 @@ class LocalReplica(WorkDirLayout):
     def remove_paths(self, items, soft, stamp, multiple, options):
         """Delete items (children listed before their parents), moving them into
         deleted/ when `soft`.  An item changed since the scan is left alone ("changed");
-        a directory that still holds something is kept ("kept")."""
+        a directory that still holds something is kept ("kept").
+
+        With COPY_SYMLINKS or KEEP_DIRLINKS a link to a directory is scanned as that
+        directory.  When it is to be deleted too, it goes itself, the link and nothing
+        else, and what was seen through it is done with it ("ok", untouched); an item
+        reached through a link that stays is refused with a sentence naming the link."""
+        linked_dirs = set()
+        follows_links = options.get("copy_links") or options.get("dir_links")
+        for path, expected in items:
+            if follows_links and expected is not None and from_wire(expected).kind == "d" and self._is_link(path):
+                linked_dirs.add(path)
         results = []
         for path, expected in items:
             expected = from_wire(expected)
@@ -2753,19 +2833,32 @@ class LocalReplica(WorkDirLayout):
             if current is None:
                 results.append(Answer.OK)
                 continue
+            try:
+                if self.link_above(path) in linked_dirs:
+                    results.append(Answer.OK)   # goes with the link, which is deleted below
+                    continue
+            except OSError as error:
+                results.append("%s: %s" % (path, error.strerror))
+                continue
             if not unchanged_since_scan(expected, current):
                 results.append(Answer.CHANGED)
                 continue
             try:
                 abs_path = self.inside(path)
-                if current.kind == "d":
+                if current.kind == "d" and path in linked_dirs:
+                    # The link itself is the item; what lies behind it is not the replica's.
+                    if soft:
+                        self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
+                    else:
+                        os.unlink(abs_path)
+                elif current.kind == "d":
                     if os.listdir(abs_path):
                         results.append(Answer.KEPT)
                         continue
                     if soft and not lexists(os.path.join(self.work_dir, DELETED_DIR_NAME, path)):
                         self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                     else:
-                        os.rmdir(abs_path)
+                        remove_empty_dir(abs_path)
                 elif soft:
                     self._keep_copy(path, DELETED_DIR_NAME, stamp, multiple, link=False)
                 else:
@@ -2774,6 +2867,13 @@ class LocalReplica(WorkDirLayout):
             except OSError as error:
                 results.append("%s: %s" % (error.filename or path, error.strerror))
         return results
+
+    def _is_link(self, rel_path):
+        """Is rel_path, a path of the replica reached through no link, a symbolic link?"""
+        try:
+            return os.path.islink(self.inside(rel_path))
+        except OSError:
+            return False
 
     def _keep_copy(self, path, area, stamp, multiple, link, source=None):
         """Put the item at `path` (or at `source`, a version rsync replaced) into backup/ or
@@ -3017,7 +3117,7 @@ def bounded_decompress(payload, limit):
 # it, backups are made under it), so every path and every reply is checked here, where it
 # arrives, and anything else ends the run before it is used.
 
-ENTRY_KINDS = ("f", "d", "l", "?")
+ENTRY_KINDS = ("f", "d", "l", "s", "?")
 ENTRY_INT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if type(default) is int)
 ENTRY_TEXT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if default == "")
 WIRE_TEXT_LIMIT = 65536     # a link target, digest or error note from the agent
@@ -3070,6 +3170,8 @@ def entry_problem(data):
             return "its %s %s is not a number" % (name, printable(repr(value), 40))
     if fields["size"] < 0 or not 0 <= fields["mode"] <= 0o7777:
         return "its size or mode is out of range"
+    if fields["kind"] == "s" and not fields["error"]:
+        return "a device, fifo or socket without its note"   # such a path is left alone, never synced
     for name in ENTRY_TEXT_FIELDS:
         value = fields[name]
         if not isinstance(value, str) or len(value) > WIRE_TEXT_LIMIT or "\0" in value:
@@ -4378,7 +4480,9 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     # same reason CHECKSUM is never passed on as --checksum: osync.py compares the digests
     # itself, and rsync would skip a listed file whose bytes the destination already has
     # (a copy that takes a file out of its hard-link group) after reading both sides.
-    argv = [cfg["RSYNC_EXECUTABLE"], "-ltD", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
+    # No -D: devices, fifos and sockets are not synced (see make_entry), and no listed
+    # path that became one since the scan is recreated on the other side.
+    argv = [cfg["RSYNC_EXECUTABLE"], "-lt", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
             "--files-from=" + list_file]
     # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
     # directory always lets its owner in.
@@ -4529,6 +4633,7 @@ class Executor(object):
         self.spool = None
         self.lists = {}
         self.link_groups = {"initiator": {}, "target": {}}   # see _note_link_member
+        self.special_files_left_alone = 0   # paths holding a device, fifo or socket
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self, decisions, spool_dir):
@@ -4559,6 +4664,12 @@ class Executor(object):
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
+        if self.special_files_left_alone:
+            count = self.special_files_left_alone
+            self.out.notice("Left %d %s alone that %s a device, fifo or socket, which osync does not sync "
+                            "(--verbose lists %s)." % (count, "path" if count == 1 else "paths",
+                                                       "holds" if count == 1 else "hold",
+                                                       "it" if count == 1 else "them"))
         self._check_deletion_share()
         if actions and not self.dry:
             self._carry_out()
@@ -4735,7 +4846,11 @@ class Executor(object):
 
     # -- reporting ----------------------------------------------------------------------------
     def _report_note(self, decision):
-        if decision.action == SKIP:
+        if decision.action == SKIP and only_special_files((decision.initiator, decision.target)):
+            # Not an error: a device, fifo or socket is left alone on every run.
+            self.out.verbose("Left %s alone on both replicas: %s." % (decision.path, decision.note))
+            self.special_files_left_alone += 1
+        elif decision.action == SKIP:
             self.out.error("Left %s alone on both replicas: %s." % (decision.path, decision.note))
             self.outcome.failed += 1
         else:

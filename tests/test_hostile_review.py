@@ -209,8 +209,10 @@ def test_the_children_are_recorded_with_this_boot(pair, tmp_path):
     children = pair.workdir("initiator") / "lock.children"
     seen = tmp_path / "seen"
     script = tmp_path / "rsync-peek"
-    script.write_text("#!/bin/sh\ncat %s > %s\nexec %s \"$@\"\n" % (
-        shell_quote(children), shell_quote(seen), shutil.which("rsync")))
+    # osync.py records a child once it has started, so the wrapper (the child) waits for it.
+    script.write_text("#!/bin/sh\nfor i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done\n"
+                      "cat %s > %s\nexec %s \"$@\"\n" % (shell_quote(children), shell_quote(children),
+                                                           shell_quote(seen), shutil.which("rsync")))
     script.chmod(0o755)
     pair.run(env={"RSYNC_EXECUTABLE": str(script)}, expect=0)
     with open("/proc/sys/kernel/random/boot_id") as handle:
