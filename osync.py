@@ -16,6 +16,7 @@ planner, executor, run and command line.
 """
 
 import argparse
+import base64
 import codecs
 import collections
 import errno
@@ -1430,9 +1431,11 @@ def transcode(value, convert):
 
 # Every field of an Entry in its order, with its default: the one list that the class,
 # the state lines, the wire form and the checks of what an agent sends derive from.
-# The whole numbers are the lstat figures; link, digest and error are texts.
+# The whole numbers are the lstat figures; link, digest and error are texts; acl and xattr
+# are fingerprints of the ACL and extended attribute sets (see attribute_fingerprints).
 ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("mode", 0), ("uid", 0),
-                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""))
+                ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""),
+                ("acl", ""), ("xattr", ""))
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
@@ -1602,6 +1605,155 @@ class PathFilter(object):
         return False
 
 
+# ACLs and extended attributes ------------------------------------------------------------
+# With PRESERVE_ACL / PRESERVE_XATTR the scan records a fingerprint of each item's ACL set
+# and of its extended attribute set, so that a change of either alone is seen and synced
+# while the state stays small; with both off the scan makes no xattr call at all.  An
+# empty fingerprint means "not tracked" (the setting was off, or ACLs of a link) and
+# ATTRIBUTES_UNSUPPORTED "this filesystem cannot hold them": neither is read as a change.
+# On Linux the ACLs are the xattrs system.posix_acl_access and (directories)
+# system.posix_acl_default; the values travel as they are, as rsync -A -X sends them.
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+ATTRIBUTES_UNSUPPORTED = "-"
+ATTRIBUTE_FINGERPRINT_SIZE = 10
+UNSUPPORTED_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP") if hasattr(errno, name))
+ENODATA = getattr(errno, "ENODATA", getattr(errno, "ENOATTR", 61))
+RSYNC_PRIVATE_XATTRS = "user.rsync.%"   # rsync's own (--fake-super): a single -X never copies them
+XATTR_PROBE_NAME = "user.osync.probe"
+
+# st_dev -> whether that filesystem takes user.* xattrs, probed once per process on the
+# first item without any xattr (listxattr answers an empty list even where none can be set).
+_user_xattr_support = {}
+
+
+def acl_names(kind):
+    """The xattrs that hold an item's POSIX ACLs; links have none."""
+    if kind == "d":
+        return (ACL_ACCESS, ACL_DEFAULT)
+    if kind == "f":
+        return (ACL_ACCESS,)
+    return ()
+
+
+def xattr_synced(name, all_namespaces):
+    """Is `name` one of the xattrs rsync -X copies?  As root every namespace but system.*
+    (the ACLs, which are -A's); otherwise user.* only (rsync's man page); never rsync's
+    own user.rsync.%* names.  `all_namespaces` holds only when both replicas run as root:
+    what one side could not set would otherwise differ on every run."""
+    if name.startswith(RSYNC_PRIVATE_XATTRS):
+        return False
+    if all_namespaces:
+        return not name.startswith("system.")
+    return name.startswith("user.")
+
+
+def read_acls(abs_path, kind):
+    """[(name, value bytes)] of the ACL xattrs an item has (a link shown as its target,
+    with COPY_SYMLINKS, has the target's)."""
+    pairs = []
+    for name in acl_names(kind):
+        try:
+            pairs.append((name, os.getxattr(abs_path, name)))
+        except OSError as error:
+            if error.errno != ENODATA:
+                raise
+    return pairs
+
+
+def read_xattrs(abs_path, kind, device, options):
+    """[(name, value bytes)] of the synced xattrs of an item, sorted by name; a link's own,
+    never its target's.  Raises OSError(EOPNOTSUPP) where the filesystem holds none."""
+    if not hasattr(os, "listxattr"):
+        raise OSError(errno.EOPNOTSUPP, "extended attributes are not supported here")
+    follow = kind != "l"
+    names = os.listxattr(abs_path, follow_symlinks=follow)
+    all_namespaces = bool(options.get("xattr_all"))
+    pairs = []
+    for name in sorted(names, key=os.fsencode):
+        if not xattr_synced(name, all_namespaces):
+            continue
+        try:
+            pairs.append((name, os.getxattr(abs_path, name, follow_symlinks=follow)))
+        except OSError as error:
+            if error.errno != ENODATA:   # removed since the listing: not there
+                raise
+    if not names and follow and not user_xattrs_supported(abs_path, device):
+        raise OSError(errno.EOPNOTSUPP, "extended attributes are not supported here")
+    return pairs
+
+
+def user_xattrs_supported(abs_path, device):
+    """Does the filesystem of abs_path (st_dev `device`) take user.* xattrs?"""
+    if device not in _user_xattr_support:
+        try:
+            os.getxattr(abs_path, XATTR_PROBE_NAME)
+            supported = True
+        except OSError as error:
+            if error.errno not in UNSUPPORTED_ERRNOS and error.errno != ENODATA:
+                return True   # not known (no permission): assume it does, ask again later
+            supported = error.errno == ENODATA
+        _user_xattr_support[device] = supported
+    return _user_xattr_support[device]
+
+
+def attribute_fingerprint(pairs):
+    """A short hex digest of a set of (name, value bytes): equal sets, equal digests."""
+    digest = hashlib.blake2b(digest_size=ATTRIBUTE_FINGERPRINT_SIZE)
+    for name, value in sorted(pairs, key=lambda pair: os.fsencode(pair[0])):
+        encoded = os.fsencode(name)
+        digest.update(struct.pack(">II", len(encoded), len(value)) + encoded + value)
+    return digest.hexdigest()
+
+
+def read_attribute_sets(abs_path, kind, device, options, acl, xattr):
+    """(ACL pairs, xattr pairs) of an item, each None where not wanted or not tracked,
+    ATTRIBUTES_UNSUPPORTED where the filesystem cannot hold them."""
+    acls = xattrs = None
+    if acl and kind in ("f", "d"):
+        acls = _attribute_set(read_acls, abs_path, kind)
+    if xattr and kind in ("f", "d", "l"):
+        xattrs = _attribute_set(read_xattrs, abs_path, kind, device, options)
+    return acls, xattrs
+
+
+def _attribute_set(reader, *args):
+    try:
+        return reader(*args)
+    except OSError as error:
+        if error.errno in UNSUPPORTED_ERRNOS:
+            return ATTRIBUTES_UNSUPPORTED
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return None   # this user may not read them: not tracked (rsync cannot copy them either)
+        raise
+
+
+def attribute_fingerprints(abs_path, kind, info, options):
+    """(acl, xattr) fingerprints of an item for its Entry, "" where not tracked."""
+    if not options.get("acl") and not options.get("xattr"):
+        return "", ""
+    fingerprints = []
+    for pairs in read_attribute_sets(abs_path, kind, info.st_dev, options, options.get("acl"), options.get("xattr")):
+        if pairs is None:
+            fingerprints.append("")
+        elif pairs == ATTRIBUTES_UNSUPPORTED:
+            fingerprints.append(ATTRIBUTES_UNSUPPORTED)
+        else:
+            fingerprints.append(attribute_fingerprint(pairs))
+    return tuple(fingerprints)
+
+
+def attribute_values_to_wire(pairs):
+    """[(name, bytes)] as JSON-able [name, base64 text] lists."""
+    return [[name, base64.b64encode(value).decode("ascii")] for name, value in pairs]
+
+
+def attribute_values_from_wire(values):
+    """The [(name, bytes)] that attribute_values_to_wire made."""
+    return [(name, base64.b64decode(value.encode("ascii"))) for name, value in values]
+
+
 # The walk --------------------------------------------------------------------------------
 
 def file_digest(path):
@@ -1643,8 +1795,9 @@ def make_entry(abs_path, rel_path, info, options):
             digest = file_digest(abs_path)
         except OSError as error:
             return Entry(rel_path, "f", error="cannot read: %s" % error.strerror)
+    acl, xattr = attribute_fingerprints(abs_path, kind, info, options)
     return Entry(rel_path, kind, size, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
-                 info.st_ino, info.st_ctime_ns, link, digest, "")
+                 info.st_ino, info.st_ctime_ns, link, digest, "", acl, xattr)
 
 
 def walk_tree(root, path_filter, options):
