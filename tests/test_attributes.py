@@ -259,3 +259,39 @@ def test_scan_makes_xattr_calls_only_when_acl_or_xattr_is_preserved(pair, tmp_pa
     both_calls = traced_calls(ATTRS_ON)
     assert len([line for line in both_calls if "listxattr(" in line]) >= 2 * 31, both_calls[:5]
 
+
+
+# A hostile agent's read_attributes reply (the target is the source of an xattr update of
+# the initiator): refused before anything is set on the initiator.
+ATTRIBUTE_LIES = {
+    "system-namespace": ('answer[1] = answer[1] + [["system.posix_acl_access", "AgAAAA=="]]', "not an extended"),
+    "other-values": ('answer[1] = [["user.note", "b3RoZXI="]]', "not the ones its scan showed"),
+    "not-base64": ('answer[1] = [[name, "***"] for name, _ in answer[1]]', "not base64"),
+    "not-asked-acl": ('answer[0] = []', "not asked for"),
+    "too-many": ('answer[1] = [["user.n%d" % n, ""] for n in range(5000)]', "at most"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTRIBUTE_LIES))
+def test_attribute_values_an_agent_lies_about_end_the_run(pair, case):
+    if not pair.kind.startswith("remote"):
+        pytest.skip("the hostile agent needs a remote target")
+    from test_hostile_agent import assert_refused, hostile_python
+    put(pair.initiator, "f", "f")
+    pair.run(env=ATTRS_ON, expect=0)
+    tool("setfattr", "-n", "user.note", "-v", "from the target", pair.target / "f")
+    before = attributes(pair.initiator / "f")
+    body, words = ATTRIBUTE_LIES[case]
+    patch = ("_real_read_attributes = LocalReplica.read_attributes\n"
+             "def _lying_read_attributes(self, items, options):\n"
+             "    answers = _real_read_attributes(self, items, options)\n"
+             "    for answer in answers:\n"
+             "        %s\n"
+             "    return answers\n"
+             "LocalReplica.read_attributes = _lying_read_attributes\n" % body)
+    r = pair.run(env=dict(ATTRS_ON, REMOTE_PYTHON=hostile_python(pair, patch)))
+    assert_refused(r, words=[words])
+    assert attributes(pair.initiator / "f") == before
+    # Nothing recorded: the honest run after it carries the change over.
+    pair.run(env=ATTRS_ON, expect=0)
+    assert os.getxattr(str(pair.initiator / "f"), "user.note") == b"from the target"
