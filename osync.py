@@ -4628,8 +4628,14 @@ class Executor(object):
                                                                   decision.now(destination))
             acl = source_attrs[3] if source_attrs[3] != destination_attrs[3] else None
             xattr = source_attrs[4] if source_attrs[4] != destination_attrs[4] else None
+            why = ""
+            if decision.reason == WON_NEWER:
+                why = "%s; the %s's newer change wins" % (decision.note, decision.source)
+            elif decision.reason == WON_PREVALENCE:
+                why = "%s; the %s's wins (changed at the same time, CONFLICT_PREVALANCE=%s)" % (
+                    decision.note, decision.source, self.policy.prevalence)
             self.lists[("attrs", destination)].add([decision.path, to_wire(decision.now(destination)), mode,
-                                                     uid, gid, acl, xattr, decision.note])
+                                                     uid, gid, acl, xattr, why])
 
     def _count_entries(self, pair):
         for side, entry in zip(("initiator", "target"), pair):
@@ -4937,8 +4943,8 @@ class Executor(object):
             if item[6] is not None:
                 parts.append("xattrs " + (shown_xattrs(attribute_values_from_wire(xattrs)) if xattrs is not None
                                           else old.xattr))
-            notices[path] = ("Attributes of %s %s; the %s's newer change wins and the %s's are replaced: %s."
-                             % (path, item[7], OTHER_SIDE[destination], destination, "; ".join(parts)))
+            notices[path] = ("Attributes of %s %s, and the %s's are replaced: %s."
+                             % (path, item[7], destination, "; ".join(parts)))
         return notices
 
     def settle_all(self, stamp, multiple, items_of):

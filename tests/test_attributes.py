@@ -143,9 +143,9 @@ def test_both_sides_changed_the_newer_change_wins_and_the_older_is_logged(pair):
     notices = [line for line in log.splitlines() if "changed on both replicas" in line]
     assert len(notices) == 3, log
     by_path = dict((re.search(r"Attributes of (\S+) ", line).group(1), line) for line in notices)
-    assert "the target's newer change wins and the initiator's are replaced" in by_path["f"], by_path
+    assert "the target's newer change wins, and the initiator's are replaced" in by_path["f"], by_path
     assert "user.note=older" in by_path["f"], by_path
-    assert "the initiator's newer change wins and the target's are replaced" in by_path["g"], by_path
+    assert "the initiator's newer change wins, and the target's are replaced" in by_path["g"], by_path
     assert "user:1234:rw-" in by_path["g"], by_path      # the target's ACL that was replaced
     assert "default user::rwx,user:1234:r-x" in by_path["d"], by_path
 
