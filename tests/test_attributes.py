@@ -295,3 +295,61 @@ def test_attribute_values_an_agent_lies_about_end_the_run(pair, case):
     # Nothing recorded: the honest run after it carries the change over.
     pair.run(env=ATTRS_ON, expect=0)
     assert os.getxattr(str(pair.initiator / "f"), "user.note") == b"from the target"
+
+
+# -- the planner's attribute rules alone ------------------------------------------------------
+
+def planned(previous, initiator, target, **policy):
+    """The one decision for path "a" (initiator, target: entries or None)."""
+    import osync
+    records = [("a", previous[0], previous[1])] if previous else []
+    decisions = list(osync.plan(iter(records), iter([initiator]), iter([target]), osync.Policy(**policy)))
+    return decisions[0]
+
+
+def entry(acl="", xattr="", ctime=100, kind="f"):
+    import osync
+    return osync.Entry("a", kind, 3, 100 * 10 ** 9, 0o644, 0, 0, 1, ctime * 10 ** 9, acl=acl, xattr=xattr)
+
+
+@pytest.mark.parametrize("preserved", ["acl", "xattr"])
+def test_planner_attribute_sets(preserved):
+    import osync
+    on = {preserved: True}
+
+    def both(fingerprint, ctime=100):
+        return entry(ctime=ctime, **{preserved: fingerprint})
+
+    # Changed on one side only: that side's set travels, whichever changed later.
+    decision = planned((both("aaaa"), both("aaaa")), both("aaaa", ctime=900), both("bbbb", ctime=200), **on)
+    assert (decision.action, decision.source, decision.reason) == (osync.ATTRS, "target", osync.WON_ONLY_CHANGED)
+    # Both changed: the newer change (ctime) wins, and the executor is told why.
+    decision = planned((both("aaaa"), both("aaaa")), both("cccc", ctime=300), both("bbbb", ctime=200), **on)
+    assert (decision.action, decision.source, decision.reason) == (osync.ATTRS, "initiator", osync.WON_NEWER)
+    assert decision.note == "changed on both replicas"
+    # Not tracked in the state (the setting was off): the same set now is no change.
+    assert planned((both(""), both("")), both("aaaa"), both("aaaa"), **on).action == osync.NOTHING
+    # Turned off: sets that differ are not looked at.
+    assert planned((both("aaaa"), both("aaaa")), both(""), both(""), **{preserved: False}).action == osync.NOTHING
+    assert planned((both("aaaa"), both("aaaa")), both("aaaa"), both("bbbb"), **{preserved: False}).action \
+        == osync.NOTHING
+    # A filesystem that cannot hold them on one side: never a difference.
+    assert planned((both("aaaa"), both("aaaa")), both("cccc"), both(osync.ATTRIBUTES_UNSUPPORTED),
+                   **on).action == osync.NOTHING
+    # ACLs do not apply to links; a link's own xattrs do.
+    link = dict(kind="l", ctime=300, **{preserved: "cccc"})
+    decision = planned((entry(kind="l", **{preserved: "aaaa"}), entry(kind="l", **{preserved: "aaaa"})),
+                       entry(**link), entry(kind="l", **{preserved: "aaaa"}), **on)
+    assert decision.action == (osync.ATTRS if preserved == "xattr" else osync.NOTHING)
+
+
+def test_old_state_lines_read_with_untracked_sets(tmp_path):
+    """A state line written before the acl and xattr fields existed reads with both empty."""
+    import json
+    import osync
+    path = tmp_path / "state"
+    header = {"format": osync.STATE_FORMAT, "version": 1}
+    old_fields = ["f", 3, 100, 0o644, 0, 0, 1, 100, "", "", ""]
+    path.write_text(json.dumps(header) + "\n" + json.dumps(["a", old_fields, old_fields]) + "\n")
+    [(rel_path, initiator, target)] = list(osync.read_state(str(path)))
+    assert (initiator.acl, initiator.xattr, target.acl, target.xattr) == ("", "", "", "")
