@@ -5532,15 +5532,17 @@ class SyncRun(object):
         for entry in entries:
             if side not in self.attributes_warned and ATTRIBUTES_UNSUPPORTED in (entry.acl, entry.xattr):
                 self.attributes_warned.add(side)
-                missing = []
+                missing, keys = [], []
                 if entry.acl == ATTRIBUTES_UNSUPPORTED:
                     missing.append("ACLs (PRESERVE_ACL)")
+                    keys.append("PRESERVE_ACL=no")
                 if entry.xattr == ATTRIBUTES_UNSUPPORTED:
                     missing.append("extended attributes (PRESERVE_XATTR)")
-                what = " and ".join(missing)
+                    keys.append("PRESERVE_XATTR=no")
                 self.out.warn("The filesystem of %s on the %s replica %s cannot hold %s: they are not synced to or "
-                              "from the items there, the rest is. Turn the setting off to silence this warning."
-                              % (entry.path, side, self.replicas[side].display, what))
+                              "from the items on it, everything else is (set %s for this task to silence this "
+                              "warning)." % (entry.path, side, self.replicas[side].display, " and ".join(missing),
+                                             " and ".join(keys)))
             yield entry
 
     def state_path(self):
