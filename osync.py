@@ -16,6 +16,7 @@ planner, executor, run and command line.
 """
 
 import argparse
+import base64
 import codecs
 import collections
 import errno
@@ -1605,10 +1606,11 @@ def transcode(value, convert):
 # Every field of an Entry in its order, with its default: the one list that the class,
 # the state lines, the wire form and the checks of what an agent sends derive from.
 # The whole numbers are the lstat figures (nlink: how many hard links a file has, 0 for
-# anything else); link, digest and error are texts.
+# anything else); link, digest and error are texts; acl and xattr are fingerprints of the
+# ACL and extended attribute sets (see attribute_fingerprints).
 ENTRY_FIELDS = (("path", None), ("kind", None), ("size", 0), ("mtime_ns", 0), ("mode", 0), ("uid", 0),
                 ("gid", 0), ("ino", 0), ("ctime_ns", 0), ("link", ""), ("digest", ""), ("error", ""),
-                ("nlink", 0))
+                ("nlink", 0), ("acl", ""), ("xattr", ""))
 
 
 class Entry(collections.namedtuple("Entry", [name for name, _ in ENTRY_FIELDS])):
@@ -1803,6 +1805,220 @@ class PathFilter(object):
         return False
 
 
+# ACLs and extended attributes ------------------------------------------------------------
+# With PRESERVE_ACL / PRESERVE_XATTR the scan records a fingerprint of each item's ACL set
+# and of its extended attribute set, so that a change of either alone is seen and synced
+# while the state stays small; with both off the scan makes no xattr call at all.  An
+# empty fingerprint means "not tracked" (the setting was off, or ACLs of a link) and
+# ATTRIBUTES_UNSUPPORTED "this filesystem cannot hold them": neither is read as a change.
+# On Linux the ACLs are the xattrs system.posix_acl_access and (directories)
+# system.posix_acl_default; the values travel as they are, as rsync -A -X sends them.
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+ATTRIBUTES_UNSUPPORTED = "-"
+ATTRIBUTE_FINGERPRINT_SIZE = 10
+UNSUPPORTED_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP") if hasattr(errno, name))
+ENODATA = getattr(errno, "ENODATA", getattr(errno, "ENOATTR", 61))
+RSYNC_PRIVATE_XATTRS = "user.rsync.%"   # rsync's own (--fake-super): a single -X never copies them
+XATTR_PROBE_NAME = "user.osync.probe"
+ATTRIBUTE_BYTES_LIMIT = 256 * 1024       # the values of one set of one item (Linux: 64 KiB a value)
+ATTRIBUTE_COUNT_LIMIT = 4096             # names in one set
+
+# st_dev -> whether that filesystem takes user.* xattrs, probed once per process on the
+# first item without any xattr (listxattr answers an empty list even where none can be set).
+_user_xattr_support = {}
+
+
+def acl_names(kind):
+    """The xattrs that hold an item's POSIX ACLs; links have none."""
+    if kind == "d":
+        return (ACL_ACCESS, ACL_DEFAULT)
+    if kind == "f":
+        return (ACL_ACCESS,)
+    return ()
+
+
+def xattr_synced(name, all_namespaces):
+    """Is `name` one of the xattrs rsync -X copies?  As root every namespace but system.*
+    (the ACLs, which are -A's); otherwise user.* only (rsync's man page); never rsync's
+    own user.rsync.%* names.  `all_namespaces` holds only when both replicas run as root:
+    what one side could not set would otherwise differ on every run."""
+    if name.startswith(RSYNC_PRIVATE_XATTRS):
+        return False
+    if all_namespaces:
+        return not name.startswith("system.")
+    return name.startswith("user.")
+
+
+def read_acls(abs_path, kind):
+    """[(name, value bytes)] of the ACL xattrs an item has (a link shown as its target,
+    with COPY_SYMLINKS, has the target's)."""
+    pairs = []
+    for name in acl_names(kind):
+        try:
+            pairs.append((name, os.getxattr(abs_path, name)))
+        except OSError as error:
+            if error.errno != ENODATA:
+                raise
+    return pairs
+
+
+def read_xattrs(abs_path, kind, device, options):
+    """[(name, value bytes)] of the synced xattrs of an item, sorted by name; a link's own,
+    never its target's.  Raises OSError(EOPNOTSUPP) where the filesystem holds none."""
+    if not hasattr(os, "listxattr"):
+        raise OSError(errno.EOPNOTSUPP, "extended attributes are not supported here")
+    follow = kind != "l"
+    names = os.listxattr(abs_path, follow_symlinks=follow)
+    all_namespaces = bool(options.get("xattr_all"))
+    pairs = []
+    for name in sorted(names, key=os.fsencode):
+        if not xattr_synced(name, all_namespaces):
+            continue
+        try:
+            pairs.append((name, os.getxattr(abs_path, name, follow_symlinks=follow)))
+        except OSError as error:
+            if error.errno != ENODATA:   # removed since the listing: not there
+                raise
+    if not names and follow and not user_xattrs_supported(abs_path, device):
+        raise OSError(errno.EOPNOTSUPP, "extended attributes are not supported here")
+    return pairs
+
+
+def user_xattrs_supported(abs_path, device):
+    """Does the filesystem of abs_path (st_dev `device`) take user.* xattrs?"""
+    if device not in _user_xattr_support:
+        try:
+            os.getxattr(abs_path, XATTR_PROBE_NAME)
+            supported = True
+        except OSError as error:
+            if error.errno not in UNSUPPORTED_ERRNOS and error.errno != ENODATA:
+                return True   # not known (no permission): assume it does, ask again later
+            supported = error.errno == ENODATA
+        _user_xattr_support[device] = supported
+    return _user_xattr_support[device]
+
+
+def attribute_fingerprint(pairs):
+    """A short hex digest of a set of (name, value bytes): equal sets, equal digests."""
+    digest = hashlib.blake2b(digest_size=ATTRIBUTE_FINGERPRINT_SIZE)
+    for name, value in sorted(pairs, key=lambda pair: os.fsencode(pair[0])):
+        encoded = os.fsencode(name)
+        digest.update(struct.pack(">II", len(encoded), len(value)) + encoded + value)
+    return digest.hexdigest()
+
+
+def read_attribute_sets(abs_path, kind, device, options, acl, xattr):
+    """(ACL pairs, xattr pairs) of an item, each None where not wanted or not tracked,
+    ATTRIBUTES_UNSUPPORTED where the filesystem cannot hold them."""
+    acls = xattrs = None
+    if acl and kind in ("f", "d"):
+        acls = _attribute_set(read_acls, abs_path, kind)
+    if xattr and kind in ("f", "d", "l"):
+        xattrs = _attribute_set(read_xattrs, abs_path, kind, device, options)
+    return acls, xattrs
+
+
+def _attribute_set(reader, *args):
+    try:
+        return reader(*args)
+    except OSError as error:
+        if error.errno in UNSUPPORTED_ERRNOS:
+            return ATTRIBUTES_UNSUPPORTED
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return None   # this user may not read them: not tracked (rsync cannot copy them either)
+        raise
+
+
+def attribute_fingerprints(abs_path, kind, info, options):
+    """(acl, xattr) fingerprints of an item for its Entry, "" where not tracked."""
+    if not options.get("acl") and not options.get("xattr"):
+        return "", ""
+    fingerprints = []
+    for pairs in read_attribute_sets(abs_path, kind, info.st_dev, options, options.get("acl"), options.get("xattr")):
+        if pairs is None:
+            fingerprints.append("")
+        elif pairs == ATTRIBUTES_UNSUPPORTED:
+            fingerprints.append(ATTRIBUTES_UNSUPPORTED)
+        else:
+            fingerprints.append(attribute_fingerprint(pairs))
+    return tuple(fingerprints)
+
+
+def attribute_values_to_wire(pairs):
+    """[(name, bytes)] as JSON-able [name, base64 text] lists."""
+    return [[name, base64.b64encode(value).decode("ascii")] for name, value in pairs]
+
+
+def attribute_values_from_wire(values):
+    """The [(name, bytes)] that attribute_values_to_wire made."""
+    return [(name, base64.b64decode(value.encode("ascii"))) for name, value in values]
+
+
+def apply_acls(abs_path, kind, pairs):
+    """Give an item exactly the ACLs `pairs` (absent ones removed)."""
+    wanted = dict(pairs)
+    for name in wanted:
+        if name not in acl_names(kind):
+            raise OSError(errno.EINVAL, "%s is not an ACL of a %s" % (name, KIND_NAMES.get(kind, "item")))
+    for name in acl_names(kind):
+        if name in wanted:
+            os.setxattr(abs_path, name, wanted[name])
+        else:
+            _remove_xattr(abs_path, name, True)
+
+
+def apply_xattrs(abs_path, kind, pairs, options):
+    """Give an item exactly the synced xattrs `pairs`: those it has that are not among
+    them are removed; a link's own, never its target's."""
+    all_namespaces = bool(options.get("xattr_all"))
+    follow = kind != "l"
+    wanted = dict(pairs)
+    for name in wanted:
+        if not xattr_synced(name, all_namespaces):
+            raise OSError(errno.EPERM, "%s is not an extended attribute this replica syncs" % name)
+    for name in os.listxattr(abs_path, follow_symlinks=follow):
+        if xattr_synced(name, all_namespaces) and name not in wanted:
+            _remove_xattr(abs_path, name, follow)
+    for name, value in sorted(wanted.items()):
+        os.setxattr(abs_path, name, value, follow_symlinks=follow)
+
+
+def _remove_xattr(abs_path, name, follow):
+    try:
+        os.removexattr(abs_path, name, follow_symlinks=follow)
+    except OSError as error:
+        if error.errno != ENODATA:
+            raise
+
+
+ACL_TAGS = {0x01: "user::", 0x02: "user:%d:", 0x04: "group::", 0x08: "group:%d:", 0x10: "mask::",
+            0x20: "other::"}
+
+
+def shown_acls(pairs):
+    """ACL xattr values as getfacl would show them, for a notice."""
+    shown = []
+    for name, value in pairs:
+        entries = []
+        for offset in range(4, len(value) - 7, 8):
+            tag, permissions, owner = struct.unpack_from("<HHI", value, offset)
+            bits = "".join(letter if permissions & bit else "-" for letter, bit in (("r", 4), ("w", 2), ("x", 1)))
+            label = ACL_TAGS.get(tag, "tag %d:" % tag)
+            entries.append((label % owner if "%d" in label else label) + bits)
+        shown.append("%s %s" % ("default" if name == ACL_DEFAULT else "access", ",".join(entries)))
+    return "; ".join(shown) if shown else "none (the mode only)"
+
+
+def shown_xattrs(pairs):
+    """xattr names and values, for a notice."""
+    if not pairs:
+        return "none"
+    return ", ".join("%s=%s" % (name, printable(value.decode("utf-8", "backslashreplace"), 80))
+                     for name, value in pairs)
+
+
 # The walk --------------------------------------------------------------------------------
 
 # A test hook: with _OSYNC_DIGEST_LOG set to a file name, every digest appends the path
@@ -1879,8 +2095,9 @@ def make_entry(abs_path, rel_path, info, options):
             digest = file_digest(abs_path)
         except OSError as error:
             return Entry(rel_path, "f", error="cannot read: %s" % error.strerror)
+    acl, xattr = attribute_fingerprints(abs_path, kind, info, options)
     return Entry(rel_path, kind, size, info.st_mtime_ns, stat.S_IMODE(mode), info.st_uid, info.st_gid,
-                 info.st_ino, info.st_ctime_ns, link, digest, "", info.st_nlink if kind == "f" else 0)
+                 info.st_ino, info.st_ctime_ns, link, digest, "", info.st_nlink if kind == "f" else 0, acl, xattr)
 
 
 def walk_tree(root, path_filter, options):
@@ -2946,12 +3163,18 @@ class LocalReplica(WorkDirLayout):
                 os.mkdir(current, 0o700)
 
     def set_attributes(self, items, options):
-        """Apply [path, expected, mode, uid, gid] (None: leave as is) to unchanged items."""
+        """Apply [path, expected, mode, uid, gid, acls, xattrs] (None: leave as is; acls and
+        xattrs are the whole sets to have, as [name, base64] lists) to items unchanged since
+        the scan, their ACL and xattr sets included."""
         results = []
-        for path, expected, mode, uid, gid in items:
+        for item in items:
+            path, expected, mode, uid, gid = item[:5]
+            acls, xattrs = (list(item[5:7]) + [None, None])[:2]
             expected = from_wire(expected)
             current = self._stat(path, options)
-            if not unchanged_since_scan(expected, current):
+            if not unchanged_since_scan(expected, current) or \
+                    (acls is not None and expected.acl and expected.acl != current.acl) or \
+                    (xattrs is not None and expected.xattr and expected.xattr != current.xattr):
                 results.append(Answer.CHANGED)
                 continue
             try:
@@ -2960,11 +3183,53 @@ class LocalReplica(WorkDirLayout):
                     os.chown(abs_path, -1 if uid is None else uid, -1 if gid is None else gid,
                              follow_symlinks=False)
                 # chmod would follow a link (COPY_SYMLINKS shows it as its target): leave it be
-                if mode is not None and current.kind != "l" and not os.path.islink(abs_path):
+                followed_link = current.kind != "l" and os.path.islink(abs_path)
+                if mode is not None and current.kind != "l" and not followed_link:
                     os.chmod(abs_path, mode)
+                # After chmod: setting an access ACL sets the group bits to its mask, as on the source.
+                if acls is not None and not followed_link:
+                    apply_acls(abs_path, current.kind, attribute_values_from_wire(acls))
+                if xattrs is not None and not followed_link:
+                    apply_xattrs(abs_path, current.kind, attribute_values_from_wire(xattrs), options)
                 results.append(Answer.OK)
             except OSError as error:
                 results.append("%s: %s" % (path, error.strerror))
+        return results
+
+    def read_attributes(self, items, options):
+        """The ACL and xattr sets of [path, acl fingerprint, xattr fingerprint] items (None:
+        not wanted), for an attribute-only update of the other replica: [acls, xattrs] as
+        [name, base64] lists (None where not wanted), Answer.CHANGED where a set is no
+        longer the one the scan saw, or what went wrong."""
+        plain = dict(options, acl=False, xattr=False)
+        results = []
+        for path, acl_expected, xattr_expected in items:
+            current = self._stat(path, plain)
+            if current is None or current.error:
+                results.append(Answer.CHANGED if current is None else "%s: %s" % (path, current.error))
+                continue
+            try:
+                abs_path = self.inside(path)
+                device = os.stat(abs_path, follow_symlinks=current.kind != "l").st_dev
+                sets = read_attribute_sets(abs_path, current.kind, device, options, acl_expected is not None,
+                                           xattr_expected is not None)
+            except OSError as error:
+                results.append("%s: %s" % (path, error.strerror))
+                continue
+            answer = []
+            for pairs, expected in zip(sets, (acl_expected, xattr_expected)):
+                if expected is None:
+                    answer.append(None)
+                elif pairs is None or pairs == ATTRIBUTES_UNSUPPORTED or attribute_fingerprint(pairs) != expected:
+                    answer = Answer.CHANGED
+                    break
+                elif sum(len(value) for _, value in pairs) > ATTRIBUTE_BYTES_LIMIT:
+                    answer = "%s: its ACLs or extended attributes take more than %d bytes" % (
+                        path, ATTRIBUTE_BYTES_LIMIT)
+                    break
+                else:
+                    answer.append(attribute_values_to_wire(pairs))
+            results.append(answer)
         return results
 
     # -- housekeeping -----------------------------------------------------------------------
@@ -3338,6 +3603,61 @@ def one_digest_per_path(paths, answers, host, op):
     return checked
 
 
+def attribute_values_problem(values, is_acl):
+    """Why a set of [name, base64] values from the agent is not a well-formed ACL or xattr
+    set within bounds, or None."""
+    if not isinstance(values, list) or len(values) > ATTRIBUTE_COUNT_LIMIT:
+        return "not a list of at most %d values" % ATTRIBUTE_COUNT_LIMIT
+    names = set()
+    total = 0
+    for pair in values:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)):
+            return "not a [name, value] pair"
+        name, value = pair
+        if is_acl and name not in (ACL_ACCESS, ACL_DEFAULT):
+            return "%s is not an ACL" % shown_path(name)
+        if not is_acl and (not name or "\0" in name or name.startswith("system.") or len(name) > 255):
+            return "%s is not an extended attribute name" % shown_path(name)
+        if name in names:
+            return "%s twice" % shown_path(name)
+        names.add(name)
+        try:
+            total += len(base64.b64decode(value.encode("ascii"), validate=True))
+        except (ValueError, UnicodeError):
+            return "the value of %s is not base64" % shown_path(name)
+        if total > ATTRIBUTE_BYTES_LIMIT:
+            return "more than %d bytes of values" % ATTRIBUTE_BYTES_LIMIT
+    return None
+
+
+def checked_attribute_values(items, answers, host, op):
+    """A read_attributes reply: for each [path, acl fingerprint, xattr fingerprint] asked,
+    a short text, or [acls, xattrs] holding exactly the sets asked for, well formed, within
+    bounds and matching the fingerprints asked for (what the scan saw)."""
+    if not isinstance(answers, list) or len(answers) != len(items):
+        raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+    checked = []
+    for item, answer in zip(items, answers):
+        if isinstance(answer, str):
+            checked.append(printable(answer))
+            continue
+        if not isinstance(answer, list) or len(answer) != 2:
+            raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+        for expected, values, is_acl in ((item[1], answer[0], True), (item[2], answer[1], False)):
+            if (expected is None) != (values is None):
+                raise agent_violation(host, "attribute values for %s that were not asked for" % shown_path(item[0]))
+            if values is None:
+                continue
+            problem = attribute_values_problem(values, is_acl)
+            if problem is None and attribute_fingerprint(attribute_values_from_wire(values)) != expected:
+                problem = "they are not the ones its scan showed"
+            if problem is not None:
+                raise agent_violation(host, "invalid %s values for %s (%s)" % (
+                    "ACL" if is_acl else "extended attribute", shown_path(item[0]), problem))
+        checked.append(answer)
+    return checked
+
+
 # The operations the agent serves, each the LocalReplica method of that name, and how
 # its reply is checked before the run uses it.  A CALL answers with one result, checked
 # by check(result, host, op); a CHUNKED call takes a list as its first argument and is
@@ -3363,6 +3683,7 @@ AGENT_OPERATIONS = {
     "prepare_overwrite": (CHUNKED, one_answer_per_item),
     "remove_paths": (CHUNKED, one_answer_per_item),
     "set_attributes": (CHUNKED, one_answer_per_item),
+    "read_attributes": (CHUNKED, checked_attribute_values),
     "settle_transfers": (CHUNKED, one_answer_per_item),
     "scan": (STREAM, None),
 }
@@ -3977,7 +4298,8 @@ class Policy(object):
     """The settings the planner needs, as plain values."""
 
     def __init__(self, sync_type="", prevalence="initiator", skip_deletion=(), backup_overwrites=True,
-                 permissions=True, executability=True, owner=False, group=False, hardlinks=False):
+                 permissions=True, executability=True, owner=False, group=False, hardlinks=False, acl=False,
+                 xattr=False):
         self.sync_type = sync_type
         self.prevalence = prevalence
         self.skip_deletion = frozenset(skip_deletion)
@@ -3987,13 +4309,18 @@ class Policy(object):
         self.owner = owner
         self.group = group
         self.hardlinks = hardlinks    # PRESERVE_HARDLINKS: leaving a hard-link group is a change
+        self.acl = acl
+        self.xattr = xattr
 
     def attributes(self, entry):
-        """The attributes of an entry that are synced: (mode, uid, gid), None where not.
-        A directory mode without owner x is never synced: it would make the other copy
-        unusable."""
-        if entry is None or entry.kind in ("l", "?"):
-            return (None, None, None)
+        """The attributes of an entry that are synced: (mode, uid, gid, ACL fingerprint,
+        xattr fingerprint), None where not.  A directory mode without owner x is never
+        synced: it would make the other copy unusable.  Of a link only its own xattrs are."""
+        if entry is None or entry.kind == "?":
+            return (None, None, None, None, None)
+        xattr = entry.xattr if self.xattr else None
+        if entry.kind == "l":
+            return (None, None, None, None, xattr)
         if unusable_dir_mode(entry):
             mode = None
         elif self.permissions:
@@ -4002,7 +4329,8 @@ class Policy(object):
             mode = entry.mode & 0o111
         else:
             mode = None
-        return (mode, entry.uid if self.owner else None, entry.gid if self.group else None)
+        return (mode, entry.uid if self.owner else None, entry.gid if self.group else None,
+                entry.acl if self.acl else None, xattr)
 
 
 class Decision(object):
@@ -4126,13 +4454,24 @@ def note_unusable_dir_mode(decision, policy):
             return
 
 
+def attribute_set_tracked(fingerprint):
+    """Does an ACL or xattr fingerprint stand for a set?  "" (not tracked when that entry
+    was recorded: PRESERVE_ACL / PRESERVE_XATTR were off) and ATTRIBUTES_UNSUPPORTED (the
+    filesystem holds none) never count as a change."""
+    return fingerprint not in (None, "", ATTRIBUTES_UNSUPPORTED)
+
+
 def compared_attributes(policy, one, other):
     """policy.attributes of two entries, the mode left out of both when either is a
-    directory mode that is not synced."""
-    one_attrs, other_attrs = policy.attributes(one), policy.attributes(other)
+    directory mode that is not synced, the ACL or xattr fingerprint when either does not
+    stand for a set."""
+    one_attrs, other_attrs = list(policy.attributes(one)), list(policy.attributes(other))
     if unusable_dir_mode(one) or unusable_dir_mode(other):
-        one_attrs, other_attrs = (None,) + one_attrs[1:], (None,) + other_attrs[1:]
-    return one_attrs, other_attrs
+        one_attrs[0] = other_attrs[0] = None
+    for index in (3, 4):
+        if not (attribute_set_tracked(one_attrs[index]) and attribute_set_tracked(other_attrs[index])):
+            one_attrs[index] = other_attrs[index] = None
+    return tuple(one_attrs), tuple(other_attrs)
 
 
 def decide_attributes(decision, policy):
@@ -4150,11 +4489,17 @@ def decide_attributes(decision, policy):
             changed[side] = before_attrs != now_attrs
     if changed["initiator"] != changed["target"]:
         source, reason = ("initiator" if changed["initiator"] else "target"), WON_ONLY_CHANGED
-    elif decision.initiator.ctime_ns != decision.target.ctime_ns:
-        source = "initiator" if decision.initiator.ctime_ns > decision.target.ctime_ns else "target"
-        reason = WON_NEWER
     else:
-        source, reason = policy.prevalence, WON_PREVALENCE
+        if decision.initiator.ctime_ns != decision.target.ctime_ns:
+            source = "initiator" if decision.initiator.ctime_ns > decision.target.ctime_ns else "target"
+            reason = WON_NEWER
+        else:
+            source, reason = policy.prevalence, WON_PREVALENCE
+        # The newer change wins; the executor logs the set it replaces, and why.
+        if changed["initiator"]:
+            decision.note = "changed on both replicas"
+        else:
+            decision.note = "differ on the two replicas and the state does not say which side changed them"
     decision.action = ATTRS
     decision.source = source
     decision.reason = reason
@@ -4719,10 +5064,23 @@ class Executor(object):
                     decision.path, to_wire(decision.now(destination)), decision.backup,
                     decision.now(decision.source).kind])
         elif decision.action == ATTRS:
+            # [path, destination entry, mode, uid, gid, source ACL fingerprint, source xattr
+            # fingerprint, why the newer change won or ""]: an ACL or xattr set travels only where
+            # the two sides' differ; its values are read from the source when it is applied.
             destination = decision.destination()
-            mode, uid, gid = self.policy.attributes(decision.now(decision.source))
+            mode, uid, gid = self.policy.attributes(decision.now(decision.source))[:3]
+            source_attrs, destination_attrs = compared_attributes(self.policy, decision.now(decision.source),
+                                                                  decision.now(destination))
+            acl = source_attrs[3] if source_attrs[3] != destination_attrs[3] else None
+            xattr = source_attrs[4] if source_attrs[4] != destination_attrs[4] else None
+            why = ""
+            if decision.reason == WON_NEWER:
+                why = "%s; the %s's newer change wins" % (decision.note, decision.source)
+            elif decision.reason == WON_PREVALENCE:
+                why = "%s; the %s's wins (changed at the same time, CONFLICT_PREVALANCE=%s)" % (
+                    decision.note, decision.source, self.policy.prevalence)
             self.lists[("attrs", destination)].add([decision.path, to_wire(decision.now(destination)), mode,
-                                                     uid, gid])
+                                                     uid, gid, acl, xattr, why])
 
     def _count_entries(self, pair):
         for side, entry in zip(("initiator", "target"), pair):
@@ -4956,8 +5314,87 @@ class Executor(object):
         for side in OTHER_SIDE:
             replica = self.replicas[side]
             self._apply("attrs", side, self.lists[("attrs", side)],
-                        lambda chunk: replica.set_attributes(chunk, self.options),
+                        lambda chunk: self._set_attributes(side, chunk),
                         "Cannot set the attributes of %s on the %s replica: %s.")
+
+    # ACL and xattr values of this many items at most travel in one message (each set of
+    # one item is at most ATTRIBUTE_BYTES_LIMIT), so a message stays within its limit.
+    ATTRIBUTE_BATCH = 64
+
+    def _set_attributes(self, destination, chunk):
+        """Attribute-only updates of a chunk of the destination's "attrs" list: the ACL and
+        xattr sets that differ are read from the source (still as the scan saw them), the
+        older set of a path changed on both sides is logged, then everything is applied;
+        one answer per item."""
+        source = OTHER_SIDE[destination]
+        answers = []
+        for batch in in_chunks(chunk, self.ATTRIBUTE_BATCH):
+            wanted = [[item[0], item[5], item[6]] for item in batch if item[5] is not None or item[6] is not None]
+            values = {}
+            if wanted:
+                for asked, answer in zip(wanted, self.replicas[source].read_attributes(wanted, self.options)):
+                    values[asked[0]] = answer
+            replaced = self._replaced_attributes(destination, [item for item in batch if item[7]])
+            updates = []
+            for item in batch:
+                answer = values.get(item[0], [None, None])
+                if isinstance(answer, str):
+                    continue
+                updates.append(item[:5] + answer)
+            results = iter(self.replicas[destination].set_attributes(updates, self.options) if updates else ())
+            for item in batch:
+                answer = values.get(item[0], [None, None])
+                if answer == Answer.CHANGED:
+                    # Left for the next run, which sees the source's new set: noted here, as the
+                    # source (not the destination) changed.
+                    self.out.notice("%s changed on the %s during the run; it is left for the next run."
+                                    % (item[0], source))
+                    self.problems[("attrs", destination, item[0])] = Answer.CHANGED
+                    answers.append(Answer.OK)
+                    continue
+                if isinstance(answer, str):
+                    answers.append("cannot read them on the %s: %s" % (source, answer))
+                    continue
+                result = next(results)
+                if result == Answer.OK and item[0] in replaced:
+                    self.out.notice(replaced[item[0]])
+                answers.append(result)
+        return answers
+
+    def _replaced_attributes(self, destination, items):
+        """{path: notice} for the paths whose attributes changed on both sides: the newer
+        change wins, and the notice says what the older one (on `destination`) was."""
+        wanted = []
+        for item in items:
+            old = from_wire(item[1])
+            if item[5] is not None or item[6] is not None:
+                wanted.append([item[0], old.acl if item[5] is not None else None,
+                               old.xattr if item[6] is not None else None])
+        old_sets = {}
+        if wanted:
+            for asked, answer in zip(wanted, self.replicas[destination].read_attributes(wanted, self.options)):
+                if not isinstance(answer, str):
+                    old_sets[asked[0]] = answer
+        notices = {}
+        for item in items:
+            path, old, (mode, uid, gid) = item[0], from_wire(item[1]), item[2:5]
+            parts = []
+            if mode is not None and mode != old.mode:
+                parts.append("mode %04o" % old.mode)
+            if uid is not None and uid != old.uid:
+                parts.append("owner %d" % old.uid)
+            if gid is not None and gid != old.gid:
+                parts.append("group %d" % old.gid)
+            # Changed again meanwhile (then left for the next run anyway): only its fingerprint is known.
+            acls, xattrs = old_sets.get(path, (None, None))
+            if item[5] is not None:
+                parts.append("ACL " + (shown_acls(attribute_values_from_wire(acls)) if acls is not None else old.acl))
+            if item[6] is not None:
+                parts.append("xattrs " + (shown_xattrs(attribute_values_from_wire(xattrs)) if xattrs is not None
+                                          else old.xattr))
+            notices[path] = ("Attributes of %s %s, and the %s's are replaced: %s."
+                             % (path, item[7], destination, "; ".join(parts)))
+        return notices
 
     def settle_all(self, stamp, multiple, items_of):
         """Deal with what the transfers of the run `stamp` replaced, on both replicas."""
@@ -5161,7 +5598,8 @@ class SyncRun(object):
         else:
             self.replicas = {"initiator": make_replica(cfg, "initiator"), "target": make_replica(cfg, "target")}
         self.options = {"copy_links": cfg["COPY_SYMLINKS"], "dir_links": cfg["KEEP_DIRLINKS"],
-                        "checksum": cfg["CHECKSUM"]}
+                        "checksum": cfg["CHECKSUM"], "acl": cfg["PRESERVE_ACL"], "xattr": cfg["PRESERVE_XATTR"]}
+        self.attributes_warned = set()   # replicas told this run that they cannot hold ACLs or xattrs
         self.missing = set()   # sides that do not exist yet (dry run with CREATE_DIRS)
         self.locked = []
         self.sync_id = os.urandom(16).hex()   # given to the state and both markers by this run
@@ -5565,7 +6003,8 @@ class SyncRun(object):
                       skip_deletion=[side for side in cfg["SKIP_DELETION"].split(",") if side],
                       backup_overwrites=cfg["CONFLICT_BACKUP"], permissions=cfg["PRESERVE_PERMISSIONS"],
                       executability=cfg["PRESERVE_EXECUTABILITY"], owner=cfg["PRESERVE_OWNER"] and root,
-                      group=cfg["PRESERVE_GROUP"] and root, hardlinks=cfg["PRESERVE_HARDLINKS"])
+                      group=cfg["PRESERVE_GROUP"] and root, hardlinks=cfg["PRESERVE_HARDLINKS"],
+                      acl=cfg["PRESERVE_ACL"], xattr=cfg["PRESERVE_XATTR"])
 
     def scan(self, side, spec, digests=True):
         """A replica's scan; with digests=False, CHECKSUM's digests are left to
@@ -5573,7 +6012,7 @@ class SyncRun(object):
         if side in self.missing:
             return iter(())
         options = self.options if digests else dict(self.options, checksum=False)
-        return self.replicas[side].scan(spec, options)
+        return self.warn_unsupported_attributes(side, self.replicas[side].scan(spec, options))
 
     def planned(self, previous, spec, policy, spool_dir):
         """The decisions for both scans against `previous`; with CHECKSUM, the digests are
@@ -5593,6 +6032,25 @@ class SyncRun(object):
         self.out.verbose("CHECKSUM read %d files on the initiator and %d on the target; %d unchanged files kept "
                          "the digest of the last run." % (counts.read["initiator"], counts.read["target"],
                                                           counts.reused))
+
+    def warn_unsupported_attributes(self, side, entries):
+        """The scan's entries, passed on; one warning per run and replica whose filesystem
+        cannot hold the ACLs or xattrs that are preserved (the rest of the sync goes on)."""
+        for entry in entries:
+            if side not in self.attributes_warned and ATTRIBUTES_UNSUPPORTED in (entry.acl, entry.xattr):
+                self.attributes_warned.add(side)
+                missing, keys = [], []
+                if entry.acl == ATTRIBUTES_UNSUPPORTED:
+                    missing.append("ACLs (PRESERVE_ACL)")
+                    keys.append("PRESERVE_ACL=no")
+                if entry.xattr == ATTRIBUTES_UNSUPPORTED:
+                    missing.append("extended attributes (PRESERVE_XATTR)")
+                    keys.append("PRESERVE_XATTR=no")
+                self.out.warn("The filesystem of %s on the %s replica %s cannot hold %s: they are not synced to or "
+                              "from the items on it, everything else is (set %s for this task to silence this "
+                              "warning)." % (entry.path, side, self.replicas[side].display, " and ".join(missing),
+                                             " and ".join(keys)))
+            yield entry
 
     def state_path(self):
         return os.path.join(self.replicas["initiator"].state_dir, state_dir_file("state", self.instance))
@@ -5630,6 +6088,8 @@ class SyncRun(object):
         out = self.out
         self.note_resume()
         policy = self.policy(facts)
+        # As rsync -X: every namespace but system.* where both sides run as root, else user.* only.
+        self.options["xattr_all"] = all(side_facts["euid"] == 0 for side_facts in facts.values())
         spool_dir = tempfile.gettempdir() if self.dry else self.replicas["initiator"].temp_dir()
         if not self.dry:
             self.executor(policy).settle_interrupted_transfers(spool_dir)
