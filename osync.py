@@ -4299,7 +4299,7 @@ class Policy(object):
 
     def __init__(self, sync_type="", prevalence="initiator", skip_deletion=(), backup_overwrites=True,
                  permissions=True, executability=True, owner=False, group=False, hardlinks=False, acl=False,
-                 xattr=False):
+                 xattr=False, setuid_kept=True, setgid_kept=True):
         self.sync_type = sync_type
         self.prevalence = prevalence
         self.skip_deletion = frozenset(skip_deletion)
@@ -4311,6 +4311,10 @@ class Policy(object):
         self.hardlinks = hardlinks    # PRESERVE_HARDLINKS: leaving a hard-link group is a change
         self.acl = acl
         self.xattr = xattr
+        # A file's setuid (setgid) bit is synced only with its owner (group): received by
+        # root without them, a setuid program of any user would become root's.
+        self.setuid_kept = setuid_kept
+        self.setgid_kept = setgid_kept
 
     def attributes(self, entry):
         """The attributes of an entry that are synced: (mode, uid, gid, ACL fingerprint,
@@ -4325,6 +4329,10 @@ class Policy(object):
             mode = None
         elif self.permissions:
             mode = entry.mode
+            if entry.kind == "f" and not self.setuid_kept:
+                mode &= ~stat.S_ISUID
+            if entry.kind == "f" and not self.setgid_kept:
+                mode &= ~stat.S_ISGID
         elif self.executability and entry.kind == "f":
             mode = entry.mode & 0o111
         else:
@@ -4830,8 +4838,14 @@ def rsync_command(cfg, source, destination, list_file, verbose, transport=None, 
     argv = [cfg["RSYNC_EXECUTABLE"], "-lt", "-8", "--no-implied-dirs", "--ignore-times", "--from0",
             "--files-from=" + list_file]
     # A directory mode without owner x is not synced (see unusable_dir_mode): a copied
-    # directory always lets its owner in.
-    argv.append("--chmod=Du+x")
+    # directory always lets its owner in.  A file's setuid (setgid) bit travels only with its
+    # owner (group): rsync as root without -o would make any user's setuid program root's.
+    chmod = ["Du+x"]
+    if not cfg["PRESERVE_OWNER"]:
+        chmod.append("Fu-s")
+    if not cfg["PRESERVE_GROUP"]:
+        chmod.append("Fg-s")
+    argv.append("--chmod=" + ",".join(chmod))
     for key, flag in (("PRESERVE_PERMISSIONS", "-p"), ("PRESERVE_OWNER", "-o"), ("PRESERVE_GROUP", "-g"),
                       ("PRESERVE_ACL", "-A"), ("PRESERVE_XATTR", "-X"), ("COPY_SYMLINKS", "-L"),
                       ("KEEP_DIRLINKS", "-K"), ("PRESERVE_HARDLINKS", "-H")):
@@ -6004,7 +6018,8 @@ class SyncRun(object):
                       backup_overwrites=cfg["CONFLICT_BACKUP"], permissions=cfg["PRESERVE_PERMISSIONS"],
                       executability=cfg["PRESERVE_EXECUTABILITY"], owner=cfg["PRESERVE_OWNER"] and root,
                       group=cfg["PRESERVE_GROUP"] and root, hardlinks=cfg["PRESERVE_HARDLINKS"],
-                      acl=cfg["PRESERVE_ACL"], xattr=cfg["PRESERVE_XATTR"])
+                      acl=cfg["PRESERVE_ACL"], xattr=cfg["PRESERVE_XATTR"], setuid_kept=cfg["PRESERVE_OWNER"],
+                      setgid_kept=cfg["PRESERVE_GROUP"])
 
     def scan(self, side, spec, digests=True):
         """A replica's scan; with digests=False, CHECKSUM's digests are left to
