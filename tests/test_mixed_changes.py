@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import osync
 from conftest import T0, chattr_supported, need, put
 
 ATTRS_ON = {"PRESERVE_ACL": "yes", "PRESERVE_XATTR": "yes"}
@@ -242,3 +243,53 @@ def test_only_the_x_bits_travel_without_preserve_permissions(pair):
     # rsync --executability carries the x bits of the source over the destination's mode.
     assert os.lstat(str(pair.initiator / "x-and-edit")).st_mode & 0o111 == 0o101
     pair.assert_converged(env=env)
+
+
+# -- the planner's rule, as a pure function ------------------------------------------------
+
+def planned(previous, initiator, target, **policy):
+    """The planner's one decision for a path."""
+    decisions = list(osync.plan(iter([(previous[0].path,) + tuple(previous)]), iter([initiator]), iter([target]),
+                                osync.Policy(**policy)))
+    assert len(decisions) == 1
+    return decisions[0]
+
+
+def test_the_planner_keeps_the_destination_attributes_in_the_copy_and_the_state():
+    """What the copy carries and what the state records: the edit's content with the
+    attributes of the side whose change wins."""
+    synced = osync.Entry("f", "f", 3, 100 * 10 ** 9, 0o644, 0, 0, 7, 100 * 10 ** 9)
+    edited = synced._replace(size=9, mtime_ns=200 * 10 ** 9, ctime_ns=200 * 10 ** 9)
+    chmodded = synced._replace(mode=0o600, ctime_ns=150 * 10 ** 9)
+
+    decision = planned((synced, synced), edited, chmodded)
+    assert (decision.action, decision.source, decision.attributes_reason) == (osync.COPY, "initiator",
+                                                                                osync.WON_ONLY_CHANGED)
+    assert decision.scanned_source == edited
+    assert decision.initiator == edited._replace(mode=0o600), "the copy carries the target's mode"
+    again = osync.Decision.from_record(decision.record())
+    assert (again.scanned_source, again.initiator) == (decision.scanned_source, decision.initiator)
+    arrived = edited._replace(mode=0o600, ino=8)
+    assert osync.recorded_pair(decision, osync.DONE, arrived) == (edited._replace(mode=0o600), arrived)
+    assert osync.recorded_pair(decision, osync.NOT_WRITTEN) == (synced, synced), "not copied: decided again"
+
+    # Both changed the mode: the newer ctime wins it, the content is the edit's either way.
+    older_edit = edited._replace(mode=0o640, ctime_ns=120 * 10 ** 9)
+    decision = planned((synced, synced), older_edit, chmodded)
+    assert (decision.source, decision.attributes_reason, decision.initiator.mode) == ("initiator", osync.WON_NEWER,
+                                                                                     0o600)
+    assert decision.note == "changed on both replicas"
+    newer_edit = edited._replace(mode=0o640, ctime_ns=180 * 10 ** 9)
+    decision = planned((synced, synced), newer_edit, chmodded)
+    assert (decision.attributes_reason, decision.scanned_source, decision.initiator) == (osync.WON_NEWER, None,
+                                                                                        newer_edit)
+    tie = edited._replace(mode=0o640, ctime_ns=150 * 10 ** 9)
+    decision = planned((synced, synced), tie, chmodded, prevalence="target")
+    assert (decision.attributes_reason, decision.initiator.mode) == (osync.WON_PREVALENCE, 0o600)
+
+    # Without PRESERVE_PERMISSIONS only the x bits are the target's.
+    decision = planned((synced, synced), edited, synced._replace(mode=0o705), permissions=False)
+    assert decision.initiator.mode == 0o745
+    # A mirror takes the source's attributes with its content.
+    decision = planned((synced, synced), edited, chmodded, sync_type="initiator2target")
+    assert (decision.source, decision.attributes_reason, decision.initiator) == ("initiator", "", edited)
