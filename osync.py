@@ -4345,7 +4345,8 @@ class Decision(object):
     """What to do with one path.  `source` is the side whose version is copied (COPY,
     ATTRS); `side` the side where something is deleted (DELETE)."""
     __slots__ = ("path", "prev_initiator", "prev_target", "initiator", "target", "action", "source", "side",
-                 "conflict", "edit_won", "backup", "reason", "note", "warning")
+                 "conflict", "edit_won", "backup", "reason", "note", "warning", "attributes_reason",
+                 "scanned_source")
 
     def __init__(self, path, prev_initiator, prev_target, initiator, target):
         self.path = path
@@ -4362,6 +4363,13 @@ class Decision(object):
         self.reason = ""      # why `source` won (WON_*), for COPY and ATTRS
         self.note = ""
         self.warning = ""     # a sentence for the user about this path, whatever the action
+        # A COPY whose destination's attributes changed since the state too: why the side
+        # whose attributes the copy carries won (WON_*), else "".  When that side is the
+        # destination, `scanned_source` is the source as the scan saw it, and the source's
+        # entry is the merged one it holds once the destination's attributes are set on it
+        # before the transfer (its content, the destination's attributes).
+        self.attributes_reason = ""
+        self.scanned_source = None
 
     def now(self, side):
         return self.initiator if side == "initiator" else self.target
@@ -4402,17 +4410,19 @@ class Decision(object):
         """The decision as a JSON-able list: spooled by the planner and the executor."""
         return [self.path, self.action, self.source, self.side, self.conflict, self.edit_won, self.backup,
                 self.reason, self.note, self.warning, to_wire(self.prev_initiator), to_wire(self.prev_target),
-                to_wire(self.initiator), to_wire(self.target)]
+                to_wire(self.initiator), to_wire(self.target), self.attributes_reason,
+                to_wire(self.scanned_source)]
 
     @classmethod
     def from_record(cls, record):
         (path, action, source, side, conflict, edit_won, backup, reason, note, warning, prev_initiator,
-         prev_target, initiator, target) = record
+         prev_target, initiator, target, attributes_reason, scanned_source) = record
         decision = cls(path, from_wire(prev_initiator), from_wire(prev_target), from_wire(initiator),
                        from_wire(target))
         decision.action, decision.source, decision.side = action, source, side
         decision.conflict, decision.edit_won, decision.backup = conflict, edit_won, backup
         decision.reason, decision.note, decision.warning = reason, note, warning
+        decision.attributes_reason, decision.scanned_source = attributes_reason, from_wire(scanned_source)
         return decision
 
     def __repr__(self):
@@ -4514,6 +4524,67 @@ def decide_attributes(decision, policy):
     return decision
 
 
+def attributes_changed(policy, before, now):
+    """Did the synced attributes of an item change since the state recorded it?  Not
+    when the state says nothing (no entry, or an osync.sh list)."""
+    if before is None or now is None or before.kind == "?":
+        return False
+    before_attrs, now_attrs = compared_attributes(policy, before, now)
+    return before_attrs != now_attrs
+
+
+def with_attributes_of(policy, entry, other):
+    """`entry` with the synced attributes of `other` (same kind): what `entry` holds once
+    they are set on it.  With only PRESERVE_EXECUTABILITY just the x bits are taken."""
+    entry_attrs, other_attrs = compared_attributes(policy, entry, other)
+    fields = {}
+    if entry_attrs[0] != other_attrs[0]:
+        if policy.permissions:
+            fields["mode"] = other.mode
+        else:
+            fields["mode"] = (entry.mode & ~0o111) | (other.mode & 0o111)
+    for index, name in ((1, "uid"), (2, "gid"), (3, "acl"), (4, "xattr")):
+        if entry_attrs[index] != other_attrs[index]:
+            fields[name] = getattr(other, name)
+    return entry._replace(**fields)
+
+
+def decide_copied_attributes(decision, policy):
+    """A copy of content changed on its source only: rsync carries the source's
+    attributes, which would revert a change of the destination's attributes made since
+    the state (chmod, chown, setfacl, setfattr).  That change is kept: when only the
+    destination changed its attributes they win; when both sides did, the newer change
+    (ctime) wins, CONFLICT_PREVALANCE on a tie.  The content is the source's either way.
+    The destination's winning attributes are set on the source before the transfer, so
+    the copy carries them; the source's entry becomes that merged one."""
+    source = decision.source
+    destination = OTHER_SIDE[source]
+    sent, kept = decision.now(source), decision.now(destination)
+    if kept is None or kept.kind != sent.kind or kept.kind in ("?", "d"):
+        return decision
+    sent_attrs, kept_attrs = compared_attributes(policy, sent, kept)
+    if sent_attrs == kept_attrs or not attributes_changed(policy, decision.before(destination), kept):
+        return decision
+    if not attributes_changed(policy, decision.before(source), sent):
+        winner, reason = destination, WON_ONLY_CHANGED
+    else:
+        decision.note = "changed on both replicas"
+        if kept.ctime_ns != sent.ctime_ns:
+            winner = destination if kept.ctime_ns > sent.ctime_ns else source
+            reason = WON_NEWER
+        else:
+            winner, reason = policy.prevalence, WON_PREVALENCE
+    decision.attributes_reason = reason
+    if winner == destination:
+        decision.scanned_source = sent
+        merged = with_attributes_of(policy, sent, kept)
+        if source == "initiator":
+            decision.initiator = merged
+        else:
+            decision.target = merged
+    return decision
+
+
 def decide_two_way(decision, policy):
     """The rules of DESIGN §3 for one path."""
     initiator, target = decision.initiator, decision.target
@@ -4538,7 +4609,8 @@ def decide_two_way(decision, policy):
         if status["initiator"] == SAME and status["target"] == SAME and not legacy:
             return decide_attributes(decision, policy)
         if len(modified) == 1:
-            return decision.copy(modified[0], policy, WON_ONLY_CHANGED)
+            decision.copy(modified[0], policy, WON_ONLY_CHANGED)
+            return decide_copied_attributes(decision, policy)
         winner, reason = newer_side(initiator, target, policy)
         return decision.copy(winner, policy, reason, conflict=True)
     if initiator is None and target is None:
@@ -5000,7 +5072,7 @@ class Executor(object):
         generator, to be consumed once) and the outcome."""
         self.spool_dir = spool_dir
         self.spool = WorkList(spool_dir)
-        for step in ("remove", "overwrite", "attrs"):
+        for step in ("remove", "overwrite", "attrs", "attrs-before-copy", "copy-replaces-attrs"):
             for side in OTHER_SIDE:
                 self.lists[(step, side)] = WorkList(spool_dir)
         actions = 0
@@ -5077,24 +5149,47 @@ class Executor(object):
                 self.lists[("overwrite", destination)].add([
                     decision.path, to_wire(decision.now(destination)), decision.backup,
                     decision.now(decision.source).kind])
+            if decision.scanned_source is not None:
+                # The destination's attributes win: set on the source before the transfer,
+                # which then carries them back with the source's content.
+                self.lists[("attrs-before-copy", decision.source)].add(self._attributes_item(
+                    decision.path, decision.now(destination), decision.scanned_source,
+                    self._attributes_why(decision, destination, decision.attributes_reason)))
+            elif decision.attributes_reason:
+                # Both changed them, the source's newer change wins: the copy replaces the
+                # destination's set, which is logged before.
+                self.lists[("copy-replaces-attrs", destination)].add(self._attributes_item(
+                    decision.path, decision.now(decision.source), decision.now(destination),
+                    self._attributes_why(decision, decision.source, decision.attributes_reason)))
         elif decision.action == ATTRS:
-            # [path, destination entry, mode, uid, gid, source ACL fingerprint, source xattr
-            # fingerprint, why the newer change won or ""]: an ACL or xattr set travels only where
-            # the two sides' differ; its values are read from the source when it is applied.
             destination = decision.destination()
-            mode, uid, gid = self.policy.attributes(decision.now(decision.source))[:3]
-            source_attrs, destination_attrs = compared_attributes(self.policy, decision.now(decision.source),
-                                                                  decision.now(destination))
-            acl = source_attrs[3] if source_attrs[3] != destination_attrs[3] else None
-            xattr = source_attrs[4] if source_attrs[4] != destination_attrs[4] else None
-            why = ""
-            if decision.reason == WON_NEWER:
-                why = "%s; the %s's newer change wins" % (decision.note, decision.source)
-            elif decision.reason == WON_PREVALENCE:
-                why = "%s; the %s's wins (changed at the same time, CONFLICT_PREVALANCE=%s)" % (
-                    decision.note, decision.source, self.policy.prevalence)
-            self.lists[("attrs", destination)].add([decision.path, to_wire(decision.now(destination)), mode,
-                                                     uid, gid, acl, xattr, why])
+            self.lists[("attrs", destination)].add(self._attributes_item(
+                decision.path, decision.now(decision.source), decision.now(destination),
+                self._attributes_why(decision, decision.source, decision.reason)))
+
+    def _attributes_item(self, path, winner, loser, why):
+        """An item of an "attrs" list, to give `loser` (an entry of the side it is set on)
+        the synced attributes of `winner` (the other side's): [path, loser entry, mode, uid,
+        gid, winner's ACL fingerprint, winner's xattr fingerprint, why the newer change won or
+        ""].  An ACL or xattr set travels only where the two sides' differ; its values are
+        read from the winner's side when it is applied."""
+        mode, uid, gid = self.policy.attributes(winner)[:3]
+        if mode is not None and not self.policy.permissions:
+            mode = (loser.mode & ~0o111) | mode     # PRESERVE_EXECUTABILITY only: just the x bits
+        winner_attrs, loser_attrs = compared_attributes(self.policy, winner, loser)
+        acl = winner_attrs[3] if winner_attrs[3] != loser_attrs[3] else None
+        xattr = winner_attrs[4] if winner_attrs[4] != loser_attrs[4] else None
+        return [path, to_wire(loser), mode, uid, gid, acl, xattr, why]
+
+    def _attributes_why(self, decision, winner, reason):
+        """Why the attributes of `winner` replace those of a path changed on both sides
+        (for the log), "" when only one side changed them."""
+        if reason == WON_NEWER:
+            return "%s; the %s's newer change wins" % (decision.note, winner)
+        if reason == WON_PREVALENCE:
+            return "%s; the %s's wins (changed at the same time, CONFLICT_PREVALANCE=%s)" % (
+                decision.note, winner, self.policy.prevalence)
+        return ""
 
     def _count_entries(self, pair):
         for side, entry in zip(("initiator", "target"), pair):
@@ -5314,9 +5409,12 @@ class Executor(object):
             self._apply("remove", side, children_first(self.lists[("remove", side)]),
                         lambda chunk: replica.remove_paths(chunk, soft, self.stamp, multiple, self.options),
                         "Cannot delete %s on the %s replica: %s.")
+        self._attributes_before_copies()
         for side in OTHER_SIDE:
             replica = self.replicas[side]
-            self._apply("overwrite", side, self.lists[("overwrite", side)],
+            still_copied = (item for item in self.lists[("overwrite", side)]
+                            if ("overwrite", side, item[0]) not in self.problems)
+            self._apply("overwrite", side, still_copied,
                         lambda chunk: replica.prepare_overwrite(chunk, self.stamp, multiple, self.options),
                         "Cannot replace %s on the %s replica: %s.")
         journal = self.write_transfer_journal(multiple)
@@ -5330,6 +5428,28 @@ class Executor(object):
             self._apply("attrs", side, self.lists[("attrs", side)],
                         lambda chunk: self._set_attributes(side, chunk),
                         "Cannot set the attributes of %s on the %s replica: %s.")
+
+    def _attributes_before_copies(self):
+        """Before any transfer: log the attribute sets that copies replace although they
+        changed on both sides, and set the destination's winning attributes on the source
+        of each copy that must carry them.  Where that cannot be done (the source or the
+        destination changed since the scan, an error) the copy is not made either: the
+        path stays as it is on both sides, and the next run sees both changes again."""
+        for side in OTHER_SIDE:
+            for batch in in_chunks(self.lists[("copy-replaces-attrs", side)], self.ATTRIBUTE_BATCH):
+                notices = self._replaced_attributes(side, batch)
+                for item in batch:
+                    if item[0] in notices:
+                        self.out.notice(notices[item[0]])
+        for source in OTHER_SIDE:
+            self._apply("attrs", source, self.lists[("attrs-before-copy", source)],
+                        lambda chunk: self._set_attributes(source, chunk),
+                        "Cannot set the attributes of %s on the %s replica before copying it: %s.")
+            destination = OTHER_SIDE[source]
+            for item in self.lists[("attrs-before-copy", source)]:
+                problem = self.problems.get(("attrs", source, item[0]))
+                if problem is not None:
+                    self.problems[("overwrite", destination, item[0])] = problem
 
     # ACL and xattr values of this many items at most travel in one message (each set of
     # one item is at most ATTRIBUTE_BYTES_LIMIT), so a message stays within its limit.
