@@ -1435,6 +1435,50 @@ def read_tail(stderr_file, limit=600):
     return one_line(text, limit)
 
 
+# Hook commands (LOCAL_/REMOTE_RUN_BEFORE/AFTER_CMD) are shell command lines, as osync
+# v1.3 eval'd them in bash: they are the one place where osync.py runs a shell string,
+# because the user wrote it for a shell.  How much of their output is kept for the log:
+HOOK_OUTPUT_LIMIT = 16384
+
+
+def hook_shell():
+    """The shell a hook command line is given to: bash, as osync v1.3 ran it, else sh."""
+    return shutil.which("bash") or "/bin/sh"
+
+
+def run_shell_command(command, timeout):
+    """Run a hook's command line; return (exit code, killed at the limit, output).
+
+    stdout and stderr go to one temp file, and only the shell itself is waited for, so a
+    job the command leaves in the background does not hold the run (as under osync).  At
+    `timeout` seconds (0: none) the command's whole process group is killed, children
+    included.  The output kept is its last HOOK_OUTPUT_LIMIT bytes."""
+    with tempfile.TemporaryFile() as output:
+        try:
+            process = CHILDREN.start([hook_shell(), "-c", command], stdin=subprocess.DEVNULL, stdout=output,
+                                     stderr=subprocess.STDOUT)
+        except OSError as error:
+            return 127, False, "%s: %s" % (hook_shell(), error.strerror)
+        killed = False
+        try:
+            process.wait(timeout=timeout or None)
+        except subprocess.TimeoutExpired:
+            killed = True
+            kill_process_group(process, grace=2.0)
+        except BaseException:
+            kill_process_group(process, grace=2.0)
+            raise
+        finally:
+            if process.poll() is not None:
+                CHILDREN.ended(process)
+        size = output.seek(0, os.SEEK_END)
+        output.seek(max(0, size - HOOK_OUTPUT_LIMIT))
+        text = output.read(HOOK_OUTPUT_LIMIT).decode("utf-8", "surrogateescape")
+    if size > HOOK_OUTPUT_LIMIT:
+        text = "[... the first %d bytes of output are not shown]\n%s" % (size - HOOK_OUTPUT_LIMIT, text)
+    return process.returncode, killed, text
+
+
 class Watchdog(object):
     """Soft and hard run-time limits, 'still running' lines, and clean stops on signals.
 
@@ -3295,6 +3339,12 @@ class LocalReplica(WorkDirLayout):
         write_atomically(os.path.join(self.state_dir, name), [text] if isinstance(text, str) else text)
         return True
 
+    def run_hook(self, command, timeout):
+        """Run a before or after command on this replica's host (see run_shell_command):
+        [exit code, killed at the time limit, output]."""
+        code, killed, output = run_shell_command(command, timeout)
+        return [code, killed, output]
+
 
 # ======================================================================================
 # Agent
@@ -3658,6 +3708,13 @@ def checked_attribute_values(items, answers, host, op):
     return checked
 
 
+def _is_hook_result(value):
+    """[exit code, killed at the limit, output] of run_hook, the output within its bound
+    (the agent keeps at most HOOK_OUTPUT_LIMIT bytes, and a line that says so)."""
+    return (isinstance(value, list) and len(value) == 3 and type(value[0]) is int and _is_bool(value[1])
+            and isinstance(value[2], str) and len(value[2]) <= HOOK_OUTPUT_LIMIT + 100)
+
+
 # The operations the agent serves, each the LocalReplica method of that name, and how
 # its reply is checked before the run uses it.  A CALL answers with one result, checked
 # by check(result, host, op); a CHUNKED call takes a list as its first argument and is
@@ -3685,6 +3742,7 @@ AGENT_OPERATIONS = {
     "set_attributes": (CHUNKED, one_answer_per_item),
     "read_attributes": (CHUNKED, checked_attribute_values),
     "settle_transfers": (CHUNKED, one_answer_per_item),
+    "run_hook": (CALL, shaped(_is_hook_result)),
     "scan": (STREAM, None),
 }
 
@@ -3835,6 +3893,15 @@ class RemoteReplica(WorkDirLayout):
         if self.agent.broken is not None:
             return False   # the stream is out of step: nothing more can be asked of that agent
         return self._call("release_lock", AGENT_OPERATIONS["release_lock"][1], content)
+
+    def run_hook(self, command, timeout):
+        """run_hook on the remote host.  A stop (signal, hard time limit) while the command
+        runs leaves its reply unread, so the agent is not asked anything more."""
+        try:
+            return self._call("run_hook", AGENT_OPERATIONS["run_hook"][1], command, timeout)
+        except StopRun:
+            self.agent.broken = "The run stopped while a command was running on %s" % self.agent.host
+            raise
 
     def close(self):
         """End the agent on the remote host (the ssh connection is the transport's)."""
@@ -5716,6 +5783,94 @@ def make_replica(cfg, role):
     return LocalReplica(role, location, state_dir)
 
 
+class Hooks(object):
+    """The before and after commands of a run, run as osync v1.3 runs them: LOCAL_RUN_*_CMD
+    on this host, REMOTE_RUN_*_CMD on the target host through the agent, each a shell
+    command line under its own time limit (MAX_EXEC_TIME_PER_CMD_BEFORE/AFTER), never in
+    a dry run.  The before commands run before anything is written to either replica, this
+    host's first (it may wake or mount what the target needs); the after commands once the
+    state is written and the locks are released, the target's first, and only after a run
+    without errors or warnings unless RUN_AFTER_CMD_ON_ERROR."""
+
+    def __init__(self, cfg, out, dry, transport):
+        self.cfg = cfg
+        self.out = out
+        self.dry = dry
+        self.transport = transport
+
+    def before(self, side, replica):
+        """Run the before command of `side` ("local" or "remote"); with STOP_ON_CMD_ERROR a
+        failure stops the run here."""
+        key = self.key(side, "BEFORE")
+        if not self.run_one(key, side, replica) and self.cfg["STOP_ON_CMD_ERROR"]:
+            refuse("before-command", "Stopping on command execution error: %s failed and STOP_ON_CMD_ERROR=yes "
+                   "stops the run" % key, "Fix the command (its output is in the log), or set "
+                   "STOP_ON_CMD_ERROR=no to sync even when it fails")
+
+    def after(self, replicas, finished):
+        """Run the after commands, if the run allows it; `finished` is False when the run
+        is being stopped by an error, a guard, a signal or the time limit."""
+        keys = [self.key(side, "AFTER") for side in ("remote", "local")]
+        if not any(self.cfg[key] for key in keys):
+            return
+        counter = self.out.counter
+        trouble = ("did not finish" if not finished else "had errors" if counter.errors
+                   else "had warnings" if counter.warnings else None)
+        if trouble and not self.dry and not self.cfg["RUN_AFTER_CMD_ON_ERROR"]:
+            self.out.notice("The after commands are not run: the run %s (RUN_AFTER_CMD_ON_ERROR=yes runs them "
+                            "anyway)." % trouble)
+            return
+        try:
+            for side, key in zip(("remote", "local"), keys):
+                self.run_one(key, side, replicas["initiator" if side == "local" else "target"])
+        except StopRun as stop:
+            if finished:
+                raise
+            self.out.log(logging.ERROR if stop.level == "ERROR" else logging.WARNING, stop.reason)
+
+    @staticmethod
+    def key(side, phase):
+        return "%s_RUN_%s_CMD" % ("LOCAL" if side == "local" else "REMOTE", phase)
+
+    def run_one(self, key, side, replica):
+        """Run the command of `key`, if set; False when it failed (an error is logged)."""
+        command = self.cfg[key]
+        if not command:
+            return True
+        if side == "remote" and self.transport is None:
+            self.out.warn("Ignoring %s: the target is a local directory, not a remote host." % key)
+            return True
+        where = "this host" if side == "local" else self.transport.host
+        shown = printable(command, 1000)
+        if self.dry:
+            self.out.notice("Dry run: %s [%s] is not run on %s." % (key, shown, where))
+            return True
+        if replica is None:   # the connection failed, and the run with it
+            self.out.notice("%s is not run: there is no connection to %s." % (key, where))
+            return False
+        limit_key = "MAX_EXEC_TIME_PER_CMD_" + key.split("_")[2]
+        self.out.notice("Running %s [%s] on %s." % (key, shown, where))
+        try:
+            code, killed, output = replica.run_hook(command, self.cfg[limit_key])
+        except OsyncError as error:
+            self.out.error("%s could not be run on %s: %s" % (key, where, error))
+            return False
+        if killed:
+            self.out.error("%s on %s ran past its time limit (%s=%d seconds): it was stopped, with every "
+                           "process it started." % (key, where, limit_key, self.cfg[limit_key]))
+        elif code < 0:
+            self.out.error("%s on %s was killed by signal %d." % (key, where, -code))
+        elif code:
+            self.out.error("%s on %s failed with exit code %d." % (key, where, code))
+        else:
+            self.out.notice("%s succeeded." % key)
+        failed = killed or code != 0
+        if output.strip() and (failed or self.out.wants(VERBOSE)):
+            lines = ["  " + printable(line, 2000) for line in output.rstrip("\n").split("\n")]
+            self.out.log(logging.ERROR if failed else VERBOSE, "Output of %s:\n%s" % (key, "\n".join(lines)))
+        return not failed
+
+
 class SyncRun(object):
     """One run of a sync task."""
 
@@ -5741,19 +5896,24 @@ class SyncRun(object):
 
     def run(self):
         cfg, out = self.cfg, self.out
-        for key in ("LOCAL_RUN_BEFORE_CMD", "LOCAL_RUN_AFTER_CMD", "REMOTE_RUN_BEFORE_CMD", "REMOTE_RUN_AFTER_CMD"):
-            if cfg[key]:
-                out.warn("%s is not available in this version of osync.py yet; the command is not run." % key)
         if cfg["DESTINATION_MAILS"]:
             out.notice("Alert mails are not available in this version of osync.py yet; none is sent.")
         spec = filter_spec(cfg)
         if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
             refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
                    % cfg["RSYNC_EXECUTABLE"], "Install rsync, or set RSYNC_EXECUTABLE to the path of rsync")
+        hooks = Hooks(cfg, out, self.dry, self.transport)
         try:
-            if self.transport is not None:
-                self.connect()
-            self.run_checked(spec)
+            finished = False
+            try:
+                hooks.before("local", self.replicas["initiator"])
+                if self.transport is not None:
+                    self.connect()
+                hooks.before("remote", self.replicas["target"])
+                self.run_checked(spec)
+                finished = True
+            finally:
+                hooks.after(self.replicas, finished)
         finally:
             if self.transport is not None:
                 if self.replicas["target"] is not None:
