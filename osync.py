@@ -5820,20 +5820,24 @@ class Hooks(object):
             self.out.notice("The after commands are not run: the run %s (RUN_AFTER_CMD_ON_ERROR=yes runs them "
                             "anyway)." % trouble)
             return
-        try:
-            for side, key in zip(("remote", "local"), keys):
+        for side, key in zip(("remote", "local"), keys):
+            try:
                 self.run_one(key, side, replicas["initiator" if side == "local" else "target"])
-        except StopRun as stop:
-            if finished:
-                raise
-            self.out.log(logging.ERROR if stop.level == "ERROR" else logging.WARNING, stop.reason)
+            except OsyncError as error:   # the connection to the agent broke, or it broke the protocol
+                self.out.error("%s could not be run: %s" % (key, error))
+            except StopRun as stop:
+                if finished:
+                    raise
+                self.out.log(logging.ERROR if stop.level == "ERROR" else logging.WARNING, stop.reason)
+                return   # the reason the run itself stopped is logged next
 
     @staticmethod
     def key(side, phase):
         return "%s_RUN_%s_CMD" % ("LOCAL" if side == "local" else "REMOTE", phase)
 
     def run_one(self, key, side, replica):
-        """Run the command of `key`, if set; False when it failed (an error is logged)."""
+        """Run the command of `key`, if set; False when it failed (an error is logged).  A
+        remote command whose agent is lost or misbehaves raises that ReplicaError."""
         command = self.cfg[key]
         if not command:
             return True
@@ -5850,11 +5854,7 @@ class Hooks(object):
             return False
         limit_key = "MAX_EXEC_TIME_PER_CMD_" + key.split("_")[2]
         self.out.notice("Running %s [%s] on %s." % (key, shown, where))
-        try:
-            code, killed, output = replica.run_hook(command, self.cfg[limit_key])
-        except OsyncError as error:
-            self.out.error("%s could not be run on %s: %s" % (key, where, error))
-            return False
+        code, killed, output = replica.run_hook(command, self.cfg[limit_key])
         if killed:
             self.out.error("%s on %s ran past its time limit (%s=%d seconds): it was stopped, with every "
                            "process it started." % (key, where, limit_key, self.cfg[limit_key]))

@@ -175,12 +175,13 @@ def test_a_dry_run_runs_no_command(pair):
     assert not (pair.target / "from_initiator").exists()
 
 
-def test_the_output_of_a_failing_command_is_logged_bounded_and_printable(pair):
-    noise = "x" * 100000
-    command = "printf '%s\\n'; printf 'why: \\033]0;title\\007 it failed\\n' >&2; exit 3" % noise
-    pair.run(env={"LOCAL_RUN_AFTER_CMD": command}, expect=1)
+@pytest.mark.parametrize("side", ["local", "remote"])
+def test_the_output_of_a_failing_command_is_logged_bounded_and_printable(pair, side):
+    need_side(pair, side)
+    command = "head -c 100000 /dev/zero | tr '\\0' x; printf '\\nwhy: \\033]0;title\\007 it failed\\n' >&2; exit 3"
+    pair.run(env={key_of(side, "AFTER"): command}, expect=1)
     log = log_text(pair)
-    assert "LOCAL_RUN_AFTER_CMD on this host failed with exit code 3." in log, log
+    assert "%s on " % key_of(side, "AFTER") in log and "failed with exit code 3." in log, log
     assert "  why: \\x1b]0;title\\x07 it failed" in log, log
     assert "\x1b" not in log and "\x07" not in log
     assert log.count("x") < 20000, "the output is not bounded in the log"
@@ -210,3 +211,20 @@ def test_remote_commands_run_through_ssh_filter(pair, filter_key):
     assert (pair.base / "before").read_text().strip() == TOKEN
     assert (pair.base / "after").exists()
     assert (pair.target / "from_initiator").read_text() == "i"
+
+
+@pytest.mark.parametrize("reply", ["['not', 'a', 'result']", "[0, False, 'x' * 100000]", "[True, False, '']"])
+def test_a_reply_of_the_wrong_shape_to_a_remote_command_ends_the_run(pair, reply):
+    """The agent's reply is checked like every other: its output is bounded, its fields typed."""
+    if not pair.kind.startswith("remote"):
+        pytest.skip("the hostile agent needs a remote target")
+    from test_hostile_agent import HOST, hostile_python
+    build(pair.initiator, {"from_initiator": "i"})
+    patch = "LocalReplica.run_hook = lambda self, command, timeout: %s\n" % reply
+    env = {"REMOTE_PYTHON": hostile_python(pair, patch), "REMOTE_RUN_BEFORE_CMD": "true",
+           "STOP_ON_CMD_ERROR": "no"}
+    r = pair.run(env=env, expect=1)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and HOST in errors[0] and "run_hook" in errors[0], r.stderr
+    assert "wrong shape" in errors[0], r.stderr
+    assert not (pair.target / "from_initiator").exists()
