@@ -57,6 +57,7 @@ def records(pair):
     return found
 
 
+@pytest.mark.remote_newest
 def test_commands_run_around_the_sync_in_order(pair):
     """Before commands see neither the synced file nor a work dir; after commands see the
     state written; remote ones run in the agent on the target host."""
@@ -143,6 +144,7 @@ def process_alive(pid):
         return False
 
 
+@pytest.mark.remote_newest
 @pytest.mark.parametrize("side", ["local", "remote"])
 def test_a_command_past_its_time_limit_is_killed_with_its_children(pair, side):
     need_side(pair, side)
