@@ -230,3 +230,15 @@ def test_a_reply_of_the_wrong_shape_to_a_remote_command_ends_the_run(pair, reply
     assert len(errors) == 1 and HOST in errors[0] and "run_hook" in errors[0], r.stderr
     assert "wrong shape" in errors[0], r.stderr
     assert not (pair.target / "from_initiator").exists()
+
+
+@pytest.mark.local_only
+def test_remote_commands_with_a_local_target_are_ignored_with_a_warning(pair):
+    """As osync v1.3: "Ignoring remote command" (a warning, exit code 2), nothing run."""
+    ran = pair.base / "remote-ran"
+    env = {"REMOTE_RUN_BEFORE_CMD": "touch '%s'" % ran, "REMOTE_RUN_AFTER_CMD": "touch '%s'" % ran,
+           "RUN_AFTER_CMD_ON_ERROR": "yes"}
+    r = pair.run(env=env, expect=2)
+    assert not ran.exists()
+    for key in ("REMOTE_RUN_BEFORE_CMD", "REMOTE_RUN_AFTER_CMD"):
+        assert "Ignoring %s: the target is a local directory, not a remote host." % key in r.output, r.output
