@@ -3900,7 +3900,7 @@ class RemoteReplica(WorkDirLayout):
         try:
             return self._call("run_hook", AGENT_OPERATIONS["run_hook"][1], command, timeout)
         except StopRun:
-            self.agent.broken = "The run stopped while a command was running on %s" % self.agent.host
+            self.agent.broken = "The run stopped while a command was running on %s." % self.agent.host
             raise
 
     def close(self):
