@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -1446,13 +1447,14 @@ def hook_shell():
     return shutil.which("bash") or "/bin/sh"
 
 
-def run_shell_command(command, timeout):
+def run_shell_command(command, timeout, hung_up=None):
     """Run a hook's command line; return (exit code, killed at the limit, output).
 
     stdout and stderr go to one temp file, and only the shell itself is waited for, so a
     job the command leaves in the background does not hold the run (as under osync).  At
-    `timeout` seconds (0: none) the command's whole process group is killed, children
-    included.  The output kept is its last HOOK_OUTPUT_LIMIT bytes."""
+    `timeout` seconds (0: none), or as soon as `hung_up()` says that nobody waits for the
+    answer any more, the command's whole process group is killed, children included.  The
+    output kept is its last HOOK_OUTPUT_LIMIT bytes."""
     with tempfile.TemporaryFile() as output:
         try:
             process = CHILDREN.start([hook_shell(), "-c", command], stdin=subprocess.DEVNULL, stdout=output,
@@ -1460,11 +1462,19 @@ def run_shell_command(command, timeout):
         except OSError as error:
             return 127, False, "%s: %s" % (hook_shell(), error.strerror)
         killed = False
+        deadline = time.time() + timeout if timeout else None
         try:
-            process.wait(timeout=timeout or None)
-        except subprocess.TimeoutExpired:
-            killed = True
-            kill_process_group(process, grace=2.0)
+            while process.poll() is None:
+                if deadline is not None and time.time() >= deadline:
+                    killed = True
+                    kill_process_group(process, grace=2.0)
+                elif hung_up is not None and hung_up():
+                    kill_process_group(process, grace=2.0)
+                else:
+                    try:
+                        process.wait(timeout=0.5 if deadline is None else min(0.5, deadline - time.time()))
+                    except subprocess.TimeoutExpired:
+                        pass
         except BaseException:
             kill_process_group(process, grace=2.0)
             raise
@@ -3339,11 +3349,20 @@ class LocalReplica(WorkDirLayout):
         write_atomically(os.path.join(self.state_dir, name), [text] if isinstance(text, str) else text)
         return True
 
+    # In the agent, the stream its requests come on: while a command runs, nothing more
+    # arrives on it unless the initiator hung up (see run_hook).
+    request_stream = None
+
     def run_hook(self, command, timeout):
         """Run a before or after command on this replica's host (see run_shell_command):
-        [exit code, killed at the time limit, output]."""
-        code, killed, output = run_shell_command(command, timeout)
+        [exit code, killed at the time limit, output].  In the agent, the command is
+        killed as soon as the initiator hangs up (a stopped run), instead of running on."""
+        code, killed, output = run_shell_command(command, timeout,
+                                                 self._initiator_hung_up if self.request_stream else None)
         return [code, killed, output]
+
+    def _initiator_hung_up(self):
+        return bool(select.select([self.request_stream], [], [], 0)[0])
 
 
 # ======================================================================================
@@ -3927,6 +3946,7 @@ def serve_agent(reader, writer):
         try:
             if op == "open":
                 replica = LocalReplica(*args)
+                replica.request_stream = reader
                 reply = {"ok": {"root": replica.root, "work_dir": replica.work_dir,
                                 "state_dir": replica.state_dir, "python": sys.version.split()[0]}}
             elif replica is None:

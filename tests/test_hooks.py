@@ -3,7 +3,9 @@ host, REMOTE_RUN_BEFORE/AFTER_CMD on the target host through the agent (and thro
 restricted by ssh_filter.py), their time limits, STOP_ON_CMD_ERROR, RUN_AFTER_CMD_ON_ERROR,
 their output in the log, and --dry."""
 
+import os
 import secrets
+import signal
 import sys
 import time
 
@@ -242,3 +244,49 @@ def test_remote_commands_with_a_local_target_are_ignored_with_a_warning(pair):
     assert not ran.exists()
     for key in ("REMOTE_RUN_BEFORE_CMD", "REMOTE_RUN_AFTER_CMD"):
         assert "Ignoring %s: the target is a local directory, not a remote host." % key in r.output, r.output
+
+
+@pytest.mark.parametrize("side", ["local", "remote"])
+def test_a_stop_during_a_before_command_kills_it_and_runs_the_after_commands_when_asked(pair, side):
+    """SIGTERM while a before command runs: the run stops cleanly (no traceback, nothing
+    synced), and with RUN_AFTER_CMD_ON_ERROR this host's after command still runs."""
+    need_side(pair, side)
+    build(pair.initiator, {"from_initiator": "i"})
+    after = pair.base / "after-ran"
+    pause = "60.%d" % secrets.randbelow(10 ** 6)
+    env = {key_of(side, "BEFORE"): "sleep %s" % pause, "LOCAL_RUN_AFTER_CMD": "touch '%s'" % after,
+           "RUN_AFTER_CMD_ON_ERROR": "yes"}
+    started = time.time()
+    process = pair.popen(env=env)
+    deadline = time.time() + 30
+    while "Running %s" % key_of(side, "BEFORE") not in log_text(pair) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    output = stdout + stderr
+    assert process.returncode in (1, 2), output
+    assert "Traceback" not in output and "Unexpected internal error" not in output, output
+    assert "Stopped by signal SIGTERM" in log_text(pair), log_text(pair)
+    assert after.exists(), log_text(pair)
+    assert not (pair.target / "from_initiator").exists()
+    assert time.time() - started < 8, "the stopped run waited for the command"
+    deadline = time.time() + 10
+    while sleeping_commands(pause) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not sleeping_commands(pause), "the command outlived the run"
+
+
+def sleeping_commands(pause):
+    """The pids of the running `sleep PAUSE` processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and process_alive(int(entry)):
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                    words = cmdline.read().split(b"\0")
+            except OSError:
+                continue
+            if words[:2] == [b"sleep", pause.encode()]:
+                found.append(int(entry))
+    return found
