@@ -3362,7 +3362,10 @@ class LocalReplica(WorkDirLayout):
         return [code, killed, output]
 
     def _initiator_hung_up(self):
-        return bool(select.select([self.request_stream], [], [], 0)[0])
+        try:
+            return bool(select.select([self.request_stream], [], [], 0)[0])
+        except (OSError, ValueError):   # a stream without a file descriptor cannot be watched
+            return False
 
 
 # ======================================================================================

@@ -290,3 +290,19 @@ def sleeping_commands(pause):
             if words[:2] == [b"sleep", pause.encode()]:
                 found.append(int(entry))
     return found
+
+
+def test_the_agent_serves_run_hook_from_any_request_stream(tmp_path):
+    """run_hook is an operation of the agent's table; a request stream that cannot be
+    watched (no file descriptor) still gets the command's answer."""
+    import io
+    sys.path.insert(0, str(REPO))
+    import osync
+    reader, writer = io.BytesIO(), io.BytesIO()
+    osync.send_message(reader, {"op": "open", "args": ["target", str(tmp_path), ""]})
+    osync.send_message(reader, {"op": "run_hook", "args": ["echo out; echo err >&2; exit 3", 10]})
+    reader.seek(0)
+    osync.serve_agent(reader, writer)
+    writer.seek(0)
+    osync.read_message(writer)
+    assert osync.read_message(writer) == {"ok": [3, False, "out\nerr\n"]}
