@@ -294,9 +294,12 @@ SETTINGS = [
     S("ALWAYS_SEND_MAILS", "bool", False, "ALERT_OPTIONS", "Also send a mail after a clean run."),
     S("MAIL_BODY_CHARSET", "str", "", "ALERT_OPTIONS", "Charset of the mail body; empty means UTF-8."),
     S("SENDER_MAIL", "str", "", "ALERT_OPTIONS", "Sender address of alert mails."),
-    S("SMTP_SERVER", "str", "", "ALERT_OPTIONS", "SMTP server for alert mails."),
+    S("SMTP_SERVER", "str", "", "ALERT_OPTIONS",
+      "SMTP server for alert mails; empty sends them through the local sendmail, mutt or mail."),
     S("SMTP_PORT", "int", 25, "ALERT_OPTIONS", "SMTP port."),
-    S("SMTP_ENCRYPTION", "choice", "none", "ALERT_OPTIONS", "SMTP encryption: none, tls or ssl.",
+    S("SMTP_ENCRYPTION", "choice", "none", "ALERT_OPTIONS",
+      "SMTP encryption: none, tls (STARTTLS) or ssl (implicit TLS); the server's certificate is verified against "
+      "the system's CA certificates, or the CA bundle the SSL_CERT_FILE environment variable names.",
       choices=("none", "tls", "ssl")),
     S("SMTP_USER", "str", "", "ALERT_OPTIONS", "SMTP user, if the server needs one."),
     S("SMTP_PASSWORD", "str", "", "ALERT_OPTIONS", "SMTP password."),
@@ -6581,8 +6584,8 @@ def send_by_smtp(cfg, message, recipients):
                       "(the system's CA certificates, or the bundle the SSL_CERT_FILE variable names)" % server)
         return "%s refused the encrypted connection (%s)%s" % (where, one_line(str(error), 300), advice)
     except smtplib.SMTPAuthenticationError as error:
-        return "%s did not accept the login of SMTP_USER %s (%s); check SMTP_USER and SMTP_PASSWORD" % (
-            where, cfg["SMTP_USER"], smtp_reply(error))
+        return "%s did not accept the login (%s); check SMTP_USER and SMTP_PASSWORD" % (
+            where, smtp_reply(error))
     except smtplib.SMTPNotSupportedError as error:
         return "%s does not support what SMTP_ENCRYPTION or SMTP_USER asks for (%s)" % (where, one_line(str(error)))
     except smtplib.SMTPRecipientsRefused as error:

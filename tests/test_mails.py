@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T0, Pair, WORKDIR, free_port, put, pyenv_python
+from conftest import T0, Pair, WORKDIR, free_port, need, put, pyenv_python
 
-aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller", reason="aiosmtpd is not installed: tests/run "
-                                          "installs it (pip install aiosmtpd)")
-from aiosmtpd.smtp import AuthResult  # noqa: E402
+try:
+    import aiosmtpd.controller as aiosmtpd_controller
+    from aiosmtpd.smtp import AuthResult
+except ImportError:
+    aiosmtpd_controller = None
 
 # The implicit-TLS server takes AUTH without knowing its socket is encrypted (see smtp).
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -40,7 +42,7 @@ WARN_ENV = {"MINIMUM_SPACE": str(2 ** 50)}
 def ca(tmp_path_factory):
     """A CA and a server certificate for 127.0.0.1 / localhost signed by it."""
     if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
+        need("openssl is not installed: tests/run installs it")
     d = tmp_path_factory.mktemp("ca")
 
     def openssl(*args):
@@ -88,6 +90,8 @@ class Inbox:
 def smtp(ca):
     """smtp(mode, auth=False) starts a server (mode plain, tls or ssl) and returns
     (inbox, port)."""
+    if aiosmtpd_controller is None:
+        need("aiosmtpd is not installed: tests/run installs it (pip install aiosmtpd)")
     started = []
 
     def start(mode="plain", auth=False):
