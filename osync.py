@@ -246,10 +246,11 @@ SETTINGS = [
       "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever."),
     # ---------------------------------------------------------------- [BACKUP_DELETE_OPTIONS]
     S("LOG_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
-      "Write the list of conflicts of each run to the state dir (conflicts are always logged).",
+      "Log the run's conflicts as a list (INITIATOR/path << >> TARGET/path, both versions, which won and why, "
+      "where the loser went) and write it to conflicts-INSTANCE_ID in the state dir.",
       option="--log-conflicts"),
     S("ALERT_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
-      "Also send a mail listing the conflicts (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
+      "Also mail that list to DESTINATION_MAILS (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
     S("CONFLICT_BACKUP", "bool", True, "BACKUP_DELETE_OPTIONS",
       "Keep the old version of every file a sync overwrites, the loser of a conflict included, in "
       ".osync_workdir/backup; with no, nothing is kept (conflicts are still logged)."),
@@ -6500,7 +6501,7 @@ def redact(text, secrets):
 
 
 def mail_sender(cfg):
-    return cfg["SENDER_MAIL"] or "%s@%s" % (current_user(), socket.getfqdn() or socket.gethostname())
+    return cfg["SENDER_MAIL"] or "%s@%s" % (current_user(), socket.gethostname())
 
 
 def mail_charset(cfg, out):
@@ -6729,6 +6730,7 @@ class AlertMails(object):
         self.enabled = bool(mail_recipients(cfg)) and not debug_requested()
         self.collector = None
         self.threads = []
+        self.charset = "utf-8"
         if self.enabled:
             self.collector = RunLogCollector(out, mail_secrets(cfg))
             out.logger.addHandler(self.collector)
