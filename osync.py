@@ -1495,7 +1495,6 @@ class Watchdog(object):
             self.last_keep = time.time()
             self.output.notice("Still running after %d seconds." % elapsed)
 
-
     def _tell_limit(self, limit):
         if self.on_limit is not None:
             self.on_limit(limit)
@@ -6385,7 +6384,8 @@ class SyncRun(object):
         lost = report.initiator if loser == "initiator" else report.target
         would = "would be" if self.dry else "was"
         if report.result not in (None, DONE) or (report.result is None and not self.dry):
-            fate = "stays in place: the copy did not complete, and the next run resolves the conflict again"
+            fate = ("is not settled (the copy came out %s): the next run looks at this path again"
+                    % (report.result or "not carried out"))
         elif report.backup:
             name = report.path + ("." + self.stamp if self.cfg["CONFLICT_BACKUP_MULTIPLE"] else "")
             fate = "%s kept in %s%s/%s/%s" % (would, roots[loser], WORK_DIR_NAME, BACKUP_DIR_NAME, name)
