@@ -247,10 +247,11 @@ SETTINGS = [
       "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever."),
     # ---------------------------------------------------------------- [BACKUP_DELETE_OPTIONS]
     S("LOG_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
-      "Write the list of conflicts of each run to the state dir (conflicts are always logged).",
+      "Log the run's conflicts as a list (INITIATOR/path << >> TARGET/path, both versions, which won and why, "
+      "where the loser went) and write it to conflicts-INSTANCE_ID in the state dir.",
       option="--log-conflicts"),
     S("ALERT_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
-      "Also send a mail listing the conflicts (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
+      "Also mail that list to DESTINATION_MAILS (turns LOG_CONFLICTS on).", option="--alert-conflicts"),
     S("CONFLICT_BACKUP", "bool", True, "BACKUP_DELETE_OPTIONS",
       "Keep the old version of every file a sync overwrites, the loser of a conflict included, in "
       ".osync_workdir/backup; with no, nothing is kept (conflicts are still logged)."),
@@ -295,9 +296,12 @@ SETTINGS = [
     S("ALWAYS_SEND_MAILS", "bool", False, "ALERT_OPTIONS", "Also send a mail after a clean run."),
     S("MAIL_BODY_CHARSET", "str", "", "ALERT_OPTIONS", "Charset of the mail body; empty means UTF-8."),
     S("SENDER_MAIL", "str", "", "ALERT_OPTIONS", "Sender address of alert mails."),
-    S("SMTP_SERVER", "str", "", "ALERT_OPTIONS", "SMTP server for alert mails."),
+    S("SMTP_SERVER", "str", "", "ALERT_OPTIONS",
+      "SMTP server for alert mails; empty sends them through the local sendmail, mutt or mail."),
     S("SMTP_PORT", "int", 25, "ALERT_OPTIONS", "SMTP port."),
-    S("SMTP_ENCRYPTION", "choice", "none", "ALERT_OPTIONS", "SMTP encryption: none, tls or ssl.",
+    S("SMTP_ENCRYPTION", "choice", "none", "ALERT_OPTIONS",
+      "SMTP encryption: none, tls (STARTTLS) or ssl (implicit TLS); the server's certificate is verified against "
+      "the system's CA certificates, or the CA bundle the SSL_CERT_FILE environment variable names.",
       choices=("none", "tls", "ssl")),
     S("SMTP_USER", "str", "", "ALERT_OPTIONS", "SMTP user, if the server needs one."),
     S("SMTP_PASSWORD", "str", "", "ALERT_OPTIONS", "SMTP password."),
@@ -1496,11 +1500,14 @@ class Watchdog(object):
     raise StopRun in the main thread so the run unwinds: children killed, locks released,
     state left consistent."""
 
-    def __init__(self, output, soft, hard, keep_logging):
+    def __init__(self, output, soft, hard, keep_logging, on_limit=None):
         self.output = output
         self.soft = soft
         self.hard = hard
         self.keep_logging = keep_logging
+        # Called with "soft" or "hard" as the run passes a limit (the alert mail); it must
+        # return at once: it runs in the signal handler, before the hard limit's stop.
+        self.on_limit = on_limit
         self.start = time.time()
         self.soft_warned = False
         self.last_keep = self.start
@@ -1531,14 +1538,20 @@ class Watchdog(object):
         elapsed = time.time() - self.start
         if self.hard and elapsed >= self.hard:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            self._tell_limit("hard")
             raise StopRun("Max hard execution time [%d] exceeded; stopping the run. "
                           "The next run continues where this one stopped." % self.hard, level="ERROR")
         if self.soft and elapsed >= self.soft and not self.soft_warned:
             self.soft_warned = True
             self.output.warn("Max soft execution time [%d] exceeded; the run goes on." % self.soft)
+            self._tell_limit("soft")
         if self.keep_logging and time.time() - self.last_keep >= self.keep_logging:
             self.last_keep = time.time()
             self.output.notice("Still running after %d seconds." % elapsed)
+
+    def _tell_limit(self, limit):
+        if self.on_limit is not None:
+            self.on_limit(limit)
 
 
 # Other processes: is a pid alive, when did it start, what is it running (lock takeover).
@@ -5061,6 +5074,8 @@ class Outcome(object):
         self.counts = dict(((kind, side), 0) for kind in self.KINDS for side in OTHER_SIDE)
         self.paths = dict(((kind, side), []) for kind in self.KINDS for side in OTHER_SIDE)
         self.conflicts = []                                  # (path, winner)
+        self.conflict_reports = []                           # ConflictReport of each, in path order
+        self._conflict_by_path = {}
         self.failed = 0
         self.entries = {"initiator": 0, "target": 0}        # items each side holds after the run
 
@@ -5068,6 +5083,33 @@ class Outcome(object):
         self.counts[(kind, side)] += 1
         if self.keep_paths:
             self.paths[(kind, side)].append(path)
+
+    def add_conflict(self, decision):
+        report = ConflictReport(decision)
+        self.conflicts.append((decision.path, decision.source))
+        self.conflict_reports.append(report)
+        self._conflict_by_path[decision.path] = report
+
+    def settle_conflict(self, path, result):
+        """How the copy of a conflict's winner came out (a copy outcome constant)."""
+        report = self._conflict_by_path.get(path)
+        if report is not None:
+            report.result = result
+
+
+class ConflictReport(object):
+    """One conflict of the run, for the conflict list: both sides' versions, which won and
+    why (the planner's WON_* reason), whether the loser is kept, and how the copy came out
+    (`result`: DONE, another copy outcome, or None before it is carried out)."""
+
+    def __init__(self, decision):
+        self.path = decision.path
+        self.winner = decision.source
+        self.reason = decision.reason
+        self.initiator = decision.initiator
+        self.target = decision.target
+        self.backup = decision.backup
+        self.result = None
 
 
 class WorkList(object):
@@ -5358,6 +5400,8 @@ class Executor(object):
         destination = decision.destination()
         if decision.action == COPY:
             outcome, arrived = self._copy_outcome(decision, fresh)
+            if decision.conflict:
+                self.outcome.settle_conflict(decision.path, outcome)
             if outcome == DONE:
                 self.outcome.add("updated", destination, decision.path)
             return recorded_pair(decision, outcome, arrived)
@@ -5416,7 +5460,7 @@ class Executor(object):
     def _report_plan(self, decision):
         if decision.conflict:
             self.out.notice(self._conflict_notice(decision))
-            self.outcome.conflicts.append((decision.path, decision.source))
+            self.outcome.add_conflict(decision)
         elif decision.edit_won:
             self.out.notice(self._edit_won_notice(decision))
         if self.dry:
@@ -5919,8 +5963,6 @@ class SyncRun(object):
 
     def run(self):
         cfg, out = self.cfg, self.out
-        if cfg["DESTINATION_MAILS"]:
-            out.notice("Alert mails are not available in this version of osync.py yet; none is sent.")
         spec = filter_spec(cfg)
         if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
             refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
@@ -6423,6 +6465,8 @@ class SyncRun(object):
             decisions = self.planned(iter(()), spec, policy, spool_dir)
             lines, outcome = executor.execute(decisions, spool_dir)
         if self.dry:
+            if self.cfg["LOG_CONFLICTS"]:
+                self.write_conflicts(outcome)
             return outcome
         if executor.state_unchanged:
             executor.close()   # every path is exactly as recorded: the state file stays as it is
@@ -6485,13 +6529,57 @@ class SyncRun(object):
         return self.replicas[side].root.rstrip("/") + "/"
 
     def write_conflicts(self, outcome):
-        initiator, target = self.report_root("initiator"), self.report_root("target")
-        lines = ["%s%s << >> %s%s\n" % (initiator, path, target, path)
-                 for path, winner in outcome.conflicts]
-        self.replicas["initiator"].write_state_file(state_dir_file("conflicts", self.instance), "".join(lines))
-        if lines:
-            self.out.notice("File conflicts: INITIATOR << >> TARGET\n%sThere are %d conflicting files."
-                            % ("".join(lines), len(lines)))
+        """LOG_CONFLICTS: the run's conflicts to the log and to conflicts-ID in the state dir,
+        each as osync's `INITIATOR/path << >> TARGET/path` line (scripts parse it) followed by
+        two indented lines: both versions, and which won, why and where the loser went.
+        ALERT_CONFLICTS mails the list too.  A dry run only logs what a real run would do."""
+        lines = []
+        for report in outcome.conflict_reports:
+            lines += self.conflict_lines(report)
+        text = "".join(line + "\n" for line in lines)
+        if not self.dry:
+            self.replicas["initiator"].write_state_file(state_dir_file("conflicts", self.instance), text)
+        if not lines:
+            return
+        count = len(outcome.conflict_reports)
+        self.out.notice("File conflicts: INITIATOR << >> TARGET\n%sThere are %d conflicting files."
+                        % (text, count))
+        if self.cfg["ALERT_CONFLICTS"] and not self.dry:
+            send_conflict_mail(self.cfg, self.out, text, count)
+
+    def conflict_lines(self, report):
+        """The lines of one conflict in the conflict list."""
+        roots = dict((side, self.report_root(side)) for side in OTHER_SIDE)
+        loser = OTHER_SIDE[report.winner]
+        versions = "; ".join("%s: %s" % (side, describe_version(report.initiator if side == "initiator"
+                                                                 else report.target))
+                             for side in ("initiator", "target"))
+        if report.reason == WON_NEWER:
+            why = "newer modification time"
+        elif report.reason == WON_PREVALENCE:
+            why = "same modification time, CONFLICT_PREVALANCE=%s" % self.cfg["CONFLICT_PREVALANCE"]
+        elif report.reason == WON_MIRROR:
+            why = "SYNC_TYPE=%s" % self.cfg["SYNC_TYPE"]
+        elif report.reason == WON_SUBTREE:
+            why = "items below the %s's directory stay" % report.winner
+        else:
+            why = report.reason
+        lost = report.initiator if loser == "initiator" else report.target
+        would = "would be" if self.dry else "was"
+        if report.result not in (None, DONE) or (report.result is None and not self.dry):
+            fate = ("is not settled (the copy came out %s): the next run looks at this path again"
+                    % (report.result or "not carried out"))
+        elif report.backup:
+            name = report.path + ("." + self.stamp if self.cfg["CONFLICT_BACKUP_MULTIPLE"] else "")
+            fate = "%s kept in %s%s/%s/%s" % (would, roots[loser], WORK_DIR_NAME, BACKUP_DIR_NAME, name)
+        elif lost is not None and lost.kind == "d":
+            fate = "was a directory: what it holds is synced item by item"
+        else:
+            fate = "%s replaced without a backup (CONFLICT_BACKUP=no)" % would
+        return ["%s%s << >> %s%s" % (roots["initiator"], report.path, roots["target"], report.path),
+                "    %s" % versions,
+                "    the %s's version %s (%s); the %s's version %s" % (
+                    report.winner, "wins" if self.dry else "won", why, loser, fate)]
 
     def initialize(self, spec):
         """--initialize: record both replicas as the baseline and sync nothing."""
@@ -6547,6 +6635,392 @@ class SyncRun(object):
             lines.append("%s has %d deletions." % (title, outcome.counts[("deleted", side)]))
         for line in lines:
             self.out.always(line, bare=True)
+
+
+def describe_version(entry):
+    """One side's version of a conflict, for the conflict list: kind, size, mtime."""
+    if entry is None:
+        return "absent"
+    moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime_ns // 10 ** 9))
+    fraction = entry.mtime_ns % 10 ** 9
+    if fraction:
+        moment += (".%09d" % fraction).rstrip("0")
+    if entry.kind == "f":
+        return "%d bytes, modified %s" % (entry.size, moment)
+    return "%s, modified %s" % (KIND_NAMES.get(entry.kind, "item"), moment)
+
+
+# Alert mails ----------------------------------------------------------------------------------
+# When DESTINATION_MAILS is set: a mail after a run with warnings or errors (after every
+# run with ALWAYS_SEND_MAILS), one when the run passes its soft or hard time limit, and
+# with ALERT_CONFLICTS one listing the conflicts.  Sent through SMTP_SERVER (smtplib, the
+# server's certificate verified against the system's CA certificates, or the bundle that
+# the standard SSL_CERT_FILE variable names), else through the local sendmail, mutt or
+# mail.  A mail that cannot be sent is one warning: it never stops the run.
+
+MAIL_BODY_LINES = 1000          # the last lines of the run's log in an alert mail's body
+MAIL_TIMEOUT = 60               # seconds for the SMTP server or the local mailer
+CONFLICT_MAIL_LIMIT = 16384     # characters of the conflict list in its mail, as osync v1.3
+REDACTED = "********"
+LOCAL_MAILERS = ("sendmail", "mutt", "mail")
+SENDMAIL_PLACES = ("/usr/sbin/sendmail", "/usr/lib/sendmail")
+
+
+def mail_recipients(cfg):
+    """DESTINATION_MAILS as a list: addresses separated by spaces, commas or semicolons."""
+    return [address for address in re.split(r"[\s,;]+", cfg["DESTINATION_MAILS"]) if address]
+
+
+def mail_secrets(cfg):
+    """What must never appear in a mail or in the log: the SMTP password and the remote
+    token (a very short password is left alone: replacing it would garble every line)."""
+    return [secret for secret in (cfg["SMTP_PASSWORD"], cfg["_REMOTE_TOKEN"]) if len(secret) >= 3]
+
+
+def redact(text, secrets):
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def mail_sender(cfg):
+    return cfg["SENDER_MAIL"] or "%s@%s" % (current_user(), socket.gethostname())
+
+
+def mail_charset(cfg, out):
+    """MAIL_BODY_CHARSET, or utf-8 when it is empty or not a charset Python knows."""
+    charset = cfg["MAIL_BODY_CHARSET"].strip() or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        out.warn("%s: MAIL_BODY_CHARSET %r is not a known charset; alert mails are sent in UTF-8."
+                 % (cfg.origin["MAIL_BODY_CHARSET"], charset))
+        return "utf-8"
+    return charset
+
+
+def mail_text(text, charset):
+    """`text` as the body charset can carry it: a name's undecodable bytes as \\xNN, a
+    character the charset lacks as a backslash escape."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.encode(charset, "backslashreplace").decode(charset)
+
+
+def build_mail(cfg, charset, subject, body, attachment=None):
+    """The MIME message: a text body, and optionally (name, bytes) attached as gzip."""
+    from email.mime.application import MIMEApplication
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+    from email.utils import formatdate, make_msgid
+    text = MIMEText(mail_text(body, charset), "plain", charset)
+    if attachment is None:
+        message = text
+    else:
+        message = MIMEMultipart()
+        message.attach(text)
+        name, data = attachment
+        part = MIMEApplication(data, "gzip")
+        part.add_header("Content-Disposition", "attachment", filename=name)
+        message.attach(part)
+    message["Subject"] = subject
+    message["From"] = mail_sender(cfg)
+    message["To"] = ", ".join(mail_recipients(cfg))
+    message["Date"] = formatdate(localtime=True)
+    message["Message-ID"] = make_msgid("osync")
+    return message
+
+
+def send_mail(cfg, message, attachment=None):
+    """Send a message to DESTINATION_MAILS; returns None, or why it could not be sent (the
+    end of a sentence).  `attachment` (name, bytes) is what a local mutt attaches."""
+    recipients = mail_recipients(cfg)
+    odd = [address for address in recipients if address.startswith("-") or "@" not in address]
+    if odd:
+        return "DESTINATION_MAILS holds %s, which is not a mail address" % ", ".join(odd)
+    if cfg["SMTP_SERVER"]:
+        return send_by_smtp(cfg, message, recipients)
+    return send_by_local_mailer(cfg, message, recipients, attachment)
+
+
+def send_by_smtp(cfg, message, recipients):
+    import smtplib
+    import ssl
+    server, port, encryption = cfg["SMTP_SERVER"], cfg["SMTP_PORT"], cfg["SMTP_ENCRYPTION"]
+    where = "the SMTP server %s:%d (SMTP_ENCRYPTION=%s)" % (server, port, encryption)
+    client = None
+    try:
+        context = ssl.create_default_context()
+        if encryption == "ssl":
+            client = smtplib.SMTP_SSL(server, port, timeout=MAIL_TIMEOUT, context=context)
+        else:
+            client = smtplib.SMTP(server, port, timeout=MAIL_TIMEOUT)
+        client.ehlo()
+        if encryption == "tls":
+            client.starttls(context=context)
+            client.ehlo()
+        if cfg["SMTP_USER"]:
+            client.login(cfg["SMTP_USER"], cfg["SMTP_PASSWORD"])
+        refused = client.send_message(message, mail_sender(cfg), recipients)
+    except ssl.SSLError as error:
+        advice = ""
+        if isinstance(error, getattr(ssl, "SSLCertVerificationError", ())) or "CERTIFICATE_VERIFY" in str(error):
+            advice = ("; its certificate must be valid for %s and signed by an authority this host trusts "
+                      "(the system's CA certificates, or the bundle the SSL_CERT_FILE variable names)" % server)
+        return "%s refused the encrypted connection (%s)%s" % (where, one_line(str(error), 300), advice)
+    except smtplib.SMTPAuthenticationError as error:
+        return "%s did not accept the login (%s); check SMTP_USER and SMTP_PASSWORD" % (
+            where, smtp_reply(error))
+    except smtplib.SMTPNotSupportedError as error:
+        return "%s does not support what SMTP_ENCRYPTION or SMTP_USER asks for (%s)" % (where, one_line(str(error)))
+    except smtplib.SMTPRecipientsRefused as error:
+        return "%s refused every recipient (%s)" % (where, ", ".join(sorted(error.recipients)))
+    except smtplib.SMTPResponseException as error:
+        return "%s answered %s" % (where, smtp_reply(error))
+    except (smtplib.SMTPException, OSError, UnicodeError) as error:
+        return "cannot reach %s (%s); check SMTP_SERVER, SMTP_PORT and SMTP_ENCRYPTION" % (
+            where, one_line(str(error) or type(error).__name__, 300))
+    finally:
+        if client is not None:
+            try:
+                client.quit()
+            except (smtplib.SMTPException, OSError):
+                client.close()
+    if refused:
+        return "%s refused %s (the others got it)" % (where, ", ".join(sorted(refused)))
+    return None
+
+
+def smtp_reply(error):
+    """An SMTP error reply as a printable line: code and text."""
+    text = error.smtp_error.decode("utf-8", "replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
+    return "%s %s" % (error.smtp_code, one_line(str(text), 300))
+
+
+def find_local_mailer():
+    """(name, path) of the first local mailer found: sendmail, mutt, mail; or None."""
+    for name in LOCAL_MAILERS:
+        path = shutil.which(name)
+        if path is None and name == "sendmail":
+            path = next((place for place in SENDMAIL_PLACES if os.access(place, os.X_OK)), None)
+        if path is not None:
+            return name, path
+    return None
+
+
+def send_by_local_mailer(cfg, message, recipients, attachment):
+    """Without SMTP_SERVER: sendmail gets the whole message; mutt the body and the
+    attachment; mail the body only."""
+    found = find_local_mailer()
+    if found is None:
+        return ("SMTP_SERVER is not set and no local mailer (sendmail, mutt or mail) is installed; set SMTP_SERVER "
+                "or install a mail transfer agent")
+    name, path = found
+    subject = str(message["Subject"])
+    body = message.get_payload(0) if message.is_multipart() else message
+    body_bytes = body.get_payload(decode=True)
+    attached = None
+    if name == "sendmail":
+        argv = [path, "-oi"] + (["-f", cfg["SENDER_MAIL"]] if cfg["SENDER_MAIL"] else []) + recipients
+        data = message.as_bytes()
+    elif name == "mutt":
+        argv = [path, "-s", subject]
+        if attachment is not None:
+            attached = tempfile.NamedTemporaryFile(prefix="osync.", suffix="." + attachment[0])
+            attached.write(attachment[1])
+            attached.flush()
+            argv += ["-a", attached.name]
+        argv += ["--"] + recipients
+        data = body_bytes
+    else:
+        argv = [path, "-s", subject] + recipients
+        data = body_bytes
+    try:
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as error:
+            return "cannot run %s: %s" % (path, error.strerror)
+        try:
+            _, errors = process.communicate(data, timeout=MAIL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            kill_process_group(process, grace=2.0)
+            return "%s did not finish within %d seconds" % (path, MAIL_TIMEOUT)
+    finally:
+        if attached is not None:
+            attached.close()
+    if process.returncode != 0:
+        said = one_line(errors.decode("utf-8", "replace"), 300)
+        return "%s exited with code %d%s" % (path, process.returncode, " (%s)" % said if said else "")
+    return None
+
+
+class RunLogCollector(logging.Handler):
+    """This run's log lines, as the log file has them: the last MAIL_BODY_LINES for a mail
+    body, all of them in a temp file for the attachment; secrets replaced."""
+
+    def __init__(self, output, secrets):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.output = output
+        self.secrets = secrets
+        self.setFormatter(LineFormatter(output))
+        self.last = collections.deque(maxlen=MAIL_BODY_LINES)
+        self.spool = tempfile.TemporaryFile()
+
+    def emit(self, record):
+        if record.levelno < min(self.output.screen_threshold, NOTICE):
+            return   # not in the log file either
+        try:
+            text = redact(self.format(record), self.secrets)
+            self.last.extend(text.split("\n"))
+            self.spool.write(text.encode("utf-8", "surrogateescape") + b"\n")
+        except (OSError, ValueError, UnicodeError):
+            pass
+
+    def handleError(self, record):
+        """A line that cannot be kept is left out of the mail, never printed as a traceback."""
+
+    def compressed(self):
+        """All of this run's log lines, gzip-compressed."""
+        import gzip
+        self.acquire()
+        try:
+            self.spool.flush()
+            self.spool.seek(0)
+            buffer = io.BytesIO()
+            with gzip.GzipFile(fileobj=buffer, mode="wb") as packed:
+                shutil.copyfileobj(self.spool, packed)
+            self.spool.seek(0, os.SEEK_END)
+            return buffer.getvalue()
+        finally:
+            self.release()
+
+    def tail(self):
+        self.acquire()
+        try:
+            return list(self.last)
+        finally:
+            self.release()
+
+
+class AlertMails(object):
+    """The alert mails of one run (nothing at all when DESTINATION_MAILS is empty)."""
+
+    def __init__(self, cfg, out):
+        self.cfg = cfg
+        self.out = out
+        self.instance = cfg["INSTANCE_ID"]
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.enabled = bool(mail_recipients(cfg)) and not debug_requested()
+        self.collector = None
+        self.threads = []
+        self.charset = "utf-8"
+        if self.enabled:
+            self.collector = RunLogCollector(out, mail_secrets(cfg))
+            out.logger.addHandler(self.collector)
+
+    def start(self):
+        """Once the log is open: say what cannot work, before the run needs it."""
+        if mail_recipients(self.cfg) and debug_requested():
+            self.out.notice("_DEBUG is set: no alert mail is sent.")
+        if self.enabled:
+            self.charset = mail_charset(self.cfg, self.out)
+
+    def while_running(self, limit):
+        """The watchdog's call when the run passes SOFT_MAX_EXEC_TIME or HARD_MAX_EXEC_TIME:
+        the mail is sent from a thread, so the run is not held up."""
+        if not self.enabled:
+            return
+        import threading
+        if limit == "soft":
+            subject = "Currently running - Warning alert for %s" % self.instance
+            state = ("is still running: it passed SOFT_MAX_EXEC_TIME (%d seconds) and goes on"
+                     % self.cfg["SOFT_MAX_EXEC_TIME"])
+        else:
+            subject = "Currently running - Error alert for %s" % self.instance
+            state = ("passed HARD_MAX_EXEC_TIME (%d seconds) and is being stopped; the next run continues where "
+                     "it stops" % self.cfg["HARD_MAX_EXEC_TIME"])
+        prepared = self.alert(subject, state)
+        if prepared is None:
+            return
+        thread = threading.Thread(target=self.deliver, args=(prepared, subject), name="osync-mail")
+        thread.daemon = True
+        thread.start()
+        self.threads.append(thread)
+
+    def after_run(self):
+        """The mail at the end of the run: with warnings or errors, or always with
+        ALWAYS_SEND_MAILS."""
+        for thread in self.threads:
+            thread.join(MAIL_TIMEOUT + 10)
+        if not self.enabled:
+            return
+        code = self.out.exit_code()
+        if code == 0 and not self.cfg["ALWAYS_SEND_MAILS"]:
+            return
+        kind = {0: "Alert", 1: "Error alert", 2: "Warning alert"}[code]
+        state = {0: "finished successfully", 1: "finished with errors", 2: "finished with warnings"}[code]
+        subject = "Finished run - %s for %s" % (kind, self.instance)
+        prepared = self.alert(subject, state)
+        if prepared is not None:
+            self.deliver(prepared, subject)
+
+    def alert(self, subject, state):
+        """An alert mail: what happened, then this run's last log lines; the whole run's
+        log attached gzip-compressed."""
+        try:
+            return self._alert(subject, state)
+        except (OSError, ValueError, UnicodeError, LookupError) as error:
+            self.out.warn("Cannot prepare the mail [%s]: %s." % (subject, one_line(str(error))))
+            return None
+
+    def _alert(self, subject, state):
+        lines = self.collector.tail()
+        body = ["Execution of %s instance %s on %s (started %s) %s." % (
+            PROGRAM, self.instance, socket.gethostname(), self.started, state)]
+        if self.out.logfile:
+            body.append("Log file: %s" % self.out.logfile)
+        body += ["", "Last %d lines of this run's log:" % len(lines)] + lines
+        name = "osync.%s.log.gz" % self.instance
+        attachment = (name, self.collector.compressed())
+        return build_mail(self.cfg, self.charset, subject, "\n".join(body) + "\n", attachment), attachment
+
+    def deliver(self, prepared, subject):
+        message, attachment = prepared
+        try:
+            problem = send_mail(self.cfg, message, attachment)
+        except Exception as error:   # a mail never stops the run, whatever went wrong with it
+            problem = "%s: %s" % (type(error).__name__, one_line(str(error)))
+        report_mail(self.cfg, self.out, subject, problem)
+
+
+def report_mail(cfg, out, subject, problem):
+    """One line for a mail sent, one warning for a mail that could not be."""
+    recipients = ", ".join(mail_recipients(cfg))
+    if problem is None:
+        out.notice("Sent the mail [%s] to %s." % (subject, recipients))
+    else:
+        out.warn(redact("Cannot send the mail [%s] to %s: %s." % (subject, recipients, problem), mail_secrets(cfg)))
+
+
+def send_conflict_mail(cfg, out, text, count):
+    """ALERT_CONFLICTS: the conflict list by mail (up to CONFLICT_MAIL_LIMIT characters),
+    as osync v1.3 sends it: its own subject, no attachment."""
+    if not mail_recipients(cfg):
+        out.notice("ALERT_CONFLICTS is set but DESTINATION_MAILS is empty: the conflicts are not mailed.")
+        return
+    if debug_requested():
+        return
+    subject = "Conflictual files found in [%s]" % cfg["INSTANCE_ID"]
+    if len(text) > CONFLICT_MAIL_LIMIT:
+        text = text[:CONFLICT_MAIL_LIMIT] + "\n[...] the whole list is in the state dir of the initiator.\n"
+    body = "%s instance %s on %s found %d conflicting files: INITIATOR << >> TARGET\n\n%s" % (
+        PROGRAM, cfg["INSTANCE_ID"], socket.gethostname(), count, redact(text, mail_secrets(cfg)))
+    try:
+        message = build_mail(cfg, mail_charset(cfg, out), subject, body)
+        problem = send_mail(cfg, message)
+    except (OSError, ValueError, UnicodeError) as error:
+        problem = one_line(str(error))
+    report_mail(cfg, out, subject, problem)
 
 
 # Command line -------------------------------------------------------------------------------
@@ -6648,8 +7122,11 @@ def main(argv=None):
     cfg = parse_or_report(argv, out)
     if isinstance(cfg, int):
         return cfg
+    mails = AlertMails(cfg, out)
     open_run_log(cfg, out)
-    run_task(cfg, out)
+    mails.start()
+    run_task(cfg, out, mails)
+    mails.after_run()
     return report_stop(out)
 
 
@@ -6692,13 +7169,13 @@ def open_run_log(cfg, out):
         out.warn(warning)
 
 
-def run_task(cfg, out):
+def run_task(cfg, out, mails=None):
     """Do what the command line asks for; however it stops, the reason is logged, and what
     was logged decides the exit code."""
     try:
         if cfg.switch("on_changes") or cfg.switch("on_changes_target"):
             raise ConfigError("Monitor mode (--on-changes) is not available in this version of osync.py yet.")
-        run_sync(cfg, out)
+        run_sync(cfg, out, mails)
     except OsyncError as error:
         out.critical(str(error))
     except StopRun as stop:
@@ -6710,9 +7187,10 @@ def run_task(cfg, out):
         report_internal_error(out, error)
 
 
-def run_sync(cfg, out):
+def run_sync(cfg, out, mails=None):
     """One sync of the two replicas, under the soft and hard time limits."""
-    with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"]):
+    with Watchdog(out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"],
+                  on_limit=mails.while_running if mails is not None else None):
         SyncRun(cfg, out).run()
 
 
