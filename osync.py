@@ -1151,7 +1151,9 @@ class ProgressLine(object):
         try:
             width = os.get_terminal_size(self.handler.fd).columns
         except OSError:
-            width = 80
+            width = 0
+        if width <= 0:
+            width = 80   # a terminal that does not say its size
         self._write("\r" + printable(text, 2000)[:max(width - 1, 10)] + "\033[K")
         self.shown = True
 
@@ -1538,6 +1540,45 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
         if process.poll() is not None:
             CHILDREN.ended(process)
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def run_command_watched(argv, on_line):
+    """Run argv like run_command, handing each line of its stdout (ended by a newline or
+    a carriage return, as progress output is) to `on_line` as it comes; the lines for
+    which on_line returns True are left out of the stdout text returned."""
+    stderr_file = tempfile.TemporaryFile()
+    try:
+        try:
+            process = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file)
+        except OSError as error:
+            return 127, "", "%s: %s" % (argv[0], error.strerror)
+        kept = []
+        pending = b""
+        try:
+            while True:
+                data = os.read(process.stdout.fileno(), 65536)
+                if not data:
+                    break
+                pieces = re.split(b"[\r\n]", pending + data)
+                pending = pieces.pop()
+                for piece in pieces:
+                    line = piece.decode("utf-8", "replace")
+                    if line.strip() and not on_line(line):
+                        kept.append(line)
+            if pending.strip():
+                kept.append(pending.decode("utf-8", "replace"))
+            process.wait()
+        except BaseException:
+            kill_process_group(process, grace=2.0)
+            raise
+        finally:
+            process.stdout.close()
+            if process.poll() is not None:
+                CHILDREN.ended(process)
+        stderr_file.seek(0)
+        return process.returncode, "\n".join(kept), stderr_file.read().decode("utf-8", "replace")
+    finally:
+        stderr_file.close()
 
 
 def read_tail(stderr_file, limit=600):
@@ -5193,7 +5234,10 @@ class Executor(object):
             for side in OTHER_SIDE:
                 self.lists[(step, side)] = WorkList(spool_dir)
         actions = 0
+        compared = 0
         for decision in decisions:
+            compared += 1
+            self.out.progress("Comparing the replicas: %d paths, %d changes" % (compared, actions))
             if decision.warning:
                 self.out.warn(decision.warning)
             if decision.action in (NOTHING, SKIP):
@@ -5212,6 +5256,7 @@ class Executor(object):
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
+        self.out.progress_done()
         if self.special_files_left_alone:
             count = self.special_files_left_alone
             self.out.notice("Left %d %s alone that %s a device, fifo or socket, which osync does not sync "
@@ -5799,12 +5844,38 @@ class Executor(object):
                     listing.flush()
                     self._run_rsync(source, destination, listing.name, same_device)
 
+    # A line of rsync --info=progress2: bytes so far, percent, rate, time left, and
+    # "(xfr#N, to-chk=LEFT/TOTAL)" once a file is done.
+    PROGRESS_LINE = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\d+:\d+:\d+)"
+                               r"(?:\s+\(xfr#(\d+), (?:ir|to)-chk=(\d+)/(\d+)\))?\s*$")
+
+    def _show_progress(self, source, destination, line):
+        """Turn one rsync progress line into the terminal's progress line; False for
+        any other line (rsync's -i list), which is kept for the log."""
+        match = self.PROGRESS_LINE.match(line)
+        if match is None:
+            return False
+        done, percent, rate, left, files, to_check, total = match.groups()
+        text = "Copying to the %s: %s%%, %s bytes, %s" % (destination, percent, done, rate)
+        if total:
+            text += ", %d/%s files" % (int(total) - int(to_check), total)
+        self.out.progress(text + ", %s left" % left)
+        return True
+
     def _run_rsync(self, source, destination, list_file, same_device):
         argv = rsync_command(self.cfg, self.replicas[source], self.replicas[destination], list_file,
                              verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport,
                              stamp=self.stamp, same_device=same_device)
-        self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
-        code, stdout, stderr = run_command(argv)
+        if self.out.progress_line is not None and self.out.progress_line.enabled():
+            # rsync's own overall progress (rsync >= 3.1), shown on the terminal only.
+            argv.insert(len(argv) - 2, "--info=progress2")
+            self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
+            code, stdout, stderr = run_command_watched(
+                argv, lambda line: self._show_progress(source, destination, line))
+            self.out.progress_done()
+        else:
+            self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
+            code, stdout, stderr = run_command(argv)
         if code not in (0, 24):
             self.rsync_failed.add(destination)
         if stdout.strip():
