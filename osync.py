@@ -1137,17 +1137,23 @@ class ProgressLine(object):
         self.handler = handler
         self.shown = False
         self.last_update = 0.0
+        self.phase = None
 
     def enabled(self):
         output = self.output
         return self.handler.fd is not None and not output.silent and not output.errors_only
 
     def update(self, text, force=False):
-        """Show `text` (cut to the terminal's width), at most ten times a second."""
+        """Show `text` (cut to the terminal's width): the first line of a new phase (the
+        words before the colon) at once, then at most ten updates a second."""
         now = time.time()
-        if not self.enabled() or (not force and now - self.last_update < 0.1):
+        phase = text.split(":", 1)[0]
+        if not self.enabled():
+            return
+        if not force and phase == self.phase and now - self.last_update < 0.1:
             return
         self.last_update = now
+        self.phase = phase
         try:
             width = os.get_terminal_size(self.handler.fd).columns
         except OSError:
@@ -6655,6 +6661,7 @@ class RunReport(object):
         if textfile and not self.dry:
             try:
                 write_atomically(os.path.abspath(textfile), [prometheus_text(report)])
+                os.chmod(os.path.abspath(textfile), 0o644)   # read by node_exporter, another user
             except OSError as error:
                 self.out.warn("Cannot write the Prometheus textfile %s (PROMETHEUS_TEXTFILE): %s."
                               % (textfile, error.strerror or error))
