@@ -5243,7 +5243,8 @@ class Executor(object):
         compared = 0
         for decision in decisions:
             compared += 1
-            self.out.progress("Comparing the replicas: %d paths, %d changes" % (compared, actions))
+            if self.out.progress_line is not None:
+                self.out.progress("Comparing the replicas: %d paths, %d changes" % (compared, actions))
             if decision.warning:
                 self.out.warn(decision.warning)
             if decision.action in (NOTHING, SKIP):
