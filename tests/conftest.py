@@ -329,8 +329,6 @@ class Pair:
             wd.pop("lock", None)
             if not with_state:
                 wd = {k: v for k, v in wd.items() if not (k == "state" or k.startswith("state/"))}
-            else:   # the run report is written by every run, dry ones too (tests/test_reports.py)
-                wd = {k: v for k, v in wd.items() if not k.startswith("state/run-report-")}
             out[name + "-workdir"] = wd
         return out
 

@@ -30,15 +30,12 @@ def synced(pair, names=("a", "b")):
 def both_replicas(pair):
     """What the refusal must leave as it was: each replica's tree (contents and mtimes) and
     the contents of its work dir (state, backup, deleted, lock), or what stands in the
-    replica's place.  The run report is left out: it is the one file a refused run writes
-    (tests/test_reports.py)."""
+    replica's place."""
     seen = {}
     for side in ("initiator", "target"):
         root = pair.root(side)
         if root.is_dir() and not root.is_symlink():
-            work_dir = {name: item for name, item in snapshot_workdir(root).items()
-                        if not name.startswith("state/run-report-")}
-            seen[side] = (snapshot(root, mtimes=True), work_dir)
+            seen[side] = (snapshot(root, mtimes=True), snapshot_workdir(root))
         elif os.path.lexists(str(root)):
             seen[side] = ("not a directory", root.read_bytes())
         else:
