@@ -64,6 +64,7 @@ STATE_FILE_NAMES = {
     "conflicts": "conflicts-%s",          # the conflicts of the last run
     "resume_count": "resume-count-%s",    # RESUME_TRY counting, as osync v1.3
     "last_action": "initiator-last-action-%s",
+    "report": "run-report-%s.json",       # how the last run went (RunReport)
 }
 STATE_FORMAT = "osync.py-state"
 STATE_VERSION = 1
@@ -167,6 +168,9 @@ SETTINGS = [
       "Create missing replica directories (off: a missing replica is an error, e.g. an unmounted disk)."),
     S("LOGFILE", "str", "", "GENERAL",
       "Log file; empty: /var/log/osync.INSTANCE_ID.log, else ~/osync.INSTANCE_ID.log, else ./osync.INSTANCE_ID.log."),
+    S("PROMETHEUS_TEXTFILE", "str", "", "GENERAL",
+      "Also write each run's report as this Prometheus textfile-collector file (a path ending in .prom in "
+      "node_exporter's --collector.textfile.directory); empty writes none."),
     S("MINIMUM_SPACE", "int", 10240, "GENERAL",
       "Warn when a replica has less free space than this, in KiB; 0 disables the check.", quick=1024),
     S("BANDWIDTH", "int", 0, "GENERAL", "rsync bandwidth limit of each transfer, in KiB/s; 0 means no limit."),
@@ -976,23 +980,58 @@ ALWAYS = 25
 # for the program that imports it.
 LEVEL_TAGS = {VERBOSE: "VERBOSE", logging.WARNING: "WARN", logging.ERROR: "ERROR", logging.CRITICAL: "CRITICAL"}
 LOG_MESSAGE_LIMIT = 16384
+# The syslog priority of each level, as journald reads it from a "<N>" line prefix.
+JOURNAL_PRIORITIES = {logging.DEBUG: 7, VERBOSE: 6, NOTICE: 6, ALWAYS: 5, logging.WARNING: 4,
+                      logging.ERROR: 3, logging.CRITICAL: 2}
+HIDDEN_SECRET = "[hidden]"
+
+
+def hide_secrets(text, secrets):
+    """`text` with every secret (a password, a token) replaced, longest first."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, HIDDEN_SECRET)
+    return text
+
+
+def journal_stream(stream_fd):
+    """Is this file descriptor systemd's journal stream?  systemd says so in JOURNAL_STREAM
+    (device:inode of the stream it connected); a stream redirected elsewhere is not."""
+    wanted = os.environ.get("JOURNAL_STREAM", "")
+    if stream_fd is None or not wanted:
+        return False
+    try:
+        info = os.fstat(stream_fd)
+    except OSError:
+        return False
+    return wanted == "%d:%d" % (info.st_dev, info.st_ino)
 
 
 class LineFormatter(logging.Formatter):
-    """osync's line format: PREFIX(LEVEL):message, or PREFIX message for notices."""
+    """osync's line format: PREFIX(LEVEL):message, or PREFIX message for notices.  Under
+    systemd's journal (journal=True) each line starts with its syslog priority instead of
+    the time prefix, since the journal stamps every line itself."""
 
-    def __init__(self, output, colour=False):
+    def __init__(self, output, colour=False, journal=False):
         logging.Formatter.__init__(self)
         self.output = output
-        self.colour = colour
+        self.colour = colour and not journal
+        self.journal = journal
 
     def format(self, record):
-        message = record.getMessage()
+        line = self.plain_format(record)
+        if not self.journal:
+            return line
+        priority = "<%d>" % JOURNAL_PRIORITIES.get(record.levelno, 6)
+        return "\n".join(priority + part for part in line.split("\n"))
+
+    def plain_format(self, record):
+        message = hide_secrets(record.getMessage(), self.output.secrets)
         if len(message) > LOG_MESSAGE_LIMIT:
             message = message[:LOG_MESSAGE_LIMIT] + " [...]"
         if getattr(record, "bare", False):
             return message
-        prefix = self.output.prefix(record.created)
+        prefix = "" if self.journal else self.output.prefix(record.created)
         if record.levelno in LEVEL_TAGS:
             line = "%s(%s):%s" % (prefix, LEVEL_TAGS[record.levelno], message)
         else:
@@ -1048,10 +1087,13 @@ class ScreenHandler(logging.Handler):
             os.fstat(self.fd)
         except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
             self.fd = None   # started with the stream closed
+        self.progress = None   # the ProgressLine shown on this stream's terminal, if any
 
     def emit(self, record):
         if self.fd is None:
             return
+        if self.progress is not None:
+            self.progress.clear()   # the line goes where the progress line was
         data = screen_bytes(self.format(record) + "\n", self.encoding)
         try:
             while data:
@@ -1090,6 +1132,56 @@ class CountingHandler(logging.Handler):
             self.warnings += 1
 
 
+class ProgressLine(object):
+    """One line on a terminal that each update overwrites (carriage return, erase to the
+    end of the line); never written to the log.  Shown only on a terminal, so never
+    under cron or systemd, and only while the screen shows notices."""
+
+    def __init__(self, output, handler):
+        self.output = output
+        self.handler = handler
+        self.shown = False
+        self.last_update = 0.0
+        self.phase = None
+
+    def enabled(self):
+        output = self.output
+        return self.handler.fd is not None and not output.silent and not output.errors_only
+
+    def update(self, text, force=False):
+        """Show `text` (cut to the terminal's width): the first line of a new phase (the
+        words before the colon) at once, then at most ten updates a second."""
+        now = time.time()
+        phase = text.split(":", 1)[0]
+        if not self.enabled():
+            return
+        if not force and phase == self.phase and now - self.last_update < 0.1:
+            return
+        self.last_update = now
+        self.phase = phase
+        try:
+            width = os.get_terminal_size(self.handler.fd).columns
+        except OSError:
+            width = 0
+        if width <= 0:
+            width = 80   # a terminal that does not say its size
+        self._write("\r" + printable(text, 2000)[:max(width - 1, 10)] + "\033[K")
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.shown = False
+            self._write("\r\033[K")
+
+    def _write(self, text):
+        data = screen_bytes(text, self.handler.encoding)
+        try:
+            while data:
+                data = data[os.write(self.handler.fd, data):]
+        except OSError:
+            self.handler.fd = None
+
+
 class Output(object):
     """The run's logger: screen, log file, prefix, switches and exit code."""
 
@@ -1100,17 +1192,49 @@ class Output(object):
         self.screen_threshold = NOTICE
         self.prefix_mode = "time"
         self.logfile = None
+        self.secrets = []          # values no line may show (see add_secret)
+        self.report = None         # the RunReport written when the run ends, once there is one
         self.logger = logging.Logger(PROGRAM, logging.DEBUG)
         self.counter = CountingHandler()
         self.logger.addHandler(self.counter)
         self.pending = []          # records logged before the log file is known
+        self.progress_line = None  # on stdout when it is a terminal
+        screens = []
         for stream, errors in ((sys.stdout, False), (sys.stderr, True)):
             handler = ScreenHandler(stream)
-            handler.setFormatter(LineFormatter(self, colour=self._is_tty(stream)))
+            journal = journal_stream(handler.fd)
+            handler.setFormatter(LineFormatter(self, colour=self._is_tty(stream), journal=journal))
             handler.addFilter(ScreenFilter(self, errors))
             self.logger.addHandler(handler)
+            screens.append(handler)
+        if self._is_terminal(screens[0].fd):
+            self.progress_line = ProgressLine(self, screens[0])
+            for handler in screens:
+                handler.progress = self.progress_line
         self.file_handler = None
         self.logger.addHandler(_PendingHandler(self))
+
+    @staticmethod
+    def _is_terminal(fd):
+        try:
+            return fd is not None and os.isatty(fd)
+        except OSError:
+            return False
+
+    def add_secret(self, value):
+        """Hide `value` (a password, a token) from every line written from now on."""
+        if value and len(value) >= 3 and value not in self.secrets:
+            self.secrets.append(value)
+            self.secrets.sort(key=len, reverse=True)
+
+    def progress(self, text, force=False):
+        """Show `text` on the terminal's progress line, if there is one."""
+        if self.progress_line is not None:
+            self.progress_line.update(text, force)
+
+    def progress_done(self):
+        if self.progress_line is not None:
+            self.progress_line.clear()
 
     @staticmethod
     def _is_tty(stream):
@@ -1427,6 +1551,45 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
         if process.poll() is not None:
             CHILDREN.ended(process)
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def run_command_watched(argv, on_line):
+    """Run argv like run_command, handing each line of its stdout (ended by a newline or
+    a carriage return, as progress output is) to `on_line` as it comes; the lines for
+    which on_line returns True are left out of the stdout text returned."""
+    stderr_file = tempfile.TemporaryFile()
+    try:
+        try:
+            process = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file)
+        except OSError as error:
+            return 127, "", "%s: %s" % (argv[0], error.strerror)
+        kept = []
+        pending = b""
+        try:
+            while True:
+                data = os.read(process.stdout.fileno(), 65536)
+                if not data:
+                    break
+                pieces = re.split(b"[\r\n]", pending + data)
+                pending = pieces.pop()
+                for piece in pieces:
+                    line = piece.decode("utf-8", "replace")
+                    if line.strip() and not on_line(line):
+                        kept.append(line)
+            if pending.strip():
+                kept.append(pending.decode("utf-8", "replace"))
+            process.wait()
+        except BaseException:
+            kill_process_group(process, grace=2.0)
+            raise
+        finally:
+            process.stdout.close()
+            if process.poll() is not None:
+                CHILDREN.ended(process)
+        stderr_file.seek(0)
+        return process.returncode, "\n".join(kept), stderr_file.read().decode("utf-8", "replace")
+    finally:
+        stderr_file.close()
 
 
 def read_tail(stderr_file, limit=600):
@@ -5077,6 +5240,7 @@ class Outcome(object):
         self.conflict_reports = []                           # ConflictReport of each, in path order
         self._conflict_by_path = {}
         self.failed = 0
+        self.bytes = 0                                       # size of the files copied (dry: to copy)
         self.entries = {"initiator": 0, "target": 0}        # items each side holds after the run
 
     def add(self, kind, side, path):
@@ -5208,7 +5372,11 @@ class Executor(object):
             for side in OTHER_SIDE:
                 self.lists[(step, side)] = WorkList(spool_dir)
         actions = 0
+        compared = 0
         for decision in decisions:
+            compared += 1
+            if self.out.progress_line is not None:
+                self.out.progress("Comparing the replicas: %d paths, %d changes" % (compared, actions))
             if decision.warning:
                 self.out.warn(decision.warning)
             if decision.action in (NOTHING, SKIP):
@@ -5227,6 +5395,7 @@ class Executor(object):
                 self._report_plan(decision)
                 self.spool.file.write("@" + json.dumps(decision_record(decision)) + "\n")
                 self._list_work(decision)
+        self.out.progress_done()
         if self.special_files_left_alone:
             count = self.special_files_left_alone
             self.out.notice("Left %d %s alone that %s a device, fifo or socket, which osync does not sync "
@@ -5404,6 +5573,8 @@ class Executor(object):
                 self.outcome.settle_conflict(decision.path, outcome)
             if outcome == DONE:
                 self.outcome.add("updated", destination, decision.path)
+                if arrived.kind == "f":
+                    self.outcome.bytes += arrived.size
             return recorded_pair(decision, outcome, arrived)
         if ("attrs", destination, decision.path) in self.problems or fresh[(destination, decision.path)] is None:
             return recorded_pair(decision, FAILED)
@@ -5467,6 +5638,8 @@ class Executor(object):
             kind = {COPY: "updated", ATTRS: "attributes", DELETE: "deleted"}[decision.action]
             self.outcome.add(kind, decision.side if decision.action == DELETE else decision.destination(),
                              decision.path)
+            if decision.action == COPY and decision.now(decision.source).kind == "f":
+                self.outcome.bytes += decision.now(decision.source).size
         if not self.out.wants(VERBOSE):
             return
         prefix = "Would " if self.dry else ""
@@ -5812,12 +5985,38 @@ class Executor(object):
                     listing.flush()
                     self._run_rsync(source, destination, listing.name, same_device)
 
+    # A line of rsync --info=progress2: bytes so far, percent, rate, time left, and
+    # "(xfr#N, to-chk=LEFT/TOTAL)" once a file is done.
+    PROGRESS_LINE = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\d+:\d+:\d+)"
+                               r"(?:\s+\(xfr#(\d+), (?:ir|to)-chk=(\d+)/(\d+)\))?\s*$")
+
+    def _show_progress(self, source, destination, line):
+        """Turn one rsync progress line into the terminal's progress line; False for
+        any other line (rsync's -i list), which is kept for the log."""
+        match = self.PROGRESS_LINE.match(line)
+        if match is None:
+            return False
+        done, percent, rate, left, files, to_check, total = match.groups()
+        text = "Copying to the %s: %s%%, %s bytes, %s" % (destination, percent, done, rate)
+        if total:
+            text += ", %d/%s files" % (int(total) - int(to_check), total)
+        self.out.progress(text + ", %s left" % left)
+        return True
+
     def _run_rsync(self, source, destination, list_file, same_device):
         argv = rsync_command(self.cfg, self.replicas[source], self.replicas[destination], list_file,
                              verbose=self.out.screen_threshold <= VERBOSE, transport=self.transport,
                              stamp=self.stamp, same_device=same_device)
-        self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
-        code, stdout, stderr = run_command(argv)
+        if self.out.progress_line is not None and self.out.progress_line.enabled():
+            # rsync's own overall progress (rsync >= 3.1), shown on the terminal only.
+            argv.insert(len(argv) - 2, "--info=progress2")
+            self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
+            code, stdout, stderr = run_command_watched(
+                argv, lambda line: self._show_progress(source, destination, line))
+            self.out.progress_done()
+        else:
+            self.out.debug("Running: %s" % " ".join(shlex.quote(arg) for arg in argv))
+            code, stdout, stderr = run_command(argv)
         if code not in (0, 24):
             self.rsync_failed.add(destination)
         if stdout.strip():
@@ -6028,6 +6227,8 @@ class SyncRun(object):
                 return
             try:
                 outcome = self.sync(spec, facts)
+                if out.report is not None:
+                    out.report.outcome = outcome
             except Refusal:
                 self.restore_bookkeeping(bookkeeping)   # a guard of the plan: nothing was changed
                 raise
@@ -7023,6 +7224,143 @@ def send_conflict_mail(cfg, out, text, count):
     report_mail(cfg, out, subject, problem)
 
 
+# Run report ---------------------------------------------------------------------------------
+# After every run (dry and refused runs too) a small JSON file in the initiator's state dir
+# says how it went, and optionally the same figures as a Prometheus textfile: monitoring
+# needs no log parsing.
+
+REPORT_ERRORS_KEPT = 100
+
+
+class _ErrorLines(logging.Handler):
+    """Keeps the first error lines of the run (the failed paths with their reasons)."""
+
+    def __init__(self, report):
+        logging.Handler.__init__(self, logging.ERROR)
+        self.report = report
+
+    def emit(self, record):
+        if len(self.report.errors) < REPORT_ERRORS_KEPT:
+            self.report.errors.append(record.getMessage())
+        else:
+            self.report.errors_left_out += 1
+
+
+class RunReport(object):
+    """What one run did: start, end, exit code, counts, failures; written when it ends."""
+
+    def __init__(self, cfg, out):
+        self.cfg = cfg
+        self.out = out
+        self.dry = cfg.switch("dry")
+        self.outcome = None        # the executor's Outcome, once the sync has run
+        self.refused_by = None     # the guard that refused the run
+        self.errors = []
+        self.errors_left_out = 0
+        out.logger.addHandler(_ErrorLines(self))
+
+    def state_dir(self):
+        """The initiator's state dir, or None when it is not there to write to: a report
+        never creates a work dir (a refused or dry run writes nothing else) and never
+        follows one through a link."""
+        replica = LocalReplica("initiator", self.cfg["INITIATOR_SYNC_DIR"], self.cfg["INITIATOR_CUSTOM_STATE_DIR"])
+        try:
+            if replica.custom_state_dir:
+                usable = check_private_dir(replica.state_dir, "The custom state dir", other_owners=(0,))
+            else:
+                usable = check_private_dir(replica.work_dir, "The work dir") and \
+                    check_private_dir(replica.state_dir, "The state dir")
+        except ReplicaError:
+            return None   # the run has said why it is unsafe, or it would have written nothing anyway
+        return replica.state_dir if usable else None
+
+    def figures(self, code, end):
+        outcome = self.outcome
+        counts = dict(("%s_%s" % (kind, side), 0) for kind in Outcome.KINDS for side in OTHER_SIDE)
+        if outcome is not None:
+            for (kind, side), number in outcome.counts.items():
+                counts["%s_%s" % (kind, side)] = number
+        secrets = self.out.secrets
+        return collections.OrderedDict([
+            ("instance_id", self.cfg["INSTANCE_ID"]),
+            ("initiator", self.cfg["INITIATOR_SYNC_DIR"]),
+            ("target", hide_secrets(self.cfg["TARGET_SYNC_DIR"], secrets)),
+            ("start", iso_time(self.out.start)), ("end", iso_time(end)),
+            ("start_timestamp", round(self.out.start, 3)), ("end_timestamp", round(end, 3)),
+            ("duration_seconds", round(end - self.out.start, 3)),
+            ("dry_run", self.dry), ("exit_code", code),
+            ("result", "refused" if self.refused_by else {0: "ok", 1: "errors", 2: "warnings"}[code]),
+            ("refused_by", self.refused_by),
+            ("transfers", counts["updated_initiator"] + counts["updated_target"]),
+            ("attribute_updates", counts["attributes_initiator"] + counts["attributes_target"]),
+            ("deletions", counts["deleted_initiator"] + counts["deleted_target"]),
+            ("bytes", outcome.bytes if outcome is not None else 0),
+            ("conflicts", len(outcome.conflicts) if outcome is not None else 0),
+            ("failed_paths", outcome.failed if outcome is not None else 0),
+            ("warnings", self.out.counter.warnings), ("errors", self.out.counter.errors),
+            ("counts", collections.OrderedDict(sorted(counts.items()))),
+            ("error_lines", [printable(hide_secrets(line, secrets), 2000) for line in self.errors]),
+            ("error_lines_left_out", self.errors_left_out),
+        ])
+
+    def write(self, code):
+        """Write the report (atomically); a report that cannot be written is a warning."""
+        report = self.figures(code, time.time())
+        state_dir = self.state_dir()
+        if state_dir is None:
+            self.out.verbose("No run report: the state dir of the initiator does not exist (yet).")
+        else:
+            path = os.path.join(state_dir, state_dir_file("report", self.cfg["INSTANCE_ID"]))
+            try:
+                write_atomically(path, [json.dumps(report, indent=2) + "\n"])
+            except OSError as error:
+                self.out.warn("Cannot write the run report %s: %s." % (path, error.strerror or error))
+        textfile = self.cfg["PROMETHEUS_TEXTFILE"]
+        if textfile and not self.dry:
+            try:
+                write_atomically(os.path.abspath(textfile), [prometheus_text(report)])
+                os.chmod(os.path.abspath(textfile), 0o644)   # read by node_exporter, another user
+            except OSError as error:
+                self.out.warn("Cannot write the Prometheus textfile %s (PROMETHEUS_TEXTFILE): %s."
+                              % (textfile, error.strerror or error))
+
+
+def iso_time(seconds):
+    """A time as ISO 8601 with the local offset, e.g. 2024-05-01T03:00:00+0200."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+PROMETHEUS_METRICS = (
+    ("start_timestamp", "osync_last_run_start_timestamp_seconds", "When the last run started (Unix time)."),
+    ("end_timestamp", "osync_last_run_end_timestamp_seconds", "When the last run ended (Unix time)."),
+    ("duration_seconds", "osync_last_run_duration_seconds", "How long the last run took."),
+    ("exit_code", "osync_last_run_exit_code", "Exit code of the last run: 0 ok, 1 errors, 2 warnings."),
+    ("refused", "osync_last_run_refused", "1 when a guard refused the last run before any change."),
+    ("transfers", "osync_last_run_transfers", "Files and directories copied by the last run."),
+    ("attribute_updates", "osync_last_run_attribute_updates", "Attribute-only updates of the last run."),
+    ("deletions", "osync_last_run_deletions", "Deletions made by the last run."),
+    ("bytes", "osync_last_run_transferred_bytes", "Size of the files copied by the last run."),
+    ("conflicts", "osync_last_run_conflicts", "Conflicts resolved by the last run."),
+    ("failed_paths", "osync_last_run_failed_paths", "Paths the last run could not sync (retried next run)."),
+)
+
+
+def prometheus_label(value):
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def prometheus_text(report):
+    """The report's figures in the Prometheus text exposition format."""
+    labels = '{instance_id="%s"}' % prometheus_label(report["instance_id"])
+    values = dict(report, refused=1 if report["refused_by"] else 0)
+    lines = []
+    for field, name, help_text in PROMETHEUS_METRICS:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s gauge" % name)
+        lines.append("%s%s %s" % (name, labels, values[field]))
+    return "\n".join(lines) + "\n"
+
+
 # Command line -------------------------------------------------------------------------------
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -7151,13 +7489,20 @@ def parse_or_report(argv, out):
         return 1
 
 
+# The keys whose values never appear in a log line, a mail or a run report.
+SECRET_KEYS = ("SMTP_USER", "SMTP_PASSWORD", "_REMOTE_TOKEN")
+
+
 def open_run_log(cfg, out):
     """The screen switches and the log file of the config, then the lines that open a run
     in the log, with what loading the config had to say."""
     out.configure(silent=cfg.switch("silent"), errors_only=cfg.switch("errors_only"),
                   verbose=cfg.switch("verbose"), debug=debug_requested(),
                   prefix="none" if cfg.switch("no_prefix") else "time")
+    for key in SECRET_KEYS:
+        out.add_secret(cfg[key])
     out.open_log(log_file_candidates(cfg["INSTANCE_ID"], cfg["LOGFILE"]))
+    out.report = RunReport(cfg, out)
     out.notice("-------------------------------------------------------------")
     out.notice("%s - %s %s%s started." % (time.strftime("%Y-%m-%d %H:%M:%S"), PROGRAM, VERSION,
                                           " (dry run)" if cfg.switch("dry") else ""))
@@ -7177,6 +7522,8 @@ def run_task(cfg, out, mails=None):
             raise ConfigError("Monitor mode (--on-changes) is not available in this version of osync.py yet.")
         run_sync(cfg, out, mails)
     except OsyncError as error:
+        if isinstance(error, Refusal) and out.report is not None:
+            out.report.refused_by = error.guard
         out.critical(str(error))
     except StopRun as stop:
         out.log(logging.ERROR if stop.level == "ERROR" else logging.WARNING, stop.reason)
@@ -7198,6 +7545,9 @@ def report_stop(out):
     """End the run: stop what is left of its children, log how it finished, close the
     log; returns the exit code (0 ok, 1 errors, 2 warnings only)."""
     CHILDREN.close()
+    out.progress_done()
+    if out.report is not None:
+        out.report.write(out.exit_code())
     code = out.exit_code()
     out.notice("%s finished%s." % (PROGRAM, {0: "", 1: " with errors", 2: " with warnings"}[code]))
     out.close()

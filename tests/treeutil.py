@@ -314,10 +314,15 @@ def expected(entries):
     return out
 
 
+RUN_REPORT_NAME = re.compile(r"^run-report-.*\.json$")
+
+
 def snapshot(root, mtimes=False, exclude_workdir=True):
     """{relpath: ("f", bytes) | ("d",) | ("l", target) | ("other", type)} of a tree, str
     relative paths; the top-level .osync_workdir is left out unless exclude_workdir is false.
-    With mtimes, files are ("f", bytes, mtime_ns)."""
+    With mtimes, files are ("f", bytes, mtime_ns).  The run report osync.py leaves in a
+    state dir after every run, dry and refused runs too (tests/test_reports.py), is left out:
+    it is the one file such runs write."""
     root = as_path(root)
     out = {}
 
@@ -327,6 +332,8 @@ def snapshot(root, mtimes=False, exclude_workdir=True):
         for e in entries:
             rel = prefix + e.name
             if exclude_workdir and rel == WORKDIR_NAME:
+                continue
+            if RUN_REPORT_NAME.match(e.name) and e.is_file(follow_symlinks=False):
                 continue
             if e.is_symlink():
                 out[rel] = ("l", os.readlink(e.path))
