@@ -901,3 +901,27 @@ def rsync_spy(tmp_path):
             return out
 
     return Spy
+
+
+# -- rsync wrappers --------------------------------------------------------------------------
+
+def shell_quote(path):
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def rsync_wrapper(tmp_path, before_rsync):
+    """An RSYNC_EXECUTABLE that runs the shell lines `before_rsync` and then the real rsync:
+    whatever it does happens after osync.py checked the destination and before rsync
+    replaces anything, the window a racing editor hits."""
+    real = shutil.which("rsync")
+    script = tmp_path / "rsync-wrapper"
+    script.write_text("#!/bin/sh\n%s\nexec %s \"$@\"\n" % (before_rsync, real))
+    script.chmod(0o755)
+    return {"RSYNC_EXECUTABLE": str(script)}
+
+
+def copy_of_children_list(children, seen):
+    """Shell lines for rsync_wrapper: copy the run's list of children (beside the lock) to
+    `seen`.  osync.py records a child once it has started, so the child waits for it."""
+    return ("for i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done; cat %s > %s"
+            % (shell_quote(children), shell_quote(children), shell_quote(seen)))

@@ -9,15 +9,11 @@ import time
 
 import pytest
 
-from conftest import T0, dir_files, put
+from conftest import T0, copy_of_children_list, dir_files, put, rsync_wrapper, shell_quote
 from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor right after rsync wrote the file\n"
-
-
-def shell_quote(path):
-    return "'" + str(path).replace("'", "'\\''") + "'"
 
 
 def rsync_then(tmp_path, after_rsync):
@@ -208,13 +204,7 @@ def test_the_children_are_recorded_with_this_boot(pair, tmp_path):
     put(pair.initiator, "f", b"data\n")
     children = pair.workdir("initiator") / "lock.children"
     seen = tmp_path / "seen"
-    script = tmp_path / "rsync-peek"
-    # osync.py records a child once it has started, so the wrapper (the child) waits for it.
-    script.write_text("#!/bin/sh\nfor i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done\n"
-                      "cat %s > %s\nexec %s \"$@\"\n" % (shell_quote(children), shell_quote(children),
-                                                           shell_quote(seen), shutil.which("rsync")))
-    script.chmod(0o755)
-    pair.run(env={"RSYNC_EXECUTABLE": str(script)}, expect=0)
+    pair.run(env=rsync_wrapper(tmp_path, copy_of_children_list(children, seen)), expect=0)
     with open("/proc/sys/kernel/random/boot_id") as handle:
         boot = handle.read().strip()
     lines = seen.read_text().splitlines()
