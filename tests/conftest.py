@@ -925,3 +925,11 @@ def copy_of_children_list(children, seen):
     `seen`.  osync.py records a child once it has started, so the child waits for it."""
     return ("for i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done; cat %s > %s"
             % (shell_quote(children), shell_quote(children), shell_quote(seen)))
+
+
+def plant_dead_run(workdir, pid, started, boot=None):
+    """Leave in `workdir` what a run killed with -9 leaves: its lock (a pid that is gone)
+    and its list of children naming `pid` (with `boot`, the boot id, when given)."""
+    (workdir / "lock").write_text("999999@quicksync_task")
+    line = "%d %s" % (pid, started) + (" " + boot if boot else "")
+    (workdir / "lock.children").write_text(line + "\n")

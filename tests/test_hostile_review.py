@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import T0, copy_of_children_list, dir_files, put, rsync_wrapper, shell_quote
+from conftest import T0, copy_of_children_list, dir_files, plant_dead_run, put, rsync_wrapper, shell_quote
 from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
@@ -189,9 +189,8 @@ def test_a_child_recorded_before_the_host_booted_is_never_stopped(pair):
     bystander = subprocess.Popen(["sleep", "300"])
     try:
         workdir = pair.workdir("initiator")
-        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
-        (workdir / "lock.children").write_text("%d %s 0f0e0d0c-0000-4000-8000-000000000000\n" % (
-            bystander.pid, process_start_time(bystander.pid)))
+        plant_dead_run(workdir, bystander.pid, process_start_time(bystander.pid),
+                       boot="0f0e0d0c-0000-4000-8000-000000000000")
         r = pair.run(expect=0)
         assert bystander.poll() is None, "a process of this boot was stopped as an orphan of an earlier boot"
         assert "of an earlier run are still running" not in r.output, r.output

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T0, chattr_supported, copy_of_children_list, dir_files, need, put, rsync_wrapper, shell_quote
+from conftest import (T0, chattr_supported, copy_of_children_list, dir_files, need, plant_dead_run, put,
+                      rsync_wrapper, shell_quote)
 from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
@@ -251,8 +252,7 @@ def test_a_takeover_waits_for_the_children_of_the_dead_run(pair):
     try:
         started = process_start_time(orphan.pid)
         workdir = pair.workdir("initiator")
-        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
-        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, started))
+        plant_dead_run(workdir, orphan.pid, started)
         r = pair.run(expect=0)
         assert "of an earlier run are still running" in r.output, r.output
         assert orphan.wait(timeout=5) is not None
