@@ -901,3 +901,35 @@ def rsync_spy(tmp_path):
             return out
 
     return Spy
+
+
+# -- rsync wrappers --------------------------------------------------------------------------
+
+def shell_quote(path):
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def rsync_wrapper(tmp_path, before_rsync):
+    """An RSYNC_EXECUTABLE that runs the shell lines `before_rsync` and then the real rsync:
+    whatever it does happens after osync.py checked the destination and before rsync
+    replaces anything, the window a racing editor hits."""
+    real = shutil.which("rsync")
+    script = tmp_path / "rsync-wrapper"
+    script.write_text("#!/bin/sh\n%s\nexec %s \"$@\"\n" % (before_rsync, real))
+    script.chmod(0o755)
+    return {"RSYNC_EXECUTABLE": str(script)}
+
+
+def copy_of_children_list(children, seen):
+    """Shell lines for rsync_wrapper: copy the run's list of children (beside the lock) to
+    `seen`.  osync.py records a child once it has started, so the child waits for it."""
+    return ("for i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done; cat %s > %s"
+            % (shell_quote(children), shell_quote(children), shell_quote(seen)))
+
+
+def plant_dead_run(workdir, pid, started, boot=None):
+    """Leave in `workdir` what a run killed with -9 leaves: its lock (a pid that is gone)
+    and its list of children naming `pid` (with `boot`, the boot id, when given)."""
+    (workdir / "lock").write_text("999999@quicksync_task")
+    line = "%d %s" % (pid, started) + (" " + boot if boot else "")
+    (workdir / "lock.children").write_text(line + "\n")

@@ -9,15 +9,11 @@ import time
 
 import pytest
 
-from conftest import T0, dir_files, put
+from conftest import T0, copy_of_children_list, dir_files, plant_dead_run, put, rsync_wrapper, shell_quote
 from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor right after rsync wrote the file\n"
-
-
-def shell_quote(path):
-    return "'" + str(path).replace("'", "'\\''") + "'"
 
 
 def rsync_then(tmp_path, after_rsync):
@@ -193,9 +189,8 @@ def test_a_child_recorded_before_the_host_booted_is_never_stopped(pair):
     bystander = subprocess.Popen(["sleep", "300"])
     try:
         workdir = pair.workdir("initiator")
-        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
-        (workdir / "lock.children").write_text("%d %s 0f0e0d0c-0000-4000-8000-000000000000\n" % (
-            bystander.pid, process_start_time(bystander.pid)))
+        plant_dead_run(workdir, bystander.pid, process_start_time(bystander.pid),
+                       boot="0f0e0d0c-0000-4000-8000-000000000000")
         r = pair.run(expect=0)
         assert bystander.poll() is None, "a process of this boot was stopped as an orphan of an earlier boot"
         assert "of an earlier run are still running" not in r.output, r.output
@@ -208,13 +203,7 @@ def test_the_children_are_recorded_with_this_boot(pair, tmp_path):
     put(pair.initiator, "f", b"data\n")
     children = pair.workdir("initiator") / "lock.children"
     seen = tmp_path / "seen"
-    script = tmp_path / "rsync-peek"
-    # osync.py records a child once it has started, so the wrapper (the child) waits for it.
-    script.write_text("#!/bin/sh\nfor i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done\n"
-                      "cat %s > %s\nexec %s \"$@\"\n" % (shell_quote(children), shell_quote(children),
-                                                           shell_quote(seen), shutil.which("rsync")))
-    script.chmod(0o755)
-    pair.run(env={"RSYNC_EXECUTABLE": str(script)}, expect=0)
+    pair.run(env=rsync_wrapper(tmp_path, copy_of_children_list(children, seen)), expect=0)
     with open("/proc/sys/kernel/random/boot_id") as handle:
         boot = handle.read().strip()
     lines = seen.read_text().splitlines()

@@ -11,26 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T0, chattr_supported, dir_files, need, put
+from conftest import (T0, chattr_supported, copy_of_children_list, dir_files, need, plant_dead_run, put,
+                      rsync_wrapper, shell_quote)
 from treeutil import process_start_time
 
 CONTENT_EDIT = b"the initiator's edit\n"
 CONTENT_SAVE = b"saved by the user's editor while the run transferred\n"
-
-
-def rsync_wrapper(tmp_path, before_rsync):
-    """An RSYNC_EXECUTABLE that runs the shell lines `before_rsync` and then the real rsync:
-    whatever it does happens after osync.py checked the destination and before rsync
-    replaces anything, the window a racing editor hits."""
-    real = shutil.which("rsync")
-    script = tmp_path / "rsync-wrapper"
-    script.write_text("#!/bin/sh\n%s\nexec %s \"$@\"\n" % (before_rsync, real))
-    script.chmod(0o755)
-    return {"RSYNC_EXECUTABLE": str(script)}
-
-
-def shell_quote(path):
-    return "'" + str(path).replace("'", "'\\''") + "'"
 
 
 def test_editor_save_during_the_transfer_is_never_lost(pair, tmp_path):
@@ -266,8 +252,7 @@ def test_a_takeover_waits_for_the_children_of_the_dead_run(pair):
     try:
         started = process_start_time(orphan.pid)
         workdir = pair.workdir("initiator")
-        (workdir / "lock").write_text("999999@quicksync_task")        # a dead run's lock
-        (workdir / "lock.children").write_text("%d %s\n" % (orphan.pid, started))
+        plant_dead_run(workdir, orphan.pid, started)
         r = pair.run(expect=0)
         assert "of an earlier run are still running" in r.output, r.output
         assert orphan.wait(timeout=5) is not None
@@ -283,9 +268,7 @@ def test_the_lock_names_the_children_of_the_run(pair, tmp_path):
     put(pair.initiator, "f", b"data\n")
     children = pair.workdir("initiator") / "lock.children"
     seen = tmp_path / "seen"
-    # osync.py records a child once it has started, so the wrapper (the child) waits for it.
-    env = rsync_wrapper(tmp_path, "for i in $(seq 100); do [ -s %s ] && break; sleep 0.05; done; cat %s > %s"
-                        % (shell_quote(children), shell_quote(children), shell_quote(seen)))
+    env = rsync_wrapper(tmp_path, copy_of_children_list(children, seen))
     pair.run(env=env, expect=0)
     recorded = [int(line.split()[0]) for line in seen.read_text().splitlines()]
     assert recorded, "no child was recorded beside the lock while rsync ran"
