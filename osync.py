@@ -2953,7 +2953,10 @@ class LocalReplica(WorkDirLayout):
                 remove_any(os.path.join(self.temp_dir(), name))
             for name in os.listdir(self.state_dir):
                 if name.startswith(".tmp-"):
-                    os.unlink(os.path.join(self.state_dir, name))
+                    try:
+                        os.unlink(os.path.join(self.state_dir, name))
+                    except FileNotFoundError:
+                        pass   # a refused run's report, renamed into place or removed meanwhile
         except OSError as error:
             raise ReplicaError("Cannot clear the temporary files of the %s replica (%s): %s."
                                % (self.role, error.filename or self.work_dir, error.strerror))
@@ -7246,6 +7249,9 @@ class _ErrorLines(logging.Handler):
             self.report.errors_left_out += 1
 
 
+REPORT_WRITE_ATTEMPTS = 5   # a run taking the lock clears temp files once, so one retry is nearly always enough
+
+
 class RunReport(object):
     """What one run did: start, end, exit code, counts, failures; written when it ends."""
 
@@ -7312,7 +7318,7 @@ class RunReport(object):
         else:
             path = os.path.join(state_dir, state_dir_file("report", self.cfg["INSTANCE_ID"]))
             try:
-                write_atomically(path, [json.dumps(report, indent=2) + "\n"])
+                self._write_report_file(path, json.dumps(report, indent=2) + "\n")
             except OSError as error:
                 self.out.warn("Cannot write the run report %s: %s." % (path, error.strerror or error))
         textfile = self.cfg["PROMETHEUS_TEXTFILE"]
@@ -7323,6 +7329,21 @@ class RunReport(object):
             except OSError as error:
                 self.out.warn("Cannot write the Prometheus textfile %s (PROMETHEUS_TEXTFILE): %s."
                               % (textfile, error.strerror or error))
+
+
+    @staticmethod
+    def _write_report_file(path, text):
+        """A refused run, or one that has just let go of its lock, writes its report while
+        another run may be taking the lock: that run clears the state dir's temp files, ours
+        among them, so a temp file removed under us is written again (the state dir's lock
+        is not ours to wait for, and the report is one small file replaced whole)."""
+        for attempt in range(REPORT_WRITE_ATTEMPTS):
+            try:
+                write_atomically(path, [text])
+                return
+            except FileNotFoundError:
+                if attempt == REPORT_WRITE_ATTEMPTS - 1 or not os.path.isdir(os.path.dirname(path)):
+                    raise
 
 
 def iso_time(seconds):
