@@ -984,6 +984,15 @@ LOG_MESSAGE_LIMIT = 16384
 JOURNAL_PRIORITIES = {logging.DEBUG: 7, VERBOSE: 6, NOTICE: 6, ALWAYS: 5, logging.WARNING: 4,
                       logging.ERROR: 3, logging.CRITICAL: 2}
 HIDDEN_SECRET = "[hidden]"
+# The keys whose values never appear in a log line, a mail or a run report.
+SECRET_KEYS = ("SMTP_USER", "SMTP_PASSWORD", "_REMOTE_TOKEN")
+SECRET_SHORTEST = 3   # a shorter value is left alone: replacing it would garble every line
+
+
+def secret_values(cfg):
+    """The values of SECRET_KEYS in this config that lines must not show, longest first."""
+    values = set(cfg[key] for key in SECRET_KEYS if len(cfg[key]) >= SECRET_SHORTEST)
+    return sorted(values, key=len, reverse=True)
 
 
 def hide_secrets(text, secrets):
@@ -1223,7 +1232,7 @@ class Output(object):
 
     def add_secret(self, value):
         """Hide `value` (a password, a token) from every line written from now on."""
-        if value and len(value) >= 3 and value not in self.secrets:
+        if value and len(value) >= SECRET_SHORTEST and value not in self.secrets:
             self.secrets.append(value)
             self.secrets.sort(key=len, reverse=True)
 
@@ -6865,7 +6874,6 @@ def describe_version(entry):
 MAIL_BODY_LINES = 1000          # the last lines of the run's log in an alert mail's body
 MAIL_TIMEOUT = 60               # seconds for the SMTP server or the local mailer
 CONFLICT_MAIL_LIMIT = 16384     # characters of the conflict list in its mail, as osync v1.3
-REDACTED = "********"
 LOCAL_MAILERS = ("sendmail", "mutt", "mail")
 SENDMAIL_PLACES = ("/usr/sbin/sendmail", "/usr/lib/sendmail")
 
@@ -6873,18 +6881,6 @@ SENDMAIL_PLACES = ("/usr/sbin/sendmail", "/usr/lib/sendmail")
 def mail_recipients(cfg):
     """DESTINATION_MAILS as a list: addresses separated by spaces, commas or semicolons."""
     return [address for address in re.split(r"[\s,;]+", cfg["DESTINATION_MAILS"]) if address]
-
-
-def mail_secrets(cfg):
-    """What must never appear in a mail or in the log: the SMTP password and the remote
-    token (a very short password is left alone: replacing it would garble every line)."""
-    return [secret for secret in (cfg["SMTP_PASSWORD"], cfg["_REMOTE_TOKEN"]) if len(secret) >= 3]
-
-
-def redact(text, secrets):
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return text
 
 
 def mail_sender(cfg):
@@ -7060,12 +7056,11 @@ def send_by_local_mailer(cfg, message, recipients, attachment):
 
 class RunLogCollector(logging.Handler):
     """This run's log lines, as the log file has them: the last MAIL_BODY_LINES for a mail
-    body, all of them in a temp file for the attachment; secrets replaced."""
+    body, all of them in a temp file for the attachment (secrets hidden by the formatter)."""
 
-    def __init__(self, output, secrets):
+    def __init__(self, output):
         logging.Handler.__init__(self, logging.DEBUG)
         self.output = output
-        self.secrets = secrets
         self.setFormatter(LineFormatter(output))
         self.last = collections.deque(maxlen=MAIL_BODY_LINES)
         self.spool = tempfile.TemporaryFile()
@@ -7074,7 +7069,7 @@ class RunLogCollector(logging.Handler):
         if record.levelno < min(self.output.screen_threshold, NOTICE):
             return   # not in the log file either
         try:
-            text = redact(self.format(record), self.secrets)
+            text = self.format(record)
             self.last.extend(text.split("\n"))
             self.spool.write(text.encode("utf-8", "surrogateescape") + b"\n")
         except (OSError, ValueError, UnicodeError):
@@ -7119,7 +7114,7 @@ class AlertMails(object):
         self.threads = []
         self.charset = "utf-8"
         if self.enabled:
-            self.collector = RunLogCollector(out, mail_secrets(cfg))
+            self.collector = RunLogCollector(out)
             out.logger.addHandler(self.collector)
 
     def start(self):
@@ -7203,7 +7198,7 @@ def report_mail(cfg, out, subject, problem):
     if problem is None:
         out.notice("Sent the mail [%s] to %s." % (subject, recipients))
     else:
-        out.warn(redact("Cannot send the mail [%s] to %s: %s." % (subject, recipients, problem), mail_secrets(cfg)))
+        out.warn("Cannot send the mail [%s] to %s: %s." % (subject, recipients, problem))
 
 
 def send_conflict_mail(cfg, out, text, count):
@@ -7218,7 +7213,7 @@ def send_conflict_mail(cfg, out, text, count):
     if len(text) > CONFLICT_MAIL_LIMIT:
         text = text[:CONFLICT_MAIL_LIMIT] + "\n[...] the whole list is in the state dir of the initiator.\n"
     body = "%s instance %s on %s found %d conflicting files: INITIATOR << >> TARGET\n\n%s" % (
-        PROGRAM, cfg["INSTANCE_ID"], socket.gethostname(), count, redact(text, mail_secrets(cfg)))
+        PROGRAM, cfg["INSTANCE_ID"], socket.gethostname(), count, hide_secrets(text, secret_values(cfg)))
     try:
         message = build_mail(cfg, mail_charset(cfg, out), subject, body)
         problem = send_mail(cfg, message)
@@ -7510,18 +7505,14 @@ def parse_or_report(argv, out):
         return 1
 
 
-# The keys whose values never appear in a log line, a mail or a run report.
-SECRET_KEYS = ("SMTP_USER", "SMTP_PASSWORD", "_REMOTE_TOKEN")
-
-
 def open_run_log(cfg, out):
     """The screen switches and the log file of the config, then the lines that open a run
     in the log, with what loading the config had to say."""
     out.configure(silent=cfg.switch("silent"), errors_only=cfg.switch("errors_only"),
                   verbose=cfg.switch("verbose"), debug=debug_requested(),
                   prefix="none" if cfg.switch("no_prefix") else "time")
-    for key in SECRET_KEYS:
-        out.add_secret(cfg[key])
+    for value in secret_values(cfg):
+        out.add_secret(value)
     out.open_log(log_file_candidates(cfg["INSTANCE_ID"], cfg["LOGFILE"]))
     out.report = RunReport(cfg, out)
     out.notice("-------------------------------------------------------------")
