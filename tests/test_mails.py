@@ -1,6 +1,6 @@
 """Alert mails and the conflict list, against a real SMTP server on loopback (aiosmtpd):
 plain SMTP, STARTTLS and implicit TLS with a throwaway CA made by openssl (given to
-osync.py through the standard SSL_CERT_FILE variable), a dead server, the local sendmail,
+osync.py through the standard SSL_CERT_FILE variable), a dead server, the local sendmail (msmtp) and mutt,
 the mails at the soft and hard time limits, and --log-conflicts / --alert-conflicts."""
 
 import email
@@ -260,24 +260,61 @@ def test_dead_smtp_server_only_warns(tmp_path):
     assert "Cannot send the mail [Finished run - Error alert for quicksync_task]" in r.stderr
 
 
-def test_local_sendmail_without_smtp_server(tmp_path):
-    """No SMTP_SERVER: the local sendmail gets the whole message (subject, attachment) and
-    every recipient on its command line."""
+def mailer_bin(tmp_path, name, program):
+    """A PATH dir holding only `program` under `name` (and rsync), so that osync.py finds
+    that local mailer first."""
     tools = tmp_path / "bin"
     tools.mkdir()
-    (tools / "sendmail").write_text('#!/bin/sh\nprintf "%%s\\n" "$@" > "%s/argv"\ncat > "%s/message"\n'
-                                    % (tmp_path, tmp_path))
-    (tools / "sendmail").chmod(0o755)
+    (tools / name).symlink_to(program)
+    return "%s:%s" % (tools, Path(shutil.which("rsync")).parent)
+
+
+def test_local_sendmail_without_smtp_server(tmp_path, smtp):
+    """No SMTP_SERVER: the local sendmail (msmtp, a real sendmail-compatible client, which
+    hands the mail to the test server) gets the whole message, subject and attachment, and
+    every recipient on its command line."""
+    msmtp = shutil.which("msmtp") or need("msmtp is not installed: tests/run installs it")
+    inbox, port = smtp()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".msmtprc").write_text("account default\nhost 127.0.0.1\nport %d\nfrom %s\n" % (port, SENDER))
+    (home / ".msmtprc").chmod(0o600)
     pair = Pair(tmp_path / "p")
-    env = dict(WARN_ENV, DESTINATION_MAILS=",".join(RECIPIENTS), PATH="%s:/usr/bin:/bin" % tools)
-    pair.run(expect=2, env=env)
-    argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[-2:] == RECIPIENTS and "-oi" in argv
-    message = email.message_from_bytes((tmp_path / "message").read_bytes(), policy=email.policy.default)
+    env = dict(WARN_ENV, DESTINATION_MAILS=",".join(RECIPIENTS), SENDER_MAIL=SENDER, HOME=str(home),
+               PATH=mailer_bin(tmp_path, "sendmail", msmtp))
+    r = pair.run(expect=2, env=env)
+    assert "Sent the mail [Finished run - Warning alert for quicksync_task]" in r.output, r.output
+    sender, recipients, message, _ = inbox.wait(1)[0]
+    assert sender == SENDER and recipients == RECIPIENTS
     assert str(message["Subject"]) == "Finished run - Warning alert for quicksync_task"
     body, attachments = parts(message)
     assert "There is not enough free space" in body
     assert "There is not enough free space" in gzip.decompress(attachments[0][1]).decode()
+
+
+def test_local_mutt_without_smtp_server(tmp_path, smtp):
+    """Without sendmail, mutt (configured by the user's muttrc to use the test server) gets
+    the subject, the body and the compressed log as an attachment."""
+    mutt = shutil.which("mutt") or need("mutt is not installed: tests/run installs it")
+    if Path("/usr/sbin/sendmail").exists() or Path("/usr/lib/sendmail").exists():
+        pytest.skip("a sendmail is installed on this host, and osync.py prefers it to mutt")
+    inbox, port = smtp()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".muttrc").write_text('set smtp_url="smtp://127.0.0.1:%d/"\nset from="%s"\nset use_from=yes\n'
+                                  'set copy=no\nset ssl_starttls=no\nset ssl_force_tls=no\n' % (port, SENDER))
+    pair = Pair(tmp_path / "p")
+    env = dict(WARN_ENV, DESTINATION_MAILS=" ".join(RECIPIENTS), HOME=str(home),
+               PATH=mailer_bin(tmp_path, "mutt", mutt))
+    r = pair.run(expect=2, env=env)
+    assert "Sent the mail [Finished run - Warning alert for quicksync_task]" in r.output, r.output
+    _, recipients, message, _ = inbox.wait(1)[0]
+    assert recipients == RECIPIENTS
+    assert str(message["Subject"]) == "Finished run - Warning alert for quicksync_task"
+    body, attachments = parts(message)
+    assert "There is not enough free space" in body
+    name, data = attachments[0]
+    assert name.endswith(".gz") and "There is not enough free space" in gzip.decompress(data).decode()
 
 
 def test_no_mailer_at_all_is_one_warning(tmp_path):
