@@ -6873,6 +6873,7 @@ def describe_version(entry):
 
 MAIL_BODY_LINES = 1000          # the last lines of the run's log in an alert mail's body
 MAIL_TIMEOUT = 60               # seconds for the SMTP server or the local mailer
+MAIL_ATTACHED_LOG_LIMIT = 32 * 1024 * 1024   # bytes of log lines kept for the attachment
 CONFLICT_MAIL_LIMIT = 16384     # characters of the conflict list in its mail, as osync v1.3
 LOCAL_MAILERS = ("sendmail", "mutt", "mail")
 SENDMAIL_PLACES = ("/usr/sbin/sendmail", "/usr/lib/sendmail")
@@ -7064,6 +7065,7 @@ class RunLogCollector(logging.Handler):
         self.setFormatter(LineFormatter(output))
         self.last = collections.deque(maxlen=MAIL_BODY_LINES)
         self.spool = tempfile.TemporaryFile()
+        self.spooled = 0   # bytes in the spool; past MAIL_ATTACHED_LOG_LIMIT only the body's tail grows
 
     def emit(self, record):
         if record.levelno < min(self.output.screen_threshold, NOTICE):
@@ -7071,7 +7073,12 @@ class RunLogCollector(logging.Handler):
         try:
             text = self.format(record)
             self.last.extend(text.split("\n"))
-            self.spool.write(text.encode("utf-8", "surrogateescape") + b"\n")
+            if self.spooled < MAIL_ATTACHED_LOG_LIMIT:
+                line = text.encode("utf-8", "surrogateescape") + b"\n"
+                self.spooled += len(line)
+                if self.spooled >= MAIL_ATTACHED_LOG_LIMIT:
+                    line += b"[...] the rest of this run's log is in the log file, not in this attachment.\n"
+                self.spool.write(line)
         except (OSError, ValueError, UnicodeError):
             pass
 

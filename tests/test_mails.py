@@ -439,3 +439,22 @@ def test_alert_conflicts_mails_the_list(pair, smtp):
     assert "the target's version won (newer modification time)" in body
     time.sleep(0.5)
     assert len(inbox.mails) == 1
+
+
+def test_attached_log_is_bounded_and_says_where_the_rest_is(monkeypatch):
+    """A run that logs without end (a debug run over a huge tree) does not fill /tmp with
+    the attachment's spool: past the limit only the body's last lines keep moving."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import osync
+    monkeypatch.setattr(osync, "MAIL_ATTACHED_LOG_LIMIT", 10000)
+    out = osync.Output()
+    collector = osync.RunLogCollector(out)
+    out.logger.addHandler(collector)
+    for number in range(2000):
+        out.logger.log(osync.NOTICE, "line %04d %s" % (number, "x" * 80))
+    attached = gzip.decompress(collector.compressed()).decode()
+    assert 10000 <= len(attached) < 10000 + 300
+    assert attached.rstrip().endswith("the rest of this run's log is in the log file, not in this attachment.")
+    assert "line 0000" in attached and "line 1999" not in attached
+    tail = collector.tail()
+    assert len(tail) == osync.MAIL_BODY_LINES and "line 1999" in tail[-1]
