@@ -197,6 +197,20 @@ def test_success_gives_exit_code_0(batch):
     assert batch.synced("one.conf") and batch.synced("two.conf")
 
 
+@pytest.mark.parametrize("switch", ["--silent", "--errors-only"])
+def test_screen_switches_apply_to_the_batch_too(batch, switch):
+    """--silent: nothing on the screen, even on failure; --errors-only: only the failures.
+    The log has every line either way."""
+    batch.task("broken.conf", {"INITIATOR_SYNC_DIR": str(batch.base / "missing")})
+    r = batch.run(switch, "--max-runs=1", expect=1)
+    assert r.stdout == "", batch.describe(r)
+    if switch == "--silent":
+        assert r.stderr == "", batch.describe(r)
+    else:
+        assert "Instance broken.conf failed with exit code 1" in r.stderr, batch.describe(r)
+    assert batch.runs("broken.conf") == ["failed"] and "Round 1 of at most 1" in batch.log_text()
+
+
 def test_other_arguments_are_passed_to_osync(batch):
     """--dry reaches osync.py: nothing is copied, and osync.py's log says it was a dry run."""
     pair = batch.task("good.conf")
