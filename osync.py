@@ -19,6 +19,7 @@ import argparse
 import base64
 import codecs
 import collections
+import contextlib
 import errno
 import hashlib
 import io
@@ -1520,6 +1521,21 @@ class Children(object):
 CHILDREN = Children()
 
 
+@contextlib.contextmanager
+def waiting_for(process):
+    """While the caller waits for a child: a stop on the way (a signal, a time limit, a
+    bug) kills the child's whole process group before it goes on up; a child that has
+    ended leaves the children list."""
+    try:
+        yield process
+    except BaseException:
+        kill_process_group(process, grace=2.0)
+        raise
+    finally:
+        if process.poll() is not None:
+            CHILDREN.ended(process)
+
+
 def kill_process_group(process, grace=5.0):
     """Stop a child and everything it started: SIGTERM, then SIGKILL after `grace` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -1547,18 +1563,14 @@ def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     except OSError as error:
         return 127, "", "%s: %s" % (argv[0], error.strerror)
-    try:
-        out, err = process.communicate(stdin_data, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_process_group(process)
-        out, err = process.communicate()
-        return -1, out.decode("utf-8", "replace"), err.decode("utf-8", "replace") + "\n(killed after %ss)" % timeout
-    except BaseException:
-        kill_process_group(process, grace=2.0)
-        raise
-    finally:
-        if process.poll() is not None:
-            CHILDREN.ended(process)
+    with waiting_for(process):
+        try:
+            out, err = process.communicate(stdin_data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_group(process)
+            out, err = process.communicate()
+            return -1, out.decode("utf-8", "replace"), \
+                err.decode("utf-8", "replace") + "\n(killed after %ss)" % timeout
     return process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
@@ -1574,7 +1586,7 @@ def run_command_watched(argv, on_line):
             return 127, "", "%s: %s" % (argv[0], error.strerror)
         kept = []
         pending = b""
-        try:
+        with waiting_for(process), process.stdout:
             while True:
                 data = os.read(process.stdout.fileno(), 65536)
                 if not data:
@@ -1588,13 +1600,6 @@ def run_command_watched(argv, on_line):
             if pending.strip():
                 kept.append(pending.decode("utf-8", "replace"))
             process.wait()
-        except BaseException:
-            kill_process_group(process, grace=2.0)
-            raise
-        finally:
-            process.stdout.close()
-            if process.poll() is not None:
-                CHILDREN.ended(process)
         stderr_file.seek(0)
         return process.returncode, "\n".join(kept), stderr_file.read().decode("utf-8", "replace")
     finally:
@@ -1639,7 +1644,7 @@ def run_shell_command(command, timeout, hung_up=None):
             return 127, False, "%s: %s" % (hook_shell(), error.strerror)
         killed = False
         deadline = time.time() + timeout if timeout else None
-        try:
+        with waiting_for(process):
             while process.poll() is None:
                 if deadline is not None and time.time() >= deadline:
                     killed = True
@@ -1651,12 +1656,6 @@ def run_shell_command(command, timeout, hung_up=None):
                         process.wait(timeout=0.5 if deadline is None else min(0.5, deadline - time.time()))
                     except subprocess.TimeoutExpired:
                         pass
-        except BaseException:
-            kill_process_group(process, grace=2.0)
-            raise
-        finally:
-            if process.poll() is not None:
-                CHILDREN.ended(process)
         size = output.seek(0, os.SEEK_END)
         output.seek(max(0, size - HOOK_OUTPUT_LIMIT))
         text = output.read(HOOK_OUTPUT_LIMIT).decode("utf-8", "surrogateescape")
