@@ -1,6 +1,7 @@
 """What cannot be read is never deleted (DESIGN §4.10), directory modes without owner x
 are not spread, and CONFLICT_BACKUP=no keeps no loser (DESIGN §3)."""
 
+import fcntl
 import os
 import pwd
 import secrets
@@ -61,11 +62,18 @@ def test_conflict_loser_is_kept_only_with_conflict_backup(pair, backup):
 # ======================================================================================
 
 def ensure_plain_user():
-    """The local user USER, with a home (ssh wants one), created when missing."""
+    """The local user USER, with a home (ssh wants one), created when missing.  Test files
+    on parallel workers share the user, so one of them at a time sets it up."""
     if not shutil.which("useradd") or not shutil.which("runuser"):
         need("useradd/runuser are not installed (passwd, util-linux): tests/run installs them")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         need("%s is missing: a non-root user cannot run root's pyenv Pythons" % SYSTEM_PYTHON)
+    with open("/tmp/osync-test-user.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _set_up_plain_user()
+
+
+def _set_up_plain_user():
     try:
         pwd.getpwnam(USER)
     except KeyError:
