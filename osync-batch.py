@@ -18,6 +18,7 @@ osync.py that is running, which stops cleanly, and no further config is started.
 Standard library only; CPython 3.6 to 3.13.
 """
 
+import argparse
 import os
 import re
 import shutil
@@ -40,30 +41,16 @@ WARNINGS_CODE = 2
 OSYNC_CONFIG_SUFFIX = ".conf"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-HELP_TEXT = """\
-%(program)s - run every osync.py config of a folder, one after the other
+DESCRIPTION = """\
+Run every osync.py config of a folder, one after the other: each *.conf file of DIR (any
+case, in sorted order), or the one FILE, is run as `osync.py CONF --silent [osync.py
+options]`. A run that fails (exit code 1) is run again after the others, while its config
+has runs left and the batch has time left."""
 
-usage: %(program)s --path=DIR|FILE [batch options] [osync.py options]
-
-Each *.conf file of DIR (any case, in sorted order), or the one FILE, is run as
-`osync.py CONF --silent [osync.py options]`. A run that fails (exit code 1) is run again
-after the others, while its config has runs left and the batch has time left.
-
-batch options:
-  --path=DIR|FILE       The folder of the configs, or one config file (needed).
-  --max-runs=N          Runs of each config at most, the first one included (default %(runs)d).
-  --max-retries=N       The same as --max-runs.
-  --max-exec-time=S     Failed configs are run again only while the batch has been running
-                        for less than S seconds (default %(time)d; 0: no limit). A run that has
-                        started is never cut short: osync.py has its own time limits.
-  --log-file=PATH       The batch's own log (default %(system_log)s, or ./%(name)s when
-                        %(system_dir)s is not writable). Each osync.py run keeps its own log.
-  --silent              Nothing on the screen (also passed to osync.py, which always gets it).
-  --errors-only         Only warnings and errors on the screen (also passed to osync.py).
-  -h, --help            Show this help.
-
-Every other argument is passed to each osync.py run, e.g. --dry, --no-maxtime, --verbose,
---summary, --force-unlock. osync.py is looked for next to %(program)s, then on PATH (as
+EPILOG = """\
+Options take their value as --option=VALUE or as --option VALUE. Every other argument is
+passed to each osync.py run, in its order, e.g. --dry, --no-maxtime, --verbose, --summary,
+--force-unlock. osync.py is looked for next to %(prog)s, then on PATH (as
 osync.py, then osync).
 
 SIGTERM, SIGINT or SIGHUP stops the batch: the running osync.py gets the signal and stops
@@ -71,10 +58,7 @@ cleanly; no further config is started.
 
 Exit codes: 0 every run succeeded, 1 a run failed (even if a later run of the same config
 succeeded) or the batch could not start, 2 warnings only (a run finished with warnings,
-or the batch was stopped by a signal).
-""" % {"program": PROGRAM, "runs": DEFAULT_MAX_RUNS, "time": DEFAULT_MAX_EXEC_TIME,
-       "system_log": os.path.join(SYSTEM_LOG_DIR, LOG_FILE_NAME), "name": LOG_FILE_NAME,
-       "system_dir": SYSTEM_LOG_DIR}
+or the batch was stopped by a signal)."""
 
 
 class BatchError(Exception):
@@ -83,64 +67,65 @@ class BatchError(Exception):
 
 # Command line -------------------------------------------------------------------------------
 
-class Request(object):
-    """What the command line asks for, before any value is checked."""
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong command line is a BatchError (one sentence, in the batch log,
+    exit code 1) instead of argparse's usage text and exit code 2."""
 
-    def __init__(self):
-        self.help = False
-        self.path = None
-        self.max_runs = None        # (option as given, text) or None for the default
-        self.max_exec_time = None
-        self.log_file = None
-        self.silent = False
-        self.errors_only = False
-        self.osync_arguments = []   # passed to every osync.py run, in their order
-        self.problems = []          # sentences; the first one is reported once the log is open
+    def error(self, message):
+        missing_value = re.match(r"argument (\S+): expected one argument$", message)
+        if missing_value:
+            option = missing_value.group(1)
+            raise BatchError("%s needs a value: give it as %s=VALUE." % (option, option))
+        raise BatchError("%s%s. Run %s --help for the options." % (message[0].upper(), message[1:], PROGRAM))
 
 
-BATCH_OPTIONS = ("--path", "--max-runs", "--max-retries", "--max-exec-time", "--log-file")
+def whole_number(option, minimum, example):
+    """The type= of a number option: its value as an int.  A value that is not a whole
+    number of `minimum` or more is a BatchError that names the option (argparse lets
+    errors that are not its own through)."""
+    def value(text):
+        if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < minimum:
+            raise BatchError("%s=%s is not a whole number of %d or more: give e.g. %s=%d."
+                             % (option, text, minimum, option, example))
+        return int(text)
+    return value
 
 
-def parse_command_line(argv):
-    """Split the arguments into the batch's own options and those for osync.py.  Options
-    take their value as --option=VALUE or as the next argument."""
-    request = Request()
-    words = list(argv)
-    while words:
-        word = words.pop(0)
-        name, has_value, value = word.partition("=")
-        if word in ("-h", "--help", "-?"):
-            request.help = True
-        elif name in BATCH_OPTIONS:
-            if not has_value:
-                if not words:
-                    request.problems.append("%s needs a value: give it as %s=VALUE." % (name, name))
-                    continue
-                value = words.pop(0)
-            if name == "--path":
-                request.path = value
-            elif name in ("--max-runs", "--max-retries"):
-                request.max_runs = (name, value)
-            elif name == "--max-exec-time":
-                request.max_exec_time = (name, value)
-            else:
-                request.log_file = value
-        else:
-            if word == "--silent":
-                request.silent = True
-            elif word == "--errors-only":
-                request.errors_only = True
-            if word != "--silent":   # every run gets --silent once, right after its config
-                request.osync_arguments.append(word)
-    return request
-
-
-def whole_number(option, text, minimum, example):
-    """The value of a number option; a BatchError that names the option if it is not one."""
-    if not re.match(r"^[0-9]+$", text.strip()) or int(text) < minimum:
-        raise BatchError("%s=%s is not a whole number of %d or more: give e.g. %s=%d."
-                         % (option, text, minimum, option, example))
-    return int(text)
+def command_line_parser(log_options_only=False):
+    """The batch's own options; parse_known_args leaves every other argument, in its order,
+    for osync.py.  Option names are never abbreviated: --pat=x is osync.py's, not --path.
+    With `log_options_only`, only the options that say where the batch reports, so that a
+    mistake in the others can be reported there."""
+    parser = CommandLineParser(prog=PROGRAM, allow_abbrev=False, add_help=False,
+                               usage="%(prog)s --path=DIR|FILE [batch options] [osync.py options]",
+                               description=DESCRIPTION, epilog=EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    options = parser.add_argument_group("batch options")
+    if not log_options_only:
+        options.add_argument("--path", metavar="DIR|FILE",
+                             help="The folder of the configs, or one config file (needed).")
+        options.add_argument("--max-runs", dest="max_runs", metavar="N", default=DEFAULT_MAX_RUNS,
+                             type=whole_number("--max-runs", 1, DEFAULT_MAX_RUNS),
+                             help="Runs of each config at most, the first one included (default %(default)s).")
+        options.add_argument("--max-retries", dest="max_runs", metavar="N", default=DEFAULT_MAX_RUNS,
+                             type=whole_number("--max-retries", 1, DEFAULT_MAX_RUNS),
+                             help="The same as --max-runs.")
+        options.add_argument("--max-exec-time", dest="max_exec_time", metavar="S", default=DEFAULT_MAX_EXEC_TIME,
+                             type=whole_number("--max-exec-time", 0, DEFAULT_MAX_EXEC_TIME),
+                             help="Failed configs are run again only while the batch has been running for "
+                                  "less than S seconds (default %(default)s; 0: no limit). A run that has "
+                                  "started is never cut short: osync.py has its own time limits.")
+    options.add_argument("--log-file", metavar="PATH",
+                         help="The batch's own log (default %s, or ./%s when %s is not writable). Each "
+                              "osync.py run keeps its own log."
+                              % (os.path.join(SYSTEM_LOG_DIR, LOG_FILE_NAME), LOG_FILE_NAME, SYSTEM_LOG_DIR))
+    options.add_argument("--silent", action="store_true",
+                         help="Nothing on the screen (also passed to osync.py, which always gets it).")
+    options.add_argument("--errors-only", action="store_true",
+                         help="Only warnings and errors on the screen (also passed to osync.py).")
+    if not log_options_only:
+        options.add_argument("-h", "--help", "-?", action="help", help="Show this help.")
+    return parser
 
 
 def shown(name):
@@ -194,20 +179,17 @@ def find_osync():
 
 
 class Options(object):
-    """The checked settings of a batch."""
+    """The checked settings of a batch, from the parsed command line and the arguments
+    left for osync.py."""
 
-    def __init__(self, request):
-        self.max_runs = DEFAULT_MAX_RUNS
-        if request.max_runs is not None:
-            self.max_runs = whole_number(request.max_runs[0], request.max_runs[1], 1, DEFAULT_MAX_RUNS)
-        self.max_exec_time = DEFAULT_MAX_EXEC_TIME
-        if request.max_exec_time is not None:
-            self.max_exec_time = whole_number(request.max_exec_time[0], request.max_exec_time[1], 0,
-                                              DEFAULT_MAX_EXEC_TIME)
+    def __init__(self, request, osync_arguments):
+        self.max_runs = request.max_runs
+        self.max_exec_time = request.max_exec_time
         self.path = request.path
         self.configs = find_configs(request.path)
         self.osync_command = find_osync()
-        self.osync_arguments = request.osync_arguments
+        # Every run gets --silent right after its config; --errors-only applies to it too.
+        self.osync_arguments = (["--errors-only"] if request.errors_only else []) + osync_arguments
 
 
 # Log ----------------------------------------------------------------------------------------
@@ -425,24 +407,33 @@ def plural(count):
     return "" if count == 1 else "s"
 
 
+def open_log(argv):
+    """The batch log where --log-file, --silent and --errors-only say; they are read on
+    their own, so that a mistake elsewhere on the command line is reported there too."""
+    report = command_line_parser(log_options_only=True).parse_known_args(argv)[0]
+    log = BatchLog(silent=report.silent, errors_only=report.errors_only)
+    log.open(log_file_candidates(report.log_file))
+    return log
+
+
 def main(argv=None):
     """Run the batch with these command-line arguments; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    request = parse_command_line(argv)
-    if request.help:
-        write_screen(sys.stdout, HELP_TEXT)
-        return 0
-    log = BatchLog(silent=request.silent, errors_only=request.errors_only)
+    try:   # --help shows the help and exits here
+        request, osync_arguments = command_line_parser().parse_known_args(argv)
+        problem = None
+    except BatchError as error:   # reported in the batch log, once it is open
+        request, osync_arguments, problem = None, None, error
     with SignalForwarder() as signals:
         try:
-            log.open(log_file_candidates(request.log_file))
+            log = open_log(argv)
         except BatchError as error:   # shown even with --silent: there is no log to hold it
             write_screen(sys.stderr, "%s: %s\n" % (PROGRAM, error))
             return 1
         try:
-            if request.problems:
-                raise BatchError(request.problems[0])
-            run_batch(Options(request), log, signals)
+            if problem is not None:
+                raise problem
+            run_batch(Options(request, osync_arguments), log, signals)
         except BatchError as error:
             log.error(str(error))
         except Exception as error:   # a bug: one sentence on the screen, the traceback in the log

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, WORKDIR, Pair, build, check_no_internal_error, clean_env
+from conftest import REPO, WORKDIR, Pair, build, check_no_internal_error, clean_env, need, pyenv_python
 
 BATCH = REPO / "osync-batch.py"
 BATCH_TIMEOUT = 120
@@ -254,6 +254,51 @@ def test_bad_command_lines_are_one_sentence_and_run_nothing(batch, case, path, a
     assert not batch.osync_log.exists(), "osync.py was run" + batch.describe(r)
 
 
+def test_an_abbreviated_option_is_passed_to_osync_not_taken_for_a_batch_option(batch):
+    """--pat=x is no batch option (names are never abbreviated): osync.py gets it and
+    refuses it, instead of the batch reading configs from x."""
+    pair = batch.task("good.conf")
+    r = batch.run("--pat=x", "--max-runs=1", expect=1)
+    assert batch.runs("good.conf") == ["failed"], batch.describe(r)
+    assert "does not exist" not in r.output + batch.log_text(), batch.describe(r)
+    osync_said = batch.osync_log.read_text() if batch.osync_log.exists() else r.output
+    assert "--pat=x" in osync_said, osync_said + batch.describe(r)
+    assert os.listdir(str(pair.target)) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-runs=0"], "--max-runs=0 is not a whole number of 1 or more"),
+    (["--path"], "--path needs a value: give it as --path=VALUE."),
+    (["--max-exec-time", "soon"], "--max-exec-time=soon is not a whole number of 0 or more"),
+], ids=["bad number", "no value", "bad number as next word"])
+def test_a_mistake_before_log_file_is_reported_in_that_log(batch, args, says):
+    """The batch reads --log-file even when an option before it is wrong, so that the
+    mistake lands in the log a crontab names, as one sentence and exit code 1."""
+    batch.task("good.conf")
+    argv = [sys.executable, str(BATCH)] + args + ["--path=%s" % batch.confdir, "--log-file=%s" % batch.log]
+    r = batch.run(argv=argv, expect=1)
+    assert says in r.stderr and says in batch.log_text(), batch.describe(r)
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, batch.describe(r)
+    assert "usage:" not in r.output, batch.describe(r)
+    assert not batch.osync_log.exists(), "osync.py was run" + batch.describe(r)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--log-file"], "osync-batch.py: --log-file needs a value: give it as --log-file=VALUE."),
+    (["--log-file={log}", "--silent=yes"], "osync-batch.py: Argument --silent: ignored explicit argument 'yes'. "
+                                   "Run osync-batch.py --help for the options."),
+], ids=["no log file", "switch with a value"])
+def test_a_wrong_log_option_is_one_sentence_on_the_screen(batch, args, says):
+    """When the options that say where to report are wrong themselves, the batch says so
+    on the screen (even with --silent), runs nothing and exits 1."""
+    batch.task("good.conf")
+    argv = batch.command(log_file=False) + [arg.format(log=batch.log) for arg in args]
+    r = batch.run(argv=argv, expect=1)
+    assert r.stderr == says + "\n" and r.stdout == "", batch.describe(r)
+    assert not batch.log.exists() and not (batch.base / "osync-batch.log").exists()
+    assert not batch.osync_log.exists(), "osync.py was run" + batch.describe(r)
+
+
 def test_unwritable_log_file_is_an_error(batch):
     batch.task("good.conf")
     argv = batch.command(log_file=False) + ["--log-file=%s" % (batch.base / "no-such-dir" / "batch.log")]
@@ -327,10 +372,24 @@ def test_a_stop_signal_reaches_the_running_osync_and_ends_the_batch(batch, stop)
     assert os.listdir(str(later.target)) == []
 
 
-def test_help_documents_every_option():
-    r = subprocess.run([sys.executable, str(BATCH), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=30)
+def oldest_python():
+    python = pyenv_python("3.6")
+    if python is None:
+        need("the help is checked under Python 3.6 from pyenv too")
+    return python
+
+
+@pytest.mark.parametrize("python", ["this", "3.6"])
+@pytest.mark.parametrize("switch", ["--help", "-h", "-?"])
+def test_help_documents_every_option(tmp_path, python, switch):
+    """Every spelling of help shows it and exits 0, under the newest and the oldest
+    supported Python, and writes no log in the working folder."""
+    interpreter = sys.executable if python == "this" else oldest_python()
+    r = subprocess.run([interpreter, str(BATCH), switch], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       cwd=str(tmp_path), universal_newlines=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r
-    for word in ("--path=DIR", "--max-runs=N", "--max-retries=N", "--max-exec-time=S", "--log-file=PATH",
-                 "--silent", "--dry", "Exit codes", "SIGTERM", "PATH"):
+    assert os.listdir(str(tmp_path)) == []
+    for word in ("--path=DIR|FILE", "--path DIR|FILE", "--max-runs N", "--max-retries N", "--max-exec-time S",
+                 "--log-file PATH", "--silent", "--errors-only", "-h, --help, -?", "--option=VALUE", "--dry",
+                 "Exit codes", "SIGTERM", "PATH"):
         assert word in r.stdout, word
