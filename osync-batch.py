@@ -195,6 +195,7 @@ class Options(object):
 # Log ----------------------------------------------------------------------------------------
 
 def log_file_candidates(log_file):
+    """Where the batch log may go, best first: --log-file alone when it is given."""
     if log_file:
         return [log_file]
     candidates = []
@@ -206,7 +207,9 @@ def log_file_candidates(log_file):
 
 class BatchLog(object):
     """The batch's lines, with a time stamp, in its log file and on the screen; counts the
-    warnings and errors, which decide the exit code."""
+    warnings and errors, which decide the exit code.  (Plain writes, not the logging module:
+    the counts, the traceback for the file only and a screen that may be gone would each
+    need a handler or a filter of their own.)"""
 
     def __init__(self, silent=False, errors_only=False):
         self.silent = silent
