@@ -326,12 +326,14 @@ class SignalForwarder(object):
             self.child = None
 
     def name(self):
+        """The name of the stop signal received, e.g. SIGTERM."""
         return signal.Signals(self.received).name
 
 
 # Batch --------------------------------------------------------------------------------------
 
 def describe_failure(code):
+    """How a run that did not succeed ended, for the log: its exit code or the signal."""
     if code < 0:
         try:
             return "was killed by signal %s" % signal.Signals(-code).name
