@@ -7910,15 +7910,21 @@ class Monitor(object):
             time.sleep(min(MONITOR_STEP, max(0.0, deadline - time.time())))
         self.check_signal()
 
-    def tell_watcher(self, side, where, answer):
-        """One warning, the first time a replica is watched by polling, saying why."""
-        kind, why = answer
-        if kind == "poll" and side not in self.polling_told:
-            self.polling_told.add(side)
-            self.out.warn("Monitor: the %s replica %s is watched by polling (a rescan every second or more, costly "
-                          "on big trees): %s." % (side, where, why))
-        else:
-            self.out.verbose("Monitor: the %s replica %s is watched with %s." % (side, where, kind))
+    def tell_watchers(self, started):
+        """One warning for the replicas of `started` ([side, where, [kind, why]]) watched by
+        polling, the first time they are, saying why; the others in verbose mode."""
+        polled = []
+        for side, where, (kind, why) in started:
+            if kind == "poll" and side not in self.polling_told:
+                self.polling_told.add(side)
+                polled.append((side, where, why))
+            else:
+                self.out.verbose("Monitor: the %s replica %s is watched with %s." % (side, where, kind))
+        if polled:
+            reasons = sorted(set(why for _, _, why in polled))
+            self.out.warn("Monitor: the %s watched by polling (a rescan every second or more, costly on big trees): "
+                          "%s." % (" and the ".join("%s replica %s" % (side, where) for side, where, _ in polled),
+                                   "; ".join(reasons)))
 
     # -- the remote host -------------------------------------------------------------------
     def open_remote(self, uri, role, state_dir):
@@ -7997,12 +8003,14 @@ class MonitorSession(Monitor):
         for replica in (self.initiator, self.local_target):
             if replica is not None:
                 replica.probe(cfg["CREATE_DIRS"])
+        started = []
         for side, replica in (("initiator", self.initiator), ("target", self.local_target)):
             if replica is not None:
                 watcher = TreeWatcher(replica.root, self.spec, self.options, self.ignored(replica.root, side),
                                       [PUSH_FILE_NAME] if side == "initiator" else [])
                 self.watchers[side] = watcher
-                self.tell_watcher(side, replica.root, watcher.start())
+                started.append([side, replica.root, watcher.start()])
+        self.tell_watchers(started)
         if self.remote:
             self.connect()
 
@@ -8016,7 +8024,7 @@ class MonitorSession(Monitor):
             self.close_remote(replica)
             raise
         self.target = replica
-        self.tell_watcher("target", replica.display, answer)
+        self.tell_watchers([["target", replica.display, answer]])
 
     def disconnect(self, why):
         replica, self.target = self.target, None
@@ -8226,7 +8234,7 @@ class TargetHelper(Monitor):
         ignored = [rel for rel in (relative_inside(self.target.root, name) for name in (
             cfg["TARGET_CUSTOM_STATE_DIR"], out.logfile) if name) if rel]
         self.watcher = TreeWatcher(self.target.root, self.spec, self.options, ignored)
-        self.tell_watcher("target", self.target.root, self.watcher.start())
+        self.tell_watchers([["target", self.target.root, self.watcher.start()]])
         if self.remote:
             self.initiator = self.open_remote(cfg["INITIATOR_SYNC_DIR"], "initiator",
                                               cfg["INITIATOR_CUSTOM_STATE_DIR"])
