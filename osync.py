@@ -246,9 +246,11 @@ SETTINGS = [
     S("KEEP_LOGGING", "int", 1801, "MISC_OPTIONS",
       "Log a 'still running' line every this many seconds; 0 disables."),
     S("MIN_WAIT", "int", 60, "MISC_OPTIONS",
-      "Monitor mode: seconds to wait after a change before syncing.", quick=30),
+      "Monitor mode: sync this many seconds after the last change (at most MAX_WAIT after the first).",
+      quick=30),
     S("MAX_WAIT", "int", 7200, "MISC_OPTIONS",
-      "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever."),
+      "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever (and a burst of "
+      "changes is synced after 10 x MIN_WAIT at most)."),
     # ---------------------------------------------------------------- [BACKUP_DELETE_OPTIONS]
     S("LOG_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Log the run's conflicts as a list (INITIATOR/path << >> TARGET/path, both versions, which won and why, "
@@ -338,7 +340,7 @@ SETTINGS = [
       option="--allow-mass-deletion"),
     S(None, "switch", False, None, "Record both replicas as the baseline for the next run; sync nothing.",
       option="--initialize"),
-    S(None, "switch", False, None, "Monitor mode: sync whenever the initiator changes.", option="--on-changes"),
+    S(None, "switch", False, None, "Monitor mode: sync whenever either replica changes.", option="--on-changes"),
     S(None, "switch", False, None, "Monitor mode on the target host: notify the initiator of changes.",
       option="--on-changes-target"),
 ]
@@ -3611,6 +3613,7 @@ class TreeWatcher(object):
         self.kind = None
         self.stopped = False
         self.thread = None
+        self.wake = None               # a threading.Event set on every change (a monitor watching two trees)
 
     # -- starting ------------------------------------------------------------------------
     def start(self, wanted="auto"):
@@ -3697,11 +3700,15 @@ class TreeWatcher(object):
             else:
                 self.changed.add(rel_path)
             self.condition.notify_all()
+        if self.wake is not None:
+            self.wake.set()
 
     def note_everything(self):
         with self.condition:
             self.overflow = True
             self.condition.notify_all()
+        if self.wake is not None:
+            self.wake.set()
 
     def counts(self, rel_path, is_dir):
         """Does a change of rel_path matter to the sync?"""
@@ -7979,6 +7986,7 @@ class MonitorSession(Monitor):
         self.local_target = None if self.remote else make_replica(cfg, "target")
         self.target = None       # the RemoteReplica of a remote target while connected
         self.watchers = {}       # side -> TreeWatcher, for the local replicas
+        self.wake = None         # set by either local watcher on a change
         self.pending = dict((side, set()) for side in self.SIDES)
         self.unknown = set()     # sides where more changed than the watcher could list
         self.syncs = 0
@@ -8003,11 +8011,14 @@ class MonitorSession(Monitor):
         for replica in (self.initiator, self.local_target):
             if replica is not None:
                 replica.probe(cfg["CREATE_DIRS"])
+        import threading
+        self.wake = threading.Event()
         started = []
         for side, replica in (("initiator", self.initiator), ("target", self.local_target)):
             if replica is not None:
                 watcher = TreeWatcher(replica.root, self.spec, self.options, self.ignored(replica.root, side),
                                       [PUSH_FILE_NAME] if side == "initiator" else [])
+                watcher.wake = self.wake
                 self.watchers[side] = watcher
                 started.append([side, replica.root, watcher.start()])
         self.tell_watchers(started)
@@ -8097,7 +8108,9 @@ class MonitorSession(Monitor):
             else:
                 self.sleep(wait)
         else:
-            got = self.add("target", *self.watchers["target"].take(wait)) or got
+            self.wake.wait(wait)   # a change on either local replica
+            self.wake.clear()
+            got = self.add("target", *self.watchers["target"].take(0)) or got
         return self.add("initiator", *self.watchers["initiator"].take(0)) or got
 
     def add(self, side, paths, overflow):

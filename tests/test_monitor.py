@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKDIR, check_no_internal_error, popen_osync, rsync_wrapper, shell_quote
+from conftest import check_no_internal_error, popen_osync, rsync_wrapper, shell_quote
 
 REMOTE_KINDS = ("remote", "remote-newest")
 SYNC_STARTS = re.compile(r"#### Monitor: sync (\d+) starts \((.*)\)\.")
@@ -178,31 +178,34 @@ def is_remote(pair):
 
 # -- changes on each side ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("side", ["initiator", "target"])
-def test_changes_on_each_side_arrive(pair, monitors, side):
-    """Create, edit, rename and delete on one replica: each reaches the other within
-    MIN_WAIT plus a few seconds, and a remote target is reached over one ssh connection
-    for the whole session."""
-    (pair.initiator / "old").write_text("old\n")
+def test_changes_on_each_side_arrive(pair, monitors):
+    """Create, edit, rename and delete on either replica: each change reaches the other
+    within MIN_WAIT plus a few seconds, the syncs' own writes start no further sync, and
+    a remote target is reached over one ssh connection for the whole session."""
+    for side in pair.roots:
+        (side / ("old-" + side.name)).write_text("old\n")
     mark = pair.sshd.mark() if is_remote(pair) else None
     monitor = monitors(pair, "--on-changes")
     monitor.wait_synced(1)
-    here, there = pair.root(side), pair.root(pair.other(side))
-    arrives(there / "old", "old\n")
-
-    (here / "new.txt").write_text("created\n")
-    arrives(there / "new.txt", "created\n")
-    (here / "sub").mkdir()
-    (here / "sub" / "deep").write_text("deep\n")
-    arrives(there / "sub" / "deep", "deep\n")
-    (here / "new.txt").write_text("edited, longer\n")
-    arrives(there / "new.txt", "edited, longer\n")
-    os.rename(str(here / "new.txt"), str(here / "renamed.txt"))
-    arrives(there / "renamed.txt", "edited, longer\n")
-    arrives(there / "new.txt", None)
-    (here / "old").unlink()
-    arrives(there / "old", None)
-    assert (pair.deleted(pair.other(side)) / "old").read_text() == "old\n", "a deletion is a soft deletion"
+    for side in ("initiator", "target"):
+        here, there = pair.root(side), pair.root(pair.other(side))
+        old = "old-" + here.name
+        arrives(there / old, "old\n")
+        (here / "new.txt").write_text("created on the %s\n" % side)
+        (here / side).mkdir()
+        (here / side / "deep").write_text("deep\n")
+        arrives(there / "new.txt", "created on the %s\n" % side)
+        arrives(there / side / "deep", "deep\n")
+        (here / "new.txt").write_text("edited on the %s, longer\n" % side)
+        arrives(there / "new.txt", "edited on the %s, longer\n" % side)
+        os.rename(str(here / "new.txt"), str(here / "renamed.txt"))
+        (here / old).unlink()
+        arrives(there / "renamed.txt", "edited on the %s, longer\n" % side)
+        arrives(there / "new.txt", None)
+        arrives(there / old, None)
+        assert (pair.deleted(pair.other(side)) / old).read_text() == "old\n", "a deletion is a soft deletion"
+        (here / "renamed.txt").unlink()
+        arrives(there / "renamed.txt", None)
 
     syncs = len(monitor.started())
     time.sleep(2.5)   # the syncs' own writes on both replicas
@@ -216,19 +219,21 @@ def test_changes_on_each_side_arrive(pair, monitors, side):
 def test_edit_during_a_sync_is_synced_by_the_next(pair, monitors, tmp_path):
     """A file edited while a sync is going on (after its scan) is synced by the next sync."""
     calls = tmp_path / "rsync-calls"
-    env = rsync_wrapper(tmp_path, "echo call >> %s; sleep 2" % shell_quote(calls))
+    slow = tmp_path / "slow"
+    env = rsync_wrapper(tmp_path, "[ -e %s ] && { echo call >> %s; sleep 1.5; }"
+                        % (shell_quote(slow), shell_quote(calls)))
     (pair.initiator / "during").write_text("before\n")
     monitor = monitors(pair, "--on-changes", env=env)
     monitor.wait_synced(1)
     arrives(pair.target / "during", "before\n")
     syncs = len(monitor.finished())
-    calls_before = calls.read_text().count("call") if calls.exists() else 0
 
+    slow.write_text("")
     (pair.initiator / "trigger").write_text("go\n")
-    wait_until(lambda: calls.exists() and calls.read_text().count("call") > calls_before, 15,
-               "the next sync to run rsync")
+    wait_until(calls.exists, 15, "the next sync to run rsync")
     assert len(monitor.finished()) == syncs, "the sync ended before the edit"
     (pair.initiator / "during").write_text("edited during the sync\n")
+    slow.unlink()
     arrives(pair.target / "trigger", "go\n", timeout=15)
     arrives(pair.target / "during", "edited during the sync\n", timeout=15)
     monitor.stop()
@@ -244,12 +249,12 @@ def test_excluded_paths_and_own_writes_start_no_sync(pair, monitors):
         (root / "cache").mkdir()
         (root / "cache" / "blob").write_text("x\n")
         (root / "cache" / "blob").write_text("xy\n")
-    time.sleep(3.5)
+    time.sleep(2.5)
     assert len(monitor.started()) == 1, "an excluded path started a sync" + monitor.describe()
 
     (pair.initiator / "real").write_text("real\n")
     arrives(pair.target / "real", "real\n")
-    time.sleep(3)
+    time.sleep(2.5)
     assert len(monitor.started()) == 2, "one change, one sync" + monitor.describe()
     assert not (pair.target / "scratch.tmp").exists() or (pair.target / "scratch.tmp").read_text() == "x\n"
     monitor.stop()
