@@ -8074,11 +8074,11 @@ class MonitorSession(Monitor):
             if self.collect(MONITOR_STEP):
                 debounce.changed(time.time())
             due = debounce.due(time.time())
+            if due is not None and self.remote and self.target is None:
+                continue   # synced once the link is back
             if due == "timeout":
                 return "MAX_WAIT (%d seconds) passed without changes" % self.cfg["MAX_WAIT"]
             if due == "changes":
-                if self.remote and self.target is None:
-                    continue   # synced once the link is back
                 reason = self.changes_to_sync()
                 debounce.reset()
                 if reason:

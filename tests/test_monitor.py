@@ -178,6 +178,7 @@ def is_remote(pair):
 
 # -- changes on each side ----------------------------------------------------------------------
 
+@pytest.mark.remote_newest
 def test_changes_on_each_side_arrive(pair, monitors):
     """Create, edit, rename and delete on either replica: each change reaches the other
     within MIN_WAIT plus a few seconds, the syncs' own writes start no further sync, and
