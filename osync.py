@@ -8088,7 +8088,7 @@ class MonitorSession(Monitor):
         try:
             self.connect()
         except ReplicaError as error:
-            self.lost("%s is still out of reach (%s)" % (self.host, error))
+            self.lost("%s is still out of reach: %s" % (self.host, str(error).rstrip(".")))
             return False
         self.connected()
         self.unknown.add("target")   # what changed there while the link was down is not known
@@ -8102,7 +8102,7 @@ class MonitorSession(Monitor):
                 try:
                     paths, overflow = self.target.take_changes(wait)
                 except ReplicaError as error:
-                    self.disconnect("the connection to %s was lost (%s)" % (self.host, error))
+                    self.disconnect("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
                     paths, overflow = [], True
                 got = self.add("target", paths, overflow) or got
             else:
@@ -8274,7 +8274,7 @@ class TargetHelper(Monitor):
                 self.initiator = self.open_remote(self.cfg["INITIATOR_SYNC_DIR"], "initiator",
                                                   self.cfg["INITIATOR_CUSTOM_STATE_DIR"])
             except ReplicaError as error:
-                self.lost("%s is out of reach (%s)" % (self.host, error))
+                self.lost("%s is out of reach: %s" % (self.host, str(error).rstrip(".")))
                 return False
             self.connected()
         now = time.time()
@@ -8288,10 +8288,11 @@ class TargetHelper(Monitor):
                     os.path.join(self.initiator.root, PUSH_FILE_NAME), getattr(error, "strerror", None) or error))
             replica, self.initiator = self.initiator, None
             self.close_remote(replica)
-            self.lost("the connection to %s was lost (%s)" % (self.host, error))
+            self.lost("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
             return False
         self.out.notice("Initiator of instance [%s] should be notified of file changes now." % self.cfg["INSTANCE_ID"])
-        self.notifier.send("STATUS=Initiator notified at %s; watching for changes." % time.strftime("%Y-%m-%d %H:%M:%S"))
+        self.notifier.send("STATUS=Initiator notified at %s; watching for changes."
+                           % time.strftime("%Y-%m-%d %H:%M:%S"))
         return True
 
     def close(self):

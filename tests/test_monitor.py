@@ -337,7 +337,7 @@ def test_remote_link_cut_and_restored(pair, monitors):
     assert ssh, "no ssh process under the monitor"
     for pid in ssh:
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: "was lost" in monitor.log(), 10, "the monitor to see the link go" + monitor.describe())
+    wait_until(lambda: "was dropped" in monitor.log(), 10, "the monitor to see the link go" + monitor.describe())
     wait_until(lambda: "connected to 127.0.0.1 again" in monitor.log(), 15,
                "the monitor to connect again" + monitor.describe())
     (pair.target / "after-the-cut").write_text("still synced\n")
@@ -454,3 +454,41 @@ def test_config_that_cannot_work_ends_at_start(pair, tmp_path):
     assert process.returncode == 1, result.output
     assert str(missing) in result.output and "does not exist" in result.output, result.output
     assert not missing.exists()
+
+
+# -- a hostile target host ------------------------------------------------------------------------------
+
+HOSTILE_WRAPPER = '''#!{python}
+import sys
+size = int(sys.argv[-1])
+source = sys.stdin.buffer.read(size) + b"\\n" + {patch!r}.encode("utf-8")
+namespace = {{"__name__": "osync_agent"}}
+exec(compile(source, "osync.py", "exec"), namespace)
+namespace["agent_main"]()
+'''
+
+# Appended to the agent's source: every answer to take_changes names a path outside the replica.
+LYING_CHANGES = '''
+_real_take_changes = LocalReplica.take_changes
+def _lying_take_changes(self, wait_seconds):
+    paths, overflow = _real_take_changes(self, wait_seconds)
+    return [["../outside"] + paths, overflow]
+LocalReplica.take_changes = _lying_take_changes
+'''
+
+
+def test_hostile_agent_changes_are_refused(pair, monitors):
+    """A target agent that answers take_changes with a path outside its replica is
+    refused with a sentence naming the host; the monitor goes on and stops cleanly."""
+    if not is_remote(pair):
+        pytest.skip("the hostile agent needs a remote target")
+    python = pair.base / "hostile-python"
+    python.write_text(HOSTILE_WRAPPER.format(python=pair.python, patch=LYING_CHANGES))
+    python.chmod(0o755)
+    monitor = monitors(pair, "--on-changes", env={"REMOTE_PYTHON": str(python)})
+    monitor.wait_synced(1)
+    wait_until(lambda: "sent an invalid path" in monitor.log(), 10, "the lie to be refused" + monitor.describe())
+    line = [text for text in monitor.log().splitlines() if "sent an invalid path" in text][0]
+    assert "127.0.0.1" in line and "take_changes" in line and "../outside" in line, line
+    assert "trying again in 1 second" in line, "the connection is dropped and tried again: " + line
+    monitor.stop()
