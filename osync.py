@@ -7875,6 +7875,7 @@ class Monitor(object):
         self.host = None
         self.backoff = 0
         self.retry_at = 0
+        self.connected_since = None
         self.polling_told = set()
         out.progress_line = None   # a service's log has no progress line
 
@@ -7945,6 +7946,7 @@ class Monitor(object):
             transport.close()
             raise
         self.transport = transport
+        self.connected_since = time.time()
         return replica
 
     def close_remote(self, replica):
@@ -7959,7 +7961,11 @@ class Monitor(object):
             self.transport = None
 
     def lost(self, why):
-        """The link is gone: say so, and when the next attempt is."""
+        """The link is gone: say so, and when the next attempt is.  The wait doubles at each
+        failure and starts again at 1 second once a connection has lasted the longest wait."""
+        if self.connected_since is not None and time.time() - self.connected_since >= MONITOR_BACKOFF_LIMIT:
+            self.backoff = 0
+        self.connected_since = None
         self.backoff = min(MONITOR_BACKOFF_LIMIT, self.backoff * 2) if self.backoff else 1
         self.retry_at = time.time() + self.backoff
         self.out.warn("Monitor: %s; trying again in %d second%s." % (why.rstrip("."), self.backoff,
@@ -7969,9 +7975,7 @@ class Monitor(object):
         return time.time() >= self.retry_at
 
     def connected(self):
-        if self.backoff:
-            self.out.notice("Monitor: connected to %s again." % self.host)
-        self.backoff = 0
+        self.out.notice("Monitor: connected to %s again." % self.host)
 
 
 class MonitorSession(Monitor):

@@ -479,7 +479,8 @@ LocalReplica.take_changes = _lying_take_changes
 
 def test_hostile_agent_changes_are_refused(pair, monitors):
     """A target agent that answers take_changes with a path outside its replica is
-    refused with a sentence naming the host; the monitor goes on and stops cleanly."""
+    refused with a sentence naming the host and its connection dropped; the monitor tries
+    again, waiting longer each time, and stops cleanly."""
     if not is_remote(pair):
         pytest.skip("the hostile agent needs a remote target")
     python = pair.base / "hostile-python"
@@ -490,5 +491,6 @@ def test_hostile_agent_changes_are_refused(pair, monitors):
     wait_until(lambda: "sent an invalid path" in monitor.log(), 10, "the lie to be refused" + monitor.describe())
     line = [text for text in monitor.log().splitlines() if "sent an invalid path" in text][0]
     assert "127.0.0.1" in line and "take_changes" in line and "../outside" in line, line
-    assert "trying again in 1 second" in line, "the connection is dropped and tried again: " + line
+    assert "trying again in 1 second." in line, "the connection is dropped and tried again: " + line
+    wait_until(lambda: "trying again in 2 seconds." in monitor.log(), 15, "the wait to double" + monitor.describe())
     monitor.stop()
