@@ -8184,7 +8184,6 @@ class MonitorSession(Monitor):
         and alert mail.  A failed sync is logged and mailed, and the monitor goes on."""
         cfg, out = self.cfg, self.out
         self.syncs += 1
-        out.notice("#### Monitor: sync %d starts (%s)." % (self.syncs, reason))
         out.counter.errors = out.counter.warnings = 0
         # What was seen so far happened before this sync's scan, which sees it.
         self.pending = dict((side, set()) for side in self.SIDES)
@@ -8193,6 +8192,7 @@ class MonitorSession(Monitor):
         out.report = MonitorReport(cfg, out)
         mails = AlertMails(cfg, out)
         try:
+            out.notice("#### Monitor: sync %d starts (%s)." % (self.syncs, reason))
             mails.start()
             run_task(cfg, out, mails, sync=self.sync_once)
             code = out.exit_code()

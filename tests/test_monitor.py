@@ -5,6 +5,8 @@ replica and wait, with a deadline, for the change to arrive on the other one.  M
 is 1 second so each change is due within a few seconds; syncs are counted in the log
 ("#### Monitor: sync N starts")."""
 
+import email
+import email.policy
 import os
 import re
 import shutil
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_no_internal_error, popen_osync, rsync_wrapper, shell_quote
+from conftest import check_no_internal_error, free_port, need, popen_osync, rsync_wrapper, shell_quote
 
 REMOTE_KINDS = ("remote", "remote-newest")
 SYNC_STARTS = re.compile(r"#### Monitor: sync (\d+) starts \((.*)\)\.")
@@ -376,6 +378,60 @@ def test_target_helper_notifies_the_initiator_monitor(pair, monitors):
     helper.stop()
     monitor.stop()
     assert not (pair.target / ".osync-update.push").exists(), "the push file was synced"
+
+
+# -- a failed sync --------------------------------------------------------------------------------------
+
+class Inbox:
+    def __init__(self):
+        self.mails = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def inbox():
+    """A plain SMTP server on loopback; yields (inbox, port)."""
+    try:
+        import aiosmtpd.controller
+    except ImportError:
+        need("aiosmtpd is not installed: tests/run installs it (pip install aiosmtpd)")
+    box = Inbox()
+    port = free_port()
+    controller = aiosmtpd.controller.Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield box, port
+    controller.stop()
+
+
+@pytest.mark.local_only
+def test_failed_sync_is_mailed_and_the_monitor_goes_on(pair, monitors, inbox, tmp_path):
+    """A sync whose rsync fails is logged and mailed with that sync's log lines, and the
+    monitor syncs the next change as usual."""
+    box, port = inbox
+    broken = tmp_path / "broken"
+    env = rsync_wrapper(tmp_path, "[ -e %s ] && exit 12" % shell_quote(broken))
+    env.update({"DESTINATION_MAILS": "ops@example.test", "SENDER_MAIL": "osync@example.test",
+                "SMTP_SERVER": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_ENCRYPTION": "none"})
+    monitor = monitors(pair, "--on-changes", env=env)
+    monitor.wait_synced(1)
+    broken.write_text("")
+    (pair.initiator / "fails").write_text("x\n")
+    monitor.wait_synced(2, timeout=15)
+    assert monitor.finished()[1] == (2, "failed"), monitor.describe()
+    wait_until(lambda: box.mails, 10, "the alert mail")
+    assert [str(mail["Subject"]) for mail in box.mails] == ["Finished run - Error alert for conftask"]
+    body = box.mails[0].get_body(("plain",)).get_content()
+    assert "sync 2 starts" in body and "sync 1 starts" not in body, body
+
+    broken.unlink()
+    (pair.initiator / "works").write_text("y\n")
+    arrives(pair.target / "works", "y\n")
+    arrives(pair.target / "fails", "x\n")
+    assert monitor.finished()[-1][1] == "succeeded"
+    monitor.stop()
 
 
 # -- service manager ---------------------------------------------------------------------------------
