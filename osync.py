@@ -3630,7 +3630,8 @@ class TreeWatcher(object):
             if not why:
                 return ["fswatch", ""]
         else:
-            why = "neither inotifywait (inotify-tools) nor fswatch is installed"
+            why = ("neither inotifywait nor fswatch is installed (install inotify-tools, or fswatch on macOS and "
+                   "the BSDs)")
         self._start_polling()
         return ["poll", why]
 
@@ -7930,9 +7931,10 @@ class Monitor(object):
                 self.out.verbose("Monitor: the %s replica %s is watched with %s." % (side, where, kind))
         if polled:
             reasons = sorted(set(why for _, _, why in polled))
-            self.out.warn("Monitor: the %s watched by polling (a rescan every second or more, costly on big trees): "
-                          "%s." % (" and the ".join("%s replica %s" % (side, where) for side, where, _ in polled),
-                                   "; ".join(reasons)))
+            names = " and the ".join("%s replica %s" % (side, where) for side, where, _ in polled)
+            self.out.warn("Monitor: the %s %s watched by polling, a rescan every second or more that costs more on "
+                          "big trees: %s."
+                          % (names, "are" if len(polled) > 1 else "is", "; ".join(reasons)))
 
     # -- the remote host -------------------------------------------------------------------
     def open_remote(self, uri, role, state_dir):
@@ -8025,12 +8027,13 @@ class MonitorSession(Monitor):
                 watcher.wake = self.wake
                 self.watchers[side] = watcher
                 started.append([side, replica.root, watcher.start()])
-        self.tell_watchers(started)
         if self.remote:
-            self.connect()
+            started.append(self.connect(tell=False))
+        self.tell_watchers(started)
 
-    def connect(self):
-        """Open the remote target and watch it through its agent."""
+    def connect(self, tell=True):
+        """Open the remote target and watch it through its agent; with tell=False, return
+        [side, where, how it is watched] for tell_watchers instead of telling it."""
         replica = self.open_remote(self.cfg["TARGET_SYNC_DIR"], "target", self.cfg["TARGET_CUSTOM_STATE_DIR"])
         try:
             replica.probe(self.cfg["CREATE_DIRS"])
@@ -8039,7 +8042,10 @@ class MonitorSession(Monitor):
             self.close_remote(replica)
             raise
         self.target = replica
+        if not tell:
+            return ["target", replica.display, answer]
         self.tell_watchers([["target", replica.display, answer]])
+        return None
 
     def disconnect(self, why):
         replica, self.target = self.target, None

@@ -315,8 +315,9 @@ def watchers_of(pair):
 # -- watchers ------------------------------------------------------------------------------------
 
 def test_polling_fallback_without_inotifywait(pair, monitors, tmp_path):
-    """With neither inotifywait nor fswatch on PATH the monitor polls, says so in one
-    warning, and changes still arrive."""
+    """With neither inotifywait nor fswatch on PATH (of this host and of a remote target's
+    agent) the monitor polls both replicas, says so in one warning, and changes still
+    arrive both ways."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for directory in os.environ.get("PATH", "/usr/bin:/bin").split(":"):
@@ -327,12 +328,17 @@ def test_polling_fallback_without_inotifywait(pair, monitors, tmp_path):
                 continue
             (bin_dir / name).symlink_to(os.path.join(directory, name))
     assert shutil.which("inotifywait", path=str(bin_dir)) is None
-    monitor = monitors(pair, "--on-changes", env={"PATH": str(bin_dir)})
+    env = {"PATH": str(bin_dir)}
+    if is_remote(pair):   # the agent's host too: its Python runs with the same PATH
+        wrapper = tmp_path / "python-without-inotifywait"
+        wrapper.write_text("#!/bin/sh\nPATH=%s exec %s \"$@\"\n" % (shell_quote(bin_dir), shell_quote(pair.python)))
+        wrapper.chmod(0o755)
+        env["REMOTE_PYTHON"] = str(wrapper)
+    monitor = monitors(pair, "--on-changes", env=env)
     monitor.wait_synced(1)
     warnings = [line for line in monitor.log().splitlines() if "watched by polling" in line]
     assert len(warnings) == 1, monitor.describe()
-    assert "inotifywait" in warnings[0] and "initiator replica" in warnings[0]
-    assert ("target replica" in warnings[0]) == (not is_remote(pair)), "the remote host has inotifywait"
+    assert "inotifywait" in warnings[0] and "initiator replica" in warnings[0] and "target replica" in warnings[0]
     (pair.initiator / "polled").write_text("seen by polling\n")
     arrives(pair.target / "polled", "seen by polling\n")
     (pair.target / "polled").write_text("and back\n")
