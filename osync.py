@@ -3645,20 +3645,25 @@ class TreeWatcher(object):
         except OSError as error:
             return "inotifywait cannot be started (%s)" % error.strerror
         messages = []
-        while True:
-            line = process.stderr.readline()
-            if not line:
-                break
-            text = line.decode("utf-8", "replace").strip()
-            if text.startswith("Watches established"):
-                self.process = process
-                self.kind = "inotifywait"
-                self._thread(self._read_inotifywait)
-                self._thread(self._drain_stderr)
-                return ""
-            if text and not text.startswith("Setting up watches"):
-                messages.append(text)
-        kill_process_group(process, grace=1.0)
+        try:
+            while True:
+                line = process.stderr.readline()
+                if not line:
+                    break
+                text = line.decode("utf-8", "replace").strip()
+                if text.startswith("Watches established"):
+                    self.process = process
+                    self.kind = "inotifywait"
+                    self._thread(self._read_inotifywait)
+                    self._thread(self._drain_stderr)
+                    return ""
+                if text and not text.startswith("Setting up watches"):
+                    messages.append(text)
+        finally:
+            if self.process is not process:   # it failed, or a stop signal came while it set up its watches
+                kill_process_group(process, grace=1.0)
+                process.stdout.close()
+                process.stderr.close()
         CHILDREN.ended(process)
         if any(INOTIFY_LIMIT_TEXT in text for text in messages):
             return ("inotifywait hit the inotify watch limit (raise fs.inotify.max_user_watches with sysctl to "
@@ -3829,6 +3834,7 @@ class TreeWatcher(object):
         if self.process is not None:
             kill_process_group(self.process, grace=1.0)
             CHILDREN.ended(self.process)
+            self.process.wait()
             self.process = None
 
 
