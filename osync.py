@@ -247,9 +247,11 @@ SETTINGS = [
     S("KEEP_LOGGING", "int", 1801, "MISC_OPTIONS",
       "Log a 'still running' line every this many seconds; 0 disables."),
     S("MIN_WAIT", "int", 60, "MISC_OPTIONS",
-      "Monitor mode: seconds to wait after a change before syncing.", quick=30),
+      "Monitor mode: sync this many seconds after the last change (at most MAX_WAIT after the first).",
+      quick=30),
     S("MAX_WAIT", "int", 7200, "MISC_OPTIONS",
-      "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever."),
+      "Monitor mode: sync anyway after this many seconds without changes; 0 waits forever (and a burst of "
+      "changes is synced after 10 x MIN_WAIT at most)."),
     # ---------------------------------------------------------------- [BACKUP_DELETE_OPTIONS]
     S("LOG_CONFLICTS", "bool", False, "BACKUP_DELETE_OPTIONS",
       "Log the run's conflicts as a list (INITIATOR/path << >> TARGET/path, both versions, which won and why, "
@@ -339,7 +341,7 @@ SETTINGS = [
       option="--allow-mass-deletion"),
     S(None, "switch", False, None, "Record both replicas as the baseline for the next run; sync nothing.",
       option="--initialize"),
-    S(None, "switch", False, None, "Monitor mode: sync whenever the initiator changes.", option="--on-changes"),
+    S(None, "switch", False, None, "Monitor mode: sync whenever either replica changes.", option="--on-changes"),
     S(None, "switch", False, None, "Monitor mode on the target host: notify the initiator of changes.",
       option="--on-changes-target"),
 ]
@@ -3554,6 +3556,298 @@ class LocalReplica(WorkDirLayout):
         except (OSError, ValueError):   # a stream without a file descriptor cannot be watched
             return False
 
+    # -- monitor mode -----------------------------------------------------------------------
+    watcher = None   # the TreeWatcher of start_watch
+
+    def start_watch(self, filter_spec, options, wanted, ignored, counted):
+        """Watch this replica for changes until stop_watch (monitor mode); [watcher kind,
+        why it polls or ""]."""
+        self.stop_watch()
+        self.watcher = TreeWatcher(self.root, filter_spec, options, ignored, counted)
+        return self.watcher.start(wanted)
+
+    def take_changes(self, wait_seconds):
+        """[paths changed since the last call, whether more changed], waiting up to
+        wait_seconds (at most WATCH_WAIT_LIMIT) for a first change."""
+        if self.watcher is None:
+            raise ReplicaError("The %s replica %s is not being watched." % (self.role, self.root))
+        return self.watcher.take(min(float(wait_seconds), WATCH_WAIT_LIMIT))
+
+    def stop_watch(self):
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        return True
+
+    def append_push_line(self, line):
+        """Tell the monitor of this replica that the other replica changed (the target
+        helper): one line appended to the push file at the root, never followed as a link."""
+        if "\n" in line.rstrip("\n") or len(line) > 1000:
+            raise ReplicaError("A push file line must be one short line.")
+        path = os.path.join(self.root, PUSH_FILE_NAME)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            os.write(fd, line.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+        return True
+
+
+# Watching a replica for changes (monitor mode) --------------------------------------------
+# A TreeWatcher runs for the whole monitor session, so a change made while a sync runs is
+# kept for the next one.  It collects the relative paths that changed into a bounded set
+# (past WATCH_PATHS_LIMIT it only remembers that something changed); what the run's filter
+# excludes, the work dir, and the files named in `ignored` never count.  inotifywait on
+# Linux, fswatch on macOS and the BSDs, and where neither can be used a polling rescan.
+
+WATCH_PATHS_LIMIT = 10000
+WATCH_WAIT_LIMIT = 10          # seconds take_changes may block in the agent
+INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write"
+INOTIFY_LIMIT_TEXT = "upper limit on inotify watches reached"
+WATCHER_EXCLUDE = r"/\.osync_workdir(/|$)"
+
+
+class TreeWatcher(object):
+    """Changes below one replica root, seen by a watcher program or by polling."""
+
+    def __init__(self, root, filter_spec, options, ignored=(), counted=()):
+        import threading
+        self.root = os.path.abspath(root)
+        self.path_filter = PathFilter(filter_spec)
+        self.options = dict(options, checksum=False, acl=False, xattr=False)
+        self.ignored = set(ignored)    # relative paths that never count (a state dir, a log inside the tree)
+        self.counted = set(counted)    # relative paths that always count (the target helper's push file)
+        self.condition = threading.Condition()
+        self.changed = set()
+        self.overflow = False
+        self.process = None
+        self.kind = None
+        self.stopped = False
+        self.thread = None
+        self.wake = None               # a threading.Event set on every change (a monitor watching two trees)
+
+    # -- starting ------------------------------------------------------------------------
+    def start(self, wanted="auto"):
+        """Start watching; returns [watcher kind, why the polling fallback is used or ""]."""
+        why = ""
+        if wanted == "poll":
+            why = "polling was asked for"
+        elif shutil.which("inotifywait"):
+            why = self._start_inotifywait()
+            if not why:
+                return ["inotifywait", ""]
+        elif shutil.which("fswatch"):
+            why = self._start_fswatch()
+            if not why:
+                return ["fswatch", ""]
+        else:
+            why = ("neither inotifywait nor fswatch is installed (install inotify-tools, or fswatch on macOS and "
+                   "the BSDs)")
+        self._start_polling()
+        return ["poll", why]
+
+    def _start_inotifywait(self):
+        """Start inotifywait -m -r; the reason it cannot be used, or "" once its watches are set."""
+        argv = ["inotifywait", "-m", "-r", "--format", "%e %w%f%0", "--no-newline", "-e", INOTIFY_EVENTS,
+                "--exclude", WATCHER_EXCLUDE, self.root]
+        try:
+            process = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        except OSError as error:
+            return "inotifywait cannot be started (%s)" % error.strerror
+        messages = []
+        try:
+            while True:
+                line = process.stderr.readline()
+                if not line:
+                    break
+                text = line.decode("utf-8", "replace").strip()
+                if text.startswith("Watches established"):
+                    self.process = process
+                    self.kind = "inotifywait"
+                    self._thread(self._read_inotifywait)
+                    self._thread(self._drain_stderr)
+                    return ""
+                if text and not text.startswith("Setting up watches"):
+                    messages.append(text)
+        finally:
+            if self.process is not process:   # it failed, or a stop signal came while it set up its watches
+                kill_process_group(process, grace=1.0)
+                process.stdout.close()
+                process.stderr.close()
+        CHILDREN.ended(process)
+        if any(INOTIFY_LIMIT_TEXT in text for text in messages):
+            return ("inotifywait hit the inotify watch limit (raise fs.inotify.max_user_watches with sysctl to "
+                    "use it)")
+        return "inotifywait failed (%s)" % one_line("; ".join(messages) or "no message", 300)
+
+    def _start_fswatch(self):
+        argv = ["fswatch", "-0", "-r", "-e", WATCHER_EXCLUDE, self.root]
+        try:
+            self.process = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
+        except OSError as error:
+            return "fswatch cannot be started (%s)" % error.strerror
+        self.kind = "fswatch"
+        self._thread(self._read_fswatch)
+        return ""
+
+    def _start_polling(self):
+        self.kind = "poll"
+        self.snapshot = self._poll_snapshot()
+        self._thread(self._poll)
+
+    def _thread(self, target):
+        import threading
+        thread = threading.Thread(target=target, name="osync-watch")
+        thread.daemon = True
+        thread.start()
+        self.thread = thread
+
+    # -- collecting ----------------------------------------------------------------------
+    def note(self, rel_path, is_dir):
+        """Record one changed path, if it counts."""
+        if not self.counts(rel_path, is_dir):
+            return
+        with self.condition:
+            if rel_path in self.changed:
+                return
+            if len(self.changed) >= WATCH_PATHS_LIMIT:
+                self.overflow = True
+            else:
+                self.changed.add(rel_path)
+            self.condition.notify_all()
+        if self.wake is not None:
+            self.wake.set()
+
+    def note_everything(self):
+        with self.condition:
+            self.overflow = True
+            self.condition.notify_all()
+        if self.wake is not None:
+            self.wake.set()
+
+    def counts(self, rel_path, is_dir):
+        """Does a change of rel_path matter to the sync?"""
+        if rel_path in self.counted:
+            return True
+        if not rel_path or rel_path in self.ignored:
+            return False
+        parts = rel_path.split("/")
+        if parts[0] == WORK_DIR_NAME or any(part in ("", ".", "..") for part in parts):
+            return False
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if prefix in self.ignored or self.path_filter.excluded(prefix, True):
+                return False
+        return not self.path_filter.excluded(rel_path, is_dir)
+
+    def relative(self, abs_path):
+        """The path below the root of a path the watcher printed, None for the root itself."""
+        if abs_path == self.root or not abs_path.startswith(self.root.rstrip("/") + "/"):
+            return None
+        return abs_path[len(self.root.rstrip("/")) + 1:].rstrip("/")
+
+    def _records(self, stream):
+        """NUL-terminated records of a watcher's output, as str."""
+        pending = b""
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                return
+            pending += chunk
+            while b"\0" in pending:
+                record, _, pending = pending.partition(b"\0")
+                yield os.fsdecode(record)
+
+    def _read_inotifywait(self):
+        for record in self._records(self.process.stdout):
+            events, _, path = record.partition(" ")
+            rel_path = self.relative(path)
+            if rel_path is not None:
+                self.note(rel_path, "ISDIR" in events.split(","))
+        self._watcher_ended()
+
+    def _read_fswatch(self):
+        for path in self._records(self.process.stdout):
+            rel_path = self.relative(path)
+            if rel_path is not None:
+                self.note(rel_path, os.path.isdir(path) and not os.path.islink(path))
+        self._watcher_ended()
+
+    def _drain_stderr(self):
+        for line in iter(self.process.stderr.readline, b""):
+            if INOTIFY_LIMIT_TEXT.encode() in line:
+                self.note_everything()   # a new directory could not be watched: its changes are unknown
+
+    def _watcher_ended(self):
+        """The watcher program stopped (the root went away, it was killed): what changed
+        since is unknown, and polling takes over."""
+        if self.stopped:
+            return
+        self.note_everything()
+        self.kind = "poll"
+        self.snapshot = self._poll_snapshot()
+        self._poll()
+
+    def _poll_snapshot(self):
+        """What a change would alter, for every item of the tree: kind, size, mtime, mode, owner."""
+        snapshot = {}
+        try:
+            for entry in walk_tree(self.root, self.path_filter, self.options):
+                snapshot[entry.path] = (entry.kind, entry.size, entry.mtime_ns, entry.mode, entry.uid, entry.gid,
+                                        entry.ino, entry.link)
+        except OSError:
+            pass   # the root is gone: the sync says so
+        for rel_path in self.counted:
+            try:
+                info = os.lstat(os.path.join(self.root, rel_path))
+                snapshot[rel_path] = ("f", info.st_size, info.st_mtime_ns)
+            except OSError:
+                pass
+        return snapshot
+
+    def _poll(self):
+        """Rescan the tree, at least a second apart and never busier than a fifth of the time."""
+        while not self.stopped:
+            started = time.time()
+            current = self._poll_snapshot()
+            spent = time.time() - started
+            previous = self.snapshot
+            for rel_path, signature in current.items():
+                if previous.get(rel_path) != signature:
+                    self.note(rel_path, signature[0] == "d")
+            for rel_path in previous:
+                if rel_path not in current:
+                    self.note(rel_path, previous[rel_path][0] == "d")
+            self.snapshot = current
+            previous = current = None
+            time.sleep(max(1.0, 4 * spent))
+
+    # -- handing over --------------------------------------------------------------------
+    def take(self, wait):
+        """[changed paths, whether more changed than they say], waiting up to `wait`
+        seconds for a first change; the collected set starts afresh."""
+        deadline = time.time() + max(0.0, wait)
+        with self.condition:
+            while not self.changed and not self.overflow:
+                left = deadline - time.time()
+                if left <= 0:
+                    break
+                self.condition.wait(left)
+            changed, overflow = sorted(self.changed), self.overflow
+            self.changed = set()
+            self.overflow = False
+        return [changed, overflow]
+
+    def stop(self):
+        self.stopped = True
+        if self.process is not None:
+            kill_process_group(self.process, grace=1.0)
+            CHILDREN.ended(self.process)
+            self.process.wait()
+            self.process = None
+
 
 # ======================================================================================
 # Agent
@@ -3924,6 +4218,23 @@ def _is_hook_result(value):
             and isinstance(value[2], str) and len(value[2]) <= HOOK_OUTPUT_LIMIT + 100)
 
 
+def _is_watch_start(value):
+    """[watcher kind, why it polls] of start_watch."""
+    return (isinstance(value, list) and len(value) == 2 and value[0] in ("inotifywait", "fswatch", "poll")
+            and isinstance(value[1], str) and len(value[1]) <= 2000)
+
+
+def checked_changes(result, host, op):
+    """[paths, more changed] of take_changes: at most WATCH_PATHS_LIMIT paths, each a
+    relative path of the replica outside its work dir."""
+    if not (isinstance(result, list) and len(result) == 2 and isinstance(result[0], list)
+            and len(result[0]) <= WATCH_PATHS_LIMIT and _is_bool(result[1])):
+        raise agent_violation(host, "a reply to %s of the wrong shape" % op)
+    for path in result[0]:
+        check_wire_path(path, host, "in its reply to %s" % op)
+    return result
+
+
 # The operations the agent serves, each the LocalReplica method of that name, and how
 # its reply is checked before the run uses it.  A CALL answers with one result, checked
 # by check(result, host, op); a CHUNKED call takes a list as its first argument and is
@@ -3952,6 +4263,10 @@ AGENT_OPERATIONS = {
     "read_attributes": (CHUNKED, checked_attribute_values),
     "settle_transfers": (CHUNKED, one_answer_per_item),
     "run_hook": (CALL, shaped(_is_hook_result)),
+    "start_watch": (CALL, shaped(_is_watch_start)),
+    "take_changes": (CALL, checked_changes),
+    "stop_watch": (CALL, shaped(_is_bool)),
+    "append_push_line": (CALL, shaped(_is_bool)),
     "scan": (STREAM, None),
 }
 
@@ -7383,6 +7698,657 @@ def prometheus_text(report):
     return "\n".join(lines) + "\n"
 
 
+# Monitor mode -------------------------------------------------------------------------------
+# --on-changes syncs, then watches both replicas (a remote target through its agent, on
+# the session's one connection) and syncs again MIN_WAIT seconds after the last change, at
+# most MAX_WAIT seconds after the first one, or MAX_WAIT seconds after the last sync when
+# nothing changed.  The watchers run the whole time, syncs included, so a change made
+# during a sync is seen; a changed path whose item is now exactly what the state of the
+# last sync records (the sync's own writes) does not start another sync.
+# --on-changes-target is osync v1.3's helper on the target host: it appends a line to the
+# initiator's push file whenever the target changes, and the initiator's monitor syncs.
+
+MONITOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+MONITOR_STEP = 0.5            # seconds between two looks at the watchers
+MONITOR_BACKOFF_LIMIT = 60    # seconds between two attempts to reach a host that is gone
+MONITOR_UNCAPPED_FACTOR = 10  # with MAX_WAIT=0, a burst of changes is synced after 10 x MIN_WAIT at most
+
+
+def monitor_requested(cfg):
+    return cfg.switch("on_changes") or cfg.switch("on_changes_target")
+
+
+class SystemdNotifier(object):
+    """The service manager's notifications (sd_notify) when NOTIFY_SOCKET is set: READY=1,
+    STATUS=..., and WATCHDOG=1 every half WATCHDOG_USEC from a thread of its own."""
+
+    def __init__(self, out):
+        self.out = out
+        self.address = os.environ.get("NOTIFY_SOCKET", "")
+        if self.address.startswith("@"):
+            self.address = "\0" + self.address[1:]   # an abstract socket name
+        self.socket = None
+        self.failed = False
+        self.stopped = False
+        self.watchdog_interval = None
+        if not self.address:
+            return
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_interval = int(usec) / 2000000.0
+
+    def send(self, text):
+        if self.socket is None:
+            return
+        try:
+            self.socket.sendto(text.encode("utf-8", "replace"), self.address)
+        except OSError as error:
+            if not self.failed:
+                self.failed = True
+                self.out.warn("Cannot notify the service manager through NOTIFY_SOCKET %s: %s."
+                              % (os.environ.get("NOTIFY_SOCKET"), error.strerror or error))
+
+    def start(self):
+        if self.watchdog_interval is None:
+            return
+        import threading
+        thread = threading.Thread(target=self._keep_alive, name="osync-watchdog")
+        thread.daemon = True
+        thread.start()
+
+    def _keep_alive(self):
+        while not self.stopped:
+            self.send("WATCHDOG=1")
+            time.sleep(self.watchdog_interval)
+
+    def close(self):
+        self.stopped = True
+        if self.socket is not None:
+            self.send("STOPPING=1")
+            self.socket.close()
+            self.socket = None
+
+
+class Debounce(object):
+    """When to act on changes: MIN_WAIT seconds after the last one, at most MAX_WAIT
+    after the first (10 x MIN_WAIT when MAX_WAIT is 0); MAX_WAIT seconds after the last
+    action when nothing changed (never when MAX_WAIT is 0)."""
+
+    def __init__(self, min_wait, max_wait):
+        self.min_wait = min_wait
+        self.max_wait = max_wait
+        self.cap = max_wait or MONITOR_UNCAPPED_FACTOR * min_wait
+        self.first = None
+        self.last = None
+        self.acted = time.time()
+
+    def changed(self, now):
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def due(self, now):
+        """"changes", "timeout" or None."""
+        if self.first is not None:
+            if now - self.last >= self.min_wait or now - self.first >= self.cap:
+                return "changes"
+            return None
+        if self.max_wait and now - self.acted >= self.max_wait:
+            return "timeout"
+        return None
+
+    def reset(self, acted=False):
+        self.first = self.last = None
+        if acted:
+            self.acted = time.time()
+
+
+def relative_inside(root, path):
+    """`path` relative to `root` when it lies inside it (a state dir or log in the tree), else None."""
+    if not path:
+        return None
+    root, path = posixpath.normpath(root), posixpath.normpath(path)
+    if path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1:]
+    return None
+
+
+def matches_state(recorded, current):
+    """Is an item now what the state of the last sync recorded for it (None: absent)?
+    Then a change seen there was that sync's own write, or is synced already."""
+    if recorded is None or current is None:
+        return recorded is None and current is None
+    if recorded.error or current.error:
+        return False
+    if not same_version(recorded, current) or recorded.mode != current.mode:
+        return False
+    return recorded.kind != "f" or same_mtime(recorded.mtime_ns, current.mtime_ns)
+
+
+class MonitorWatchdog(Watchdog):
+    """The watchdog of one sync of a monitor, which tells the monitor of a stop signal."""
+
+    def __init__(self, monitor, *args, **options):
+        Watchdog.__init__(self, *args, **options)
+        self.monitor = monitor
+
+    def _on_signal(self, signum, frame):
+        self.monitor.signalled = signum
+        Watchdog._on_signal(self, signum, frame)
+
+
+class MonitorSync(SyncRun):
+    """One sync of the monitor: a run like any other, on the monitor's connection to a
+    remote target, which stays open for the next sync (SyncRun.run closes its own)."""
+
+    def __init__(self, cfg, out, monitor):
+        SyncRun.__init__(self, cfg, out)
+        self.monitor = monitor
+        if self.transport is not None:
+            self.transport = monitor.transport
+
+    def connect(self):
+        self.replicas["target"] = self.monitor.target
+
+    def run(self):
+        cfg, out = self.cfg, self.out
+        spec = filter_spec(cfg)
+        if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
+            refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
+                   % cfg["RSYNC_EXECUTABLE"], "Install rsync, or set RSYNC_EXECUTABLE to the path of rsync")
+        if self.transport is not None and self.monitor.target is None:
+            raise ReplicaError("There is no connection to %s." % self.monitor.host)
+        hooks = Hooks(cfg, out, self.dry, self.transport)
+        finished = False
+        try:
+            hooks.before("local", self.replicas["initiator"])
+            if self.transport is not None:
+                self.connect()
+            hooks.before("remote", self.replicas["target"])
+            self.run_checked(spec)
+            finished = True
+        finally:
+            hooks.after(self.replicas, finished)
+
+
+class MonitorReport(RunReport):
+    """The run report of one sync of a monitor: its own start and duration."""
+
+    def __init__(self, cfg, out):
+        RunReport.__init__(self, cfg, out)
+        self.started = time.time()
+
+    def figures(self, code, end):
+        figures = RunReport.figures(self, code, end)
+        figures["start"] = iso_time(self.started)
+        figures["start_timestamp"] = round(self.started, 3)
+        figures["duration_seconds"] = round(end - self.started, 3)
+        return figures
+
+
+class Monitor(object):
+    """What both monitor modes share: stop signals, the service manager, the link to a
+    remote host re-established with backoff (1, 2, 4 ... 60 seconds)."""
+
+    def __init__(self, cfg, out):
+        self.cfg = cfg
+        self.out = out
+        self.spec = filter_spec(cfg)
+        self.options = {"copy_links": cfg["COPY_SYMLINKS"], "dir_links": cfg["KEEP_DIRLINKS"]}
+        self.signalled = None
+        self.previous_handlers = {}
+        self.notifier = SystemdNotifier(out)
+        self.transport = None
+        self.host = None
+        self.backoff = 0
+        self.retry_at = 0
+        self.connected_since = None
+        self.polling_told = set()
+        out.progress_line = None   # a service's log has no progress line
+
+    def _on_signal(self, signum, frame):
+        for sig in MONITOR_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)   # one clean stop
+        self.signalled = signum
+        raise StopRun("Stopped by signal %s." % signal.Signals(signum).name)
+
+    def serve(self):
+        """Run the monitor until a stop signal; exit code 0 then, whatever the syncs did."""
+        for sig in MONITOR_SIGNALS:
+            self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.notifier.start()
+            self.loop()
+        except StopRun:
+            if self.signalled is None:
+                raise
+            self.out.counter.errors = self.out.counter.warnings = 0
+            self.out.notice("#### Monitor stopped by signal %s." % signal.Signals(self.signalled).name)
+        finally:
+            for sig in MONITOR_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            try:
+                self.close()
+            finally:
+                self.notifier.close()
+                for sig, handler in self.previous_handlers.items():
+                    signal.signal(sig, handler)
+
+    def check_signal(self):
+        if self.signalled is not None:
+            raise StopRun("Stopped by signal %s." % signal.Signals(self.signalled).name)
+
+    def sleep(self, seconds):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            self.check_signal()
+            time.sleep(min(MONITOR_STEP, max(0.0, deadline - time.time())))
+        self.check_signal()
+
+    def tell_watchers(self, started):
+        """One warning for the replicas of `started` ([side, where, [kind, why]]) watched by
+        polling, the first time they are, saying why; the others in verbose mode."""
+        polled = []
+        for side, where, (kind, why) in started:
+            if kind == "poll" and side not in self.polling_told:
+                self.polling_told.add(side)
+                polled.append((side, where, why))
+            else:
+                self.out.verbose("Monitor: the %s replica %s is watched with %s." % (side, where, kind))
+        if polled:
+            reasons = sorted(set(why for _, _, why in polled))
+            names = " and the ".join("%s replica %s" % (side, where) for side, where, _ in polled)
+            self.out.warn("Monitor: the %s %s watched by polling, a rescan every second or more that costs more on "
+                          "big trees: %s."
+                          % (names, "are" if len(polled) > 1 else "is", "; ".join(reasons)))
+
+    # -- the remote host -------------------------------------------------------------------
+    def open_remote(self, uri, role, state_dir):
+        """Reach the remote replica: the master connection and the agent.  Raises ReplicaError."""
+        transport = SshTransport(self.cfg, uri, self.out)
+        self.host = transport.host
+        try:
+            transport.start()
+            replica = transport.start_agent(role, state_dir)
+        except BaseException:
+            transport.close()
+            raise
+        self.transport = transport
+        self.connected_since = time.time()
+        return replica
+
+    def close_remote(self, replica):
+        if replica is not None:
+            try:
+                kill_process_group(replica.agent.process, grace=2.0)
+                CHILDREN.ended(replica.agent.process)
+            except OSError:
+                pass
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def lost(self, why):
+        """The link is gone: say so, and when the next attempt is.  The wait doubles at each
+        failure and starts again at 1 second once a connection has lasted the longest wait."""
+        if self.connected_since is not None and time.time() - self.connected_since >= MONITOR_BACKOFF_LIMIT:
+            self.backoff = 0
+        self.connected_since = None
+        self.backoff = min(MONITOR_BACKOFF_LIMIT, self.backoff * 2) if self.backoff else 1
+        self.retry_at = time.time() + self.backoff
+        self.out.warn("Monitor: %s; trying again in %d second%s." % (why.rstrip("."), self.backoff,
+                                                                      "" if self.backoff == 1 else "s"))
+
+    def reconnect_due(self):
+        return time.time() >= self.retry_at
+
+    def connected(self):
+        self.out.notice("Monitor: connected to %s again." % self.host)
+
+
+class MonitorSession(Monitor):
+    """--on-changes: sync, watch both replicas, sync again when they change."""
+
+    SIDES = ("initiator", "target")
+
+    def __init__(self, cfg, out):
+        Monitor.__init__(self, cfg, out)
+        self.remote = cfg["TARGET_SYNC_DIR"].startswith("ssh://")
+        self.initiator = make_replica(cfg, "initiator")
+        self.local_target = None if self.remote else make_replica(cfg, "target")
+        self.target = None       # the RemoteReplica of a remote target while connected
+        self.watchers = {}       # side -> TreeWatcher, for the local replicas
+        self.wake = None         # set by either local watcher on a change
+        self.pending = dict((side, set()) for side in self.SIDES)
+        self.unknown = set()     # sides where more changed than the watcher could list
+        self.syncs = 0
+        self.debounce = Debounce(cfg["MIN_WAIT"], cfg["MAX_WAIT"])
+
+    # -- start ------------------------------------------------------------------------------
+    def ignored(self, root, side):
+        """Paths in the replica that osync itself writes outside the work dir."""
+        names = [self.cfg["%s_CUSTOM_STATE_DIR" % side.upper()]]
+        if side == "initiator":
+            names += [self.out.logfile, self.cfg["PROMETHEUS_TEXTFILE"] and os.path.abspath(
+                self.cfg["PROMETHEUS_TEXTFILE"])]
+        return [rel for rel in (relative_inside(root, name) for name in names if name) if rel]
+
+    def start(self):
+        """What must work before the monitor can: both replicas there, the link to a
+        remote target; else the monitor ends at once (exit 1)."""
+        cfg = self.cfg
+        if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
+            raise ConfigError("rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH: install rsync, or set "
+                              "RSYNC_EXECUTABLE to the path of rsync." % cfg["RSYNC_EXECUTABLE"])
+        for replica in (self.initiator, self.local_target):
+            if replica is not None:
+                replica.probe(cfg["CREATE_DIRS"])
+        import threading
+        self.wake = threading.Event()
+        started = []
+        for side, replica in (("initiator", self.initiator), ("target", self.local_target)):
+            if replica is not None:
+                watcher = TreeWatcher(replica.root, self.spec, self.options, self.ignored(replica.root, side),
+                                      [PUSH_FILE_NAME] if side == "initiator" else [])
+                watcher.wake = self.wake
+                self.watchers[side] = watcher
+                started.append([side, replica.root, watcher.start()])
+        if self.remote:
+            started.append(self.connect(tell=False))
+        self.tell_watchers(started)
+
+    def connect(self, tell=True):
+        """Open the remote target and watch it through its agent; with tell=False, return
+        [side, where, how it is watched] for tell_watchers instead of telling it."""
+        replica = self.open_remote(self.cfg["TARGET_SYNC_DIR"], "target", self.cfg["TARGET_CUSTOM_STATE_DIR"])
+        try:
+            replica.probe(self.cfg["CREATE_DIRS"])
+            answer = replica.start_watch(self.spec, self.options, "auto", self.ignored(replica.root, "target"), [])
+        except BaseException:
+            self.close_remote(replica)
+            raise
+        self.target = replica
+        if not tell:
+            return ["target", replica.display, answer]
+        self.tell_watchers([["target", replica.display, answer]])
+        return None
+
+    def disconnect(self, why):
+        replica, self.target = self.target, None
+        self.close_remote(replica)
+        self.lost(why)
+
+    def close(self):
+        for watcher in self.watchers.values():
+            watcher.stop()
+        if self.target is not None:
+            replica, self.target = self.target, None
+            self.close_remote(replica)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def loop(self):
+        cfg, out = self.cfg, self.out
+        out.notice("#### Running osync in initiator file monitor mode (MIN_WAIT=%d, MAX_WAIT=%d)."
+                   % (cfg["MIN_WAIT"], cfg["MAX_WAIT"]))
+        self.start()
+        reason = "first sync of the monitor"
+        while True:
+            self.sync(reason)
+            if self.syncs == 1:
+                self.notifier.send("READY=1")
+            out.notice("#### Monitoring now.")
+            reason = self.wait_for_changes()
+
+    def wait_for_changes(self):
+        """Block until a sync is due; returns why it is."""
+        debounce = self.debounce
+        while True:
+            self.check_signal()
+            if self.remote and self.target is None:
+                if self.reconnect_due() and self.reconnect():
+                    return "the connection to %s is back" % self.host
+            if self.collect(MONITOR_STEP):
+                debounce.changed(time.time())
+            due = debounce.due(time.time())
+            if due is not None and self.remote and self.target is None:
+                continue   # synced once the link is back
+            if due == "timeout":
+                return "MAX_WAIT (%d seconds) passed without changes" % self.cfg["MAX_WAIT"]
+            if due == "changes":
+                reason = self.changes_to_sync()
+                debounce.reset()
+                if reason:
+                    return reason
+
+    def reconnect(self):
+        try:
+            self.connect()
+        except ReplicaError as error:
+            self.lost("%s is still out of reach: %s" % (self.host, str(error).rstrip(".")))
+            return False
+        self.connected()
+        self.unknown.add("target")   # what changed there while the link was down is not known
+        return True
+
+    def collect(self, wait):
+        """Take what the watchers saw (waiting up to `wait` seconds); True when something counted."""
+        got = False
+        if self.remote:
+            if self.target is not None:
+                try:
+                    paths, overflow = self.target.take_changes(wait)
+                except ReplicaError as error:
+                    self.disconnect("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
+                    paths, overflow = [], True
+                got = self.add("target", paths, overflow) or got
+            else:
+                self.sleep(wait)
+        else:
+            self.wake.wait(wait)   # a change on either local replica
+            self.wake.clear()
+            got = self.add("target", *self.watchers["target"].take(0)) or got
+        return self.add("initiator", *self.watchers["initiator"].take(0)) or got
+
+    def add(self, side, paths, overflow):
+        if overflow:
+            self.unknown.add(side)
+        self.pending[side].update(paths)
+        return bool(paths) or overflow
+
+    def changes_to_sync(self):
+        """Why the changes seen call for a sync, or None when every changed path is as the
+        last sync left it (its own writes)."""
+        pending, unknown = self.pending, self.unknown
+        self.pending = dict((side, set()) for side in self.SIDES)
+        self.unknown = set()
+        helper = self.push_seen(pending)
+        changed = dict((side, sorted(pending[side])) for side in self.SIDES)
+        if not unknown:
+            changed = self.not_synced(changed)
+        sides = [side for side in self.SIDES if side in unknown or changed[side]]
+        words = []
+        for side in sides:
+            count = len(changed[side])
+            words.append("the %s (%s)" % (side, "more than can be listed" if side in unknown else
+                                         "%d path%s" % (count, "" if count == 1 else "s")))
+        if helper:
+            words.append("the target helper's push file")
+        if not words:
+            self.out.verbose("Monitor: the changes seen are the last sync's own writes; nothing to sync.")
+            return None
+        return "changes on " + " and ".join(words)
+
+    @staticmethod
+    def push_seen(pending):
+        if PUSH_FILE_NAME in pending["initiator"]:
+            pending["initiator"].discard(PUSH_FILE_NAME)
+            return True
+        return False
+
+    def not_synced(self, changed):
+        """The changed paths whose item differs from what the state of the last sync records."""
+        wanted = set(changed["initiator"]) | set(changed["target"])
+        if not wanted:
+            return changed
+        replicas = {"initiator": self.initiator, "target": self.target if self.remote else self.local_target}
+        try:
+            current = {}
+            for side in self.SIDES:
+                entries = replicas[side].stat_paths(changed[side], self.options) if changed[side] else []
+                current[side] = dict(zip(changed[side], entries))
+            recorded = {}
+            path = os.path.join(self.initiator.state_dir, state_dir_file("state", self.cfg["INSTANCE_ID"]))
+            for rel_path, initiator, target in read_state(path):
+                if rel_path in wanted:
+                    recorded[rel_path] = {"initiator": initiator, "target": target}
+        except (StateError, OsyncError, OSError) as error:
+            self.out.verbose("Monitor: cannot compare the changes with the state (%s); syncing." % error)
+            return changed
+        result = {}
+        for side in self.SIDES:
+            result[side] = [rel_path for rel_path in changed[side]
+                            if not matches_state(recorded.get(rel_path, {}).get(side), current[side][rel_path])]
+        return result
+
+    # -- one sync ---------------------------------------------------------------------------
+    def sync(self, reason):
+        """One sync, as a run of its own: its own count of warnings and errors, run report
+        and alert mail.  A failed sync is logged and mailed, and the monitor goes on."""
+        cfg, out = self.cfg, self.out
+        self.syncs += 1
+        out.counter.errors = out.counter.warnings = 0
+        # What was seen so far happened before this sync's scan, which sees it.
+        self.pending = dict((side, set()) for side in self.SIDES)
+        self.unknown = set()
+        handlers = list(out.logger.handlers)
+        out.report = MonitorReport(cfg, out)
+        mails = AlertMails(cfg, out)
+        try:
+            out.notice("#### Monitor: sync %d starts (%s)." % (self.syncs, reason))
+            mails.start()
+            run_task(cfg, out, mails, sync=self.sync_once)
+            code = out.exit_code()
+            out.report.write(code)
+            mails.after_run()
+        finally:
+            for handler in out.logger.handlers[:]:
+                if handler not in handlers:
+                    out.logger.removeHandler(handler)
+            if mails.collector is not None:
+                mails.collector.spool.close()
+            out.report = None
+            CHILDREN.pids()   # forget the children that ended
+            self.debounce.reset(acted=True)
+        code = out.exit_code()
+        result = {0: "succeeded", 1: "failed", 2: "finished with warnings"}[code]
+        out.notice("#### Monitor: sync %d %s." % (self.syncs, result))
+        self.notifier.send("STATUS=Sync %d %s at %s; watching for changes." % (
+            self.syncs, result, time.strftime("%Y-%m-%d %H:%M:%S")))
+        self.check_signal()
+        if self.remote and self.target is not None and (self.target.agent.broken is not None
+                                                        or self.target.agent.process.poll() is not None):
+            self.disconnect("the connection to %s was lost during sync %d" % (self.host, self.syncs))
+
+    def sync_once(self, cfg, out, mails):
+        with MonitorWatchdog(self, out, cfg["SOFT_MAX_EXEC_TIME"], cfg["HARD_MAX_EXEC_TIME"], cfg["KEEP_LOGGING"],
+                             on_limit=mails.while_running):
+            MonitorSync(cfg, out, self).run()
+
+
+class TargetHelper(Monitor):
+    """--on-changes-target, as osync v1.3: on the target host, watch the target and append
+    INSTANCE_ID#time to the initiator's push file (through its agent when the initiator
+    is ssh://), which the initiator's monitor takes for a change."""
+
+    def __init__(self, cfg, out):
+        Monitor.__init__(self, cfg, out)
+        if cfg["TARGET_SYNC_DIR"].startswith("ssh://"):
+            raise ConfigError("--on-changes-target runs on the target host: TARGET_SYNC_DIR must be a local "
+                              "directory there, not %s." % cfg["TARGET_SYNC_DIR"])
+        self.remote = cfg["INITIATOR_SYNC_DIR"].startswith("ssh://")
+        self.target = LocalReplica("target", cfg["TARGET_SYNC_DIR"], cfg["TARGET_CUSTOM_STATE_DIR"])
+        self.initiator = None
+        if not self.remote:
+            self.initiator = LocalReplica("initiator", cfg["INITIATOR_SYNC_DIR"], cfg["INITIATOR_CUSTOM_STATE_DIR"])
+        self.watcher = None
+        self.debounce = Debounce(cfg["MIN_WAIT"], cfg["MAX_WAIT"])
+
+    def loop(self):
+        cfg, out = self.cfg, self.out
+        out.notice("#### Running osync in target helper file monitor mode (MIN_WAIT=%d, MAX_WAIT=%d)."
+                   % (cfg["MIN_WAIT"], cfg["MAX_WAIT"]))
+        self.target.probe(False)
+        if self.initiator is not None:
+            self.initiator.probe(False)
+        ignored = [rel for rel in (relative_inside(self.target.root, name) for name in (
+            cfg["TARGET_CUSTOM_STATE_DIR"], out.logfile) if name) if rel]
+        self.watcher = TreeWatcher(self.target.root, self.spec, self.options, ignored)
+        self.tell_watchers([["target", self.target.root, self.watcher.start()]])
+        if self.remote:
+            self.initiator = self.open_remote(cfg["INITIATOR_SYNC_DIR"], "initiator",
+                                              cfg["INITIATOR_CUSTOM_STATE_DIR"])
+        ready = False
+        while True:
+            while not self.trigger():
+                self.sleep(max(0.0, self.retry_at - time.time()))
+            if not ready:
+                self.notifier.send("READY=1")
+                ready = True
+            while True:
+                paths, overflow = self.watcher.take(MONITOR_STEP)
+                if paths or overflow:
+                    self.debounce.changed(time.time())
+                if self.debounce.due(time.time()):
+                    break
+                self.check_signal()
+            self.debounce.reset(acted=True)
+
+    def trigger(self):
+        """Append the line to the push file; False when the initiator cannot be reached."""
+        if self.initiator is None:
+            try:
+                self.initiator = self.open_remote(self.cfg["INITIATOR_SYNC_DIR"], "initiator",
+                                                  self.cfg["INITIATOR_CUSTOM_STATE_DIR"])
+            except ReplicaError as error:
+                self.lost("%s is out of reach: %s" % (self.host, str(error).rstrip(".")))
+                return False
+            self.connected()
+        now = time.time()
+        line = "%s#%s.%09d\n" % (self.cfg["INSTANCE_ID"], time.strftime("%Y%m%dT%H%M%S", time.localtime(now)),
+                                 int((now % 1) * 1e9))
+        try:
+            self.initiator.append_push_line(line)
+        except (ReplicaError, OSError) as error:
+            if not self.remote:
+                raise ReplicaError("Cannot append to %s: %s." % (
+                    os.path.join(self.initiator.root, PUSH_FILE_NAME), getattr(error, "strerror", None) or error))
+            replica, self.initiator = self.initiator, None
+            self.close_remote(replica)
+            self.lost("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
+            return False
+        self.out.notice("Initiator of instance [%s] should be notified of file changes now." % self.cfg["INSTANCE_ID"])
+        self.notifier.send("STATUS=Initiator notified at %s; watching for changes."
+                           % time.strftime("%Y-%m-%d %H:%M:%S"))
+        return True
+
+    def close(self):
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.remote and self.initiator is not None:
+            replica, self.initiator = self.initiator, None
+            self.close_remote(replica)
+
+
+def run_monitor(cfg, out):
+    """--on-changes or --on-changes-target, until a stop signal."""
+    if cfg.switch("dry"):
+        raise ConfigError("Monitor mode cannot be combined with --dry: a dry run would be repeated forever.")
+    monitor = TargetHelper(cfg, out) if cfg.switch("on_changes_target") else MonitorSession(cfg, out)
+    monitor.serve()
+
+
 # Command line -------------------------------------------------------------------------------
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -7482,11 +8448,13 @@ def main(argv=None):
     cfg = parse_or_report(argv, out)
     if isinstance(cfg, int):
         return cfg
-    mails = AlertMails(cfg, out)
+    mails = None if monitor_requested(cfg) else AlertMails(cfg, out)   # a monitor mails each sync
     open_run_log(cfg, out)
-    mails.start()
+    if mails is not None:
+        mails.start()
     run_task(cfg, out, mails)
-    mails.after_run()
+    if mails is not None:
+        mails.after_run()
     return report_stop(out)
 
 
@@ -7532,13 +8500,16 @@ def open_run_log(cfg, out):
         out.warn(warning)
 
 
-def run_task(cfg, out, mails=None):
-    """Do what the command line asks for; however it stops, the reason is logged, and what
-    was logged decides the exit code."""
+def run_task(cfg, out, mails=None, sync=None):
+    """Do what the command line asks for (or `sync`, one sync of a monitor); however it
+    stops, the reason is logged, and what was logged decides the exit code."""
     try:
-        if cfg.switch("on_changes") or cfg.switch("on_changes_target"):
-            raise ConfigError("Monitor mode (--on-changes) is not available in this version of osync.py yet.")
-        run_sync(cfg, out, mails)
+        if sync is not None:
+            sync(cfg, out, mails)
+        elif monitor_requested(cfg):
+            run_monitor(cfg, out)
+        else:
+            run_sync(cfg, out, mails)
     except OsyncError as error:
         if isinstance(error, Refusal) and out.report is not None:
             out.report.refused_by = error.guard
