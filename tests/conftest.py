@@ -483,6 +483,10 @@ class SshServer:
             # a cheaper key exchange than the post-quantum default: ~0.07 s less for each
             # of the ~1000 connections of a full run
             "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
+            # bash started by sshd reads ~/.bashrc only as a top-level shell (SHLVL below 2):
+            # a login's interactive setup (e.g. `pyenv init`, whose rehash prints errors when
+            # two sessions start at once) is not part of what the tests run on the target
+            "SetEnv SHLVL=1",
         ]) + "\n")
         self.proc = None
 
