@@ -6505,10 +6505,14 @@ class SyncRun(object):
             finally:
                 hooks.after(self.replicas, finished)
         finally:
-            if self.transport is not None:
-                if self.replicas["target"] is not None:
-                    self.replicas["target"].close()
-                self.transport.close()
+            self.disconnect()
+
+    def disconnect(self):
+        """End the agent and the ssh connection of a remote target."""
+        if self.transport is not None:
+            if self.replicas["target"] is not None:
+                self.replicas["target"].close()
+            self.transport.close()
 
     def connect(self):
         """Reach the remote target: the pings, the master connection, the agent."""
@@ -7850,27 +7854,12 @@ class MonitorSync(SyncRun):
             self.transport = monitor.transport
 
     def connect(self):
+        if self.monitor.target is None:
+            raise ReplicaError("There is no connection to %s." % self.monitor.host)
         self.replicas["target"] = self.monitor.target
 
-    def run(self):
-        cfg, out = self.cfg, self.out
-        spec = filter_spec(cfg)
-        if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
-            refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
-                   % cfg["RSYNC_EXECUTABLE"], "Install rsync, or set RSYNC_EXECUTABLE to the path of rsync")
-        if self.transport is not None and self.monitor.target is None:
-            raise ReplicaError("There is no connection to %s." % self.monitor.host)
-        hooks = Hooks(cfg, out, self.dry, self.transport)
-        finished = False
-        try:
-            hooks.before("local", self.replicas["initiator"])
-            if self.transport is not None:
-                self.connect()
-            hooks.before("remote", self.replicas["target"])
-            self.run_checked(spec)
-            finished = True
-        finally:
-            hooks.after(self.replicas, finished)
+    def disconnect(self):
+        """The connection stays open for the monitor's next sync."""
 
 
 class MonitorReport(RunReport):
