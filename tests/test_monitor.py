@@ -74,12 +74,12 @@ def rss_kib(pid):
 class Background:
     """An osync.py monitor (or target helper) running in the background, its output in a file."""
 
-    def __init__(self, pair, argv, env, logfile):
+    def __init__(self, pair, argv, env, logfile, prefix=()):
         self.pair = pair
         self.logfile = Path(logfile)
         self.output_path = self.logfile.with_name(self.logfile.name + ".out")
         self.output = open(str(self.output_path), "wb")
-        self.process = popen_osync(argv, env, pair.cwd, pair.interpreter, stdout=self.output,
+        self.process = popen_osync(argv, env, pair.cwd, pair.interpreter, prefix=prefix, stdout=self.output,
                                    stderr=subprocess.STDOUT, universal_newlines=False)
 
     @property
@@ -140,7 +140,7 @@ def monitors():
     """Start monitors with start(...); whatever is still running at the end is killed."""
     started = []
 
-    def start(pair, *args, env=None, conf=None, logfile=None, instance_id="conftask"):
+    def start(pair, *args, env=None, conf=None, logfile=None, instance_id="conftask", prefix=()):
         keys = {"MIN_WAIT": 1, "MAX_WAIT": 0}
         keys.update(env or {})
         if logfile is not None:
@@ -152,7 +152,7 @@ def monitors():
             argv = [str(conf), "--non-interactive"] + list(args)
         else:
             argv = pair.quick_args(instance_id=instance_id) + list(args)
-        monitor = Background(pair, argv, environment, environment["LOGFILE"])
+        monitor = Background(pair, argv, environment, environment["LOGFILE"], prefix=prefix)
         started.append(monitor)
         return monitor
 
@@ -343,6 +343,49 @@ def test_polling_fallback_without_inotifywait(pair, monitors, tmp_path):
     arrives(pair.target / "polled", "seen by polling\n")
     (pair.target / "polled").write_text("and back\n")
     arrives(pair.initiator / "polled", "and back\n")
+    monitor.stop()
+
+
+def inotify_limited(watches):
+    """A command prefix that runs a program in a user namespace of its own whose inotify
+    watch limit is `watches` (the limit is per user namespace since Linux 4.9), so the
+    test hits the real limit without lowering the host's."""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c",
+                            "echo %d > /proc/sys/user/max_inotify_watches" % watches],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, universal_newlines=True)
+    if probe.returncode != 0:
+        need("cannot lower the inotify watch limit in a user namespace (unshare --user): %s"
+             % probe.stderr.strip())
+    return ["unshare", "--user", "--map-root-user", "sh", "-c",
+            'echo %d > /proc/sys/user/max_inotify_watches && exec "$@"' % watches, "sh"]
+
+
+def test_inotify_watch_limit_falls_back_to_polling(pair, monitors, tmp_path):
+    """A tree with more directories than inotify may watch: inotifywait fails on the limit,
+    the monitor says so in one warning (naming the sysctl to raise) and polls that replica,
+    and its changes still arrive."""
+    limited = inotify_limited(3)
+    for root in pair.roots:
+        for number in range(8):
+            (root / ("dir%d" % number)).mkdir()
+    env, prefix, polled = {}, limited, "initiator replica"
+    if is_remote(pair):   # the target's host is the limited one: its agent runs in the namespace
+        wrapper = tmp_path / "python-limited"
+        wrapper.write_text("#!/bin/sh\nexec %s %s \"$@\"\n" % (" ".join(shell_quote(word) for word in limited),
+                                                                shell_quote(pair.python)))
+        wrapper.chmod(0o755)
+        env["REMOTE_PYTHON"] = str(wrapper)
+        prefix, polled = (), "target replica"
+    monitor = monitors(pair, "--on-changes", env=env, prefix=prefix)
+    monitor.wait_synced(1)
+    warnings = [line for line in monitor.log().splitlines() if "watched by polling" in line]
+    assert len(warnings) == 1, monitor.describe()
+    assert polled in warnings[0] and "inotify watch limit" in warnings[0] \
+        and "fs.inotify.max_user_watches" in warnings[0], warnings[0]
+    (pair.initiator / "dir7" / "from-initiator").write_text("one\n")
+    arrives(pair.target / "dir7" / "from-initiator", "one\n")
+    (pair.target / "dir6" / "from-target").write_text("two\n")
+    arrives(pair.initiator / "dir6" / "from-target", "two\n")
     monitor.stop()
 
 
