@@ -641,6 +641,25 @@ def pyenv_python(which):
     return sorted(found, key=_version_key)[-1]
 
 
+def this_and_oldest_python():
+    """[(label, python)]: this Python, and the oldest supported one (3.6) when pyenv has it."""
+    found = [("current", sys.executable)]
+    oldest = pyenv_python("3.6")
+    if oldest:
+        found.append(("3.6", oldest))
+    return found
+
+
+def ssh_filter_key(server, name, token):
+    """A key of `server` authorized for root only through ssh_filter.py with `token`
+    (made once per session under `name`)."""
+    key = server.dir / name
+    if not key.exists():
+        public = keygen(key, "osync-test-" + name)
+        server.authorize('command="%s %s %s",restrict %s' % (sys.executable, REPO / "ssh_filter.py", token, public))
+    return key
+
+
 # --------------------------------------------------------------------------------------
 # Remote pairs
 # --------------------------------------------------------------------------------------

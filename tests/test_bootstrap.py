@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, WORKDIR, build, describe, keygen, pyenv_root, snapshot
+from conftest import REPO, build, describe, pyenv_root, snapshot, ssh_filter_key
 
 HOST = "127.0.0.1"
-FILTER = REPO / "ssh_filter.py"
 TOKEN = "osyncBootToken" + secrets.token_hex(6)
 
 sys.path.insert(0, str(REPO))
@@ -134,12 +133,7 @@ def test_a_stream_cut_short_is_a_broken_stream(rpair):
 @pytest.fixture
 def filter_key(rpair):
     """A key authorized for root only through ssh_filter.py with TOKEN."""
-    server = rpair.sshd
-    key = server.dir / "id_bootstrap_filter"
-    if not key.exists():
-        public = keygen(key, "osync-test-bootstrap-filter")
-        server.authorize('command="%s %s %s",restrict %s' % (sys.executable, FILTER, TOKEN, public))
-    return key
+    return ssh_filter_key(rpair.sshd, "id_bootstrap_filter", TOKEN)
 
 
 def ssh_argv(server, key, command):

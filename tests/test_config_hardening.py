@@ -3,12 +3,11 @@ reaches the screen and the log; old osync configs keep their meaning."""
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from conftest import (WORKDIR, Pair, T0, build, clean_env, expected, make_pair, popen_osync, put,
-                      pyenv_python, run_osync, snapshot)
+                      run_osync, snapshot, this_and_oldest_python)
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -244,19 +243,13 @@ NAME = "caf\udce9 \u00e9t\u00e9"     # a Latin-1 byte that is not UTF-8, then UT
 NAME_BYTES = NAME.encode("utf-8", "surrogateescape")
 
 
-def interpreters():
-    found = [("current", sys.executable)]
-    oldest = pyenv_python("3.6")
-    if oldest:
-        found.append(("3.6", oldest))
-    return found
 
 
 def test_any_name_in_summary_and_conflicts(tmp_path):
     """--summary and the conflict notice print a non-UTF-8 name as its bytes, on screen and
     in the log, under every locale and Python 3.6 (under 3.6 with C.UTF-8 logging printed a
     traceback and the line was lost)."""
-    for number, (python, locale) in enumerate([(p, l) for p in interpreters() for l in ("C", "C.UTF-8")]):
+    for number, (python, locale) in enumerate([(p, l) for p in this_and_oldest_python() for l in ("C", "C.UTF-8")]):
         pair = Pair(tmp_path / ("p%d" % number))
         pair.interpreter = python[1]
         put(pair.initiator, NAME, "v0")

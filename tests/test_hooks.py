@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from conftest import REPO, WORKDIR, build, keygen
+from conftest import REPO, WORKDIR, build, ssh_filter_key
 
-FILTER = REPO / "ssh_filter.py"
 TOKEN = "osyncHookToken" + secrets.token_hex(6)
 KEYS = ("LOCAL_RUN_BEFORE_CMD", "REMOTE_RUN_BEFORE_CMD", "REMOTE_RUN_AFTER_CMD", "LOCAL_RUN_AFTER_CMD")
 
@@ -196,12 +195,7 @@ def filter_key(pair):
     """A key authorized for root only through ssh_filter.py with TOKEN."""
     if not pair.kind.startswith("remote"):
         pytest.skip("ssh_filter.py guards a remote target")
-    server = pair.sshd
-    key = server.dir / "id_hooks_filter"
-    if not key.exists():
-        public = keygen(key, "osync-test-hooks-filter")
-        server.authorize('command="%s %s %s",restrict %s' % (sys.executable, FILTER, TOKEN, public))
-    return key
+    return ssh_filter_key(pair.sshd, "id_hooks_filter", TOKEN)
 
 
 def test_remote_commands_run_through_ssh_filter(pair, filter_key):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T0, Pair, WORKDIR, free_port, need, put, pyenv_python
+from conftest import T0, Pair, WORKDIR, free_port, need, put, this_and_oldest_python
 
 try:
     import aiosmtpd.controller as aiosmtpd_controller
@@ -140,15 +140,6 @@ def parts(message):
     return body, attachments
 
 
-def interpreters():
-    """This Python, and the oldest supported one (3.6) when pyenv has it."""
-    found = [("current", sys.executable)]
-    oldest = pyenv_python("3.6")
-    if oldest:
-        found.append(("3.6", oldest))
-    return found
-
-
 # --------------------------------------------------------------------------------------
 # Alert mails
 # --------------------------------------------------------------------------------------
@@ -209,7 +200,7 @@ def test_clean_run_mails_only_with_always_send_mails(tmp_path, smtp):
     assert inbox.wait(1) and inbox.subjects() == ["Finished run - Alert for conftask"]
 
 
-@pytest.mark.parametrize("python", interpreters(), ids=lambda p: p[0])
+@pytest.mark.parametrize("python", this_and_oldest_python(), ids=lambda p: p[0])
 @pytest.mark.parametrize("encryption", ["tls", "ssl"])
 def test_encrypted_smtp_with_login_keeps_the_password_secret(tmp_path, smtp, ca, encryption, python):
     """STARTTLS and implicit TLS with SMTP_USER/SMTP_PASSWORD; the server's certificate is
