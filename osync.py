@@ -1791,6 +1791,30 @@ def looks_like_osync(argv):
     return any("osync" in os.path.basename(part) for part in argv[:4])
 
 
+# How to install a package, by the package manager found first: (program, command).
+PACKAGE_MANAGERS = (("apt-get", "apt install"), ("dnf", "dnf install"), ("yum", "yum install"),
+                    ("zypper", "zypper install"), ("pacman", "pacman -S"), ("apk", "apk add"),
+                    ("brew", "brew install"), ("pkg", "pkg install"))
+# Package names that differ from the program's, where they do: {manager: {program: package}}.
+PACKAGE_NAMES = {"apt-get": {"ssh": "openssh-client", "inotifywait": "inotify-tools"},
+                 "dnf": {"ssh": "openssh-clients", "inotifywait": "inotify-tools"},
+                 "yum": {"ssh": "openssh-clients", "inotifywait": "inotify-tools"},
+                 "zypper": {"ssh": "openssh-clients", "inotifywait": "inotify-tools"},
+                 "pacman": {"ssh": "openssh", "inotifywait": "inotify-tools"},
+                 "apk": {"ssh": "openssh-client", "inotifywait": "inotify-tools"},
+                 "brew": {"inotifywait": "fswatch"},
+                 "pkg": {"ssh": "openssh", "inotifywait": "inotify-tools"}}
+
+
+def install_hint(program):
+    """How to install `program` on this host ("apt install rsync"), or "install PROGRAM"
+    where no known package manager is found."""
+    for manager, command in PACKAGE_MANAGERS:
+        if shutil.which(manager):
+            return "%s %s" % (command, PACKAGE_NAMES.get(manager, {}).get(program, program))
+    return "install %s" % program
+
+
 def current_user():
     try:
         import pwd
@@ -4722,10 +4746,12 @@ class SshTransport(object):
                                            self.destination()]
         if self.password_file:
             if not shutil.which("sshpass"):
-                raise ReplicaError("SSH_PASSWORD_FILE needs sshpass, which is not installed.")
+                raise ReplicaError("SSH_PASSWORD_FILE needs sshpass, which is not installed: %s."
+                                   % install_hint("sshpass"))
             argv = ["sshpass", "-f", self.password_file] + argv
         if not shutil.which("ssh"):
-            raise ReplicaError("ssh is not installed; it is needed for the target %s." % self.destination())
+            raise ReplicaError("ssh is not installed; it is needed for the target %s: %s."
+                               % (self.destination(), install_hint("ssh")))
         self.master_stderr = tempfile.TemporaryFile()
         self.master = CHILDREN.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self.master_stderr)
@@ -6491,7 +6517,8 @@ class SyncRun(object):
         spec = filter_spec(cfg)
         if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
             refuse("missing-rsync", "rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH"
-                   % cfg["RSYNC_EXECUTABLE"], "Install rsync, or set RSYNC_EXECUTABLE to the path of rsync")
+                   % cfg["RSYNC_EXECUTABLE"], "Install it (%s), or set RSYNC_EXECUTABLE to the path of rsync"
+                   % install_hint("rsync"))
         hooks = Hooks(cfg, out, self.dry, self.transport)
         try:
             finished = False
@@ -8029,8 +8056,8 @@ class MonitorSession(Monitor):
         remote target; else the monitor ends at once (exit 1)."""
         cfg = self.cfg
         if not shutil.which(cfg["RSYNC_EXECUTABLE"]):
-            raise ConfigError("rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH: install rsync, or set "
-                              "RSYNC_EXECUTABLE to the path of rsync." % cfg["RSYNC_EXECUTABLE"])
+            raise ConfigError("rsync (RSYNC_EXECUTABLE=%s) is not installed or not in PATH: install it (%s), or set "
+                              "RSYNC_EXECUTABLE to the path of rsync." % (cfg["RSYNC_EXECUTABLE"], install_hint("rsync")))
         for replica in (self.initiator, self.local_target):
             if replica is not None:
                 replica.probe(cfg["CREATE_DIRS"])

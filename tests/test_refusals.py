@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import WORKDIR, build, describe, expected, remove, snapshot, snapshot_workdir
+from conftest import WORKDIR, build, describe, expected, osync, remove, snapshot, snapshot_workdir
 from test_guards import follow_advice
 
 QUICK_INSTANCE = "quicksync_task"
@@ -176,7 +176,8 @@ MISSING_RSYNC = "/nonexistent/bin/rsync"
 
 def missing_rsync(pair, held):
     build(pair.initiator, files(["a"]))
-    return {"names": [MISSING_RSYNC], "env": {"RSYNC_EXECUTABLE": MISSING_RSYNC}}
+    # the way out names the command that installs rsync on this host ("apt install rsync")
+    return {"names": [MISSING_RSYNC, osync.install_hint("rsync")], "env": {"RSYNC_EXECUTABLE": MISSING_RSYNC}}
 
 
 def set_rsync_path(pair, held, context):

@@ -284,3 +284,23 @@ def test_protocol_round_trips_any_name_and_compresses_big_messages():
     stream.seek(0)
     assert osync.read_message(stream) == {"batch": names}
     assert osync.read_message(stream) is None
+
+
+# -- what to install -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("managers, program, hint", [
+    (["apt-get"], "rsync", "apt install rsync"),
+    (["apt-get"], "ssh", "apt install openssh-client"),
+    (["dnf", "yum"], "ssh", "dnf install openssh-clients"),
+    (["apk"], "inotifywait", "apk add inotify-tools"),
+    (["brew"], "sshpass", "brew install sshpass"),
+    ([], "rsync", "install rsync"),
+])
+def test_install_hint_names_the_package_for_this_hosts_package_manager(monkeypatch, tmp_path, managers, program,
+                                                                       hint):
+    """A newcomer told that rsync is missing is told the command that installs it there."""
+    for manager in managers:
+        (tmp_path / manager).write_text("#!/bin/sh\n")
+        (tmp_path / manager).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert osync.install_hint(program) == hint
