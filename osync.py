@@ -5473,9 +5473,11 @@ def recorded_pair(decision, outcome=DONE, arrived=None):
         # source's as it was before, so the next run sends the source again (or carries its
         # deletion over) instead of taking the destination for an edit.
         recorded_source = decision.before(source)
-        if recorded_source is None and outcome == SOURCE_DELETED and arrived is not None:
-            # New, copied, then deleted on the source: recorded as held by both, so that the
-            # next run carries the deletion over instead of keeping the copy on one side only.
+        if recorded_source is None and arrived is not None:
+            # New, copied, then changed or deleted on the source: recorded as held by both
+            # (the source as it was scanned), so that the next run sends the source again
+            # or carries its deletion over, whenever that happens, instead of keeping the
+            # copy on one side only.
             recorded_source = decision.now(source)
         if recorded_source is None and arrived is None:
             return previous

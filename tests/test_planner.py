@@ -463,12 +463,12 @@ def test_recorded_after_a_new_file_changed_or_deleted_during_its_transfer(source
     initiator, target = ([new], []) if source == "initiator" else ([], [new])
     decision = one_decision([], initiator, target)
     assert action(decision) == (COPY, source)
-    # New, copied, then deleted on the source: recorded on both sides, so that the next
-    # run carries the deletion over instead of keeping the copy on one side only.
+    # New, copied, then deleted or changed on the source: recorded on both sides (the
+    # source as scanned), so that the next run carries the deletion over or sends the
+    # change again, instead of keeping the copy on one side only.  (Recording the copy
+    # alone left the replicas apart for good when the source was deleted after the run.)
     assert osync.recorded_pair(decision, osync.SOURCE_DELETED, arrived) == (new, arrived)
-    # Changed while copied: the destination's copy only, so the next run sends it again.
-    only_arrived = (None, arrived) if source == "initiator" else (arrived, None)
-    assert osync.recorded_pair(decision, osync.SOURCE_CHANGED, arrived) == only_arrived
+    assert osync.recorded_pair(decision, osync.SOURCE_CHANGED, arrived) == (new, arrived)
     # Nothing arrived and nothing was recorded before: nothing to record.
     assert osync.recorded_pair(decision, osync.SOURCE_DELETED, None) == (None, None)
     assert osync.recorded_pair(decision, osync.SOURCE_CHANGED, None) == (None, None)

@@ -73,6 +73,34 @@ def test_source_appended_during_its_transfer_is_a_retry_not_a_conflict(pair, tmp
     pair.assert_converged()
 
 
+@pytest.mark.parametrize("afterwards", ["deleted", "kept"])
+def test_new_file_saved_during_its_transfer_then_deleted_or_kept_converges(pair, tmp_path, afterwards):
+    """A new file on the target, saved again by an editor while the run copies it, then
+    deleted by the user (or left alone) before the next run: the next run carries the
+    deletion over (soft, the copy kept in deleted/) or sends the save, and the replicas
+    end alike.  The state used to record the copy alone, so after the deletion both runs
+    saw nothing to do and the initiator kept the file for good."""
+    doc = pair.target / "new.txt"
+    put(pair.target, "new.txt", b"first save\n")
+    saved = tmp_path / "saved"
+    saved.write_bytes(b"second save, longer\n")
+    done = tmp_path / "saved.done"
+    env = rsync_wrapper(tmp_path, "[ -e {done} ] || {{ cp {saved} {doc}.swp && mv {doc}.swp {doc} && touch {done}; }}".format(
+        done=shell_quote(done), saved=shell_quote(saved), doc=shell_quote(doc)))
+    r = pair.run(env=env, expect=0)
+    assert "changed on the target during its transfer" in r.output, r.output
+    if afterwards == "deleted":
+        doc.unlink()
+    pair.run(expect=0)
+    if afterwards == "deleted":
+        assert not (pair.initiator / "new.txt").exists(), "the target's deletion was not carried over"
+        assert (pair.deleted("initiator") / "new.txt").read_bytes() == b"second save, longer\n"
+    else:
+        assert (pair.initiator / "new.txt").read_bytes() == b"second save, longer\n"
+    pair.run(expect=0)
+    pair.assert_converged()
+
+
 def test_same_size_rewrite_in_the_same_second_syncs(pair):
     put(pair.initiator, "f", b"aaaa\n")
     pair.run(expect=0)
