@@ -989,7 +989,7 @@ OLD_SECTION_HEADERS = {
 }
 OLD_SECTION_HEADER = re.compile(r"^\s*#+\s*-+\s*([A-Za-z][A-Za-z ]*[A-Za-z])\s*-*\s*$")
 # "#### osync v1.00a config file rev 2015040601": the revision is CONFIG_FILE_REVISION now.
-OLD_REVISION_COMMENT = re.compile(r"^\s*#.*\bconfig file rev", re.IGNORECASE)
+OLD_REVISION_COMMENT = re.compile(r"^\s*#+\s*osync\b.*\bconfig file rev\s*[0-9]+\s*$", re.IGNORECASE)
 # The state lists of osync v1.0-v1.2, named after the replica (master, slave) they describe.
 OLD_STATE_PREFIXES = (("master", "initiator"), ("slave", "target"))
 OLD_STATE_LISTS = ("tree-current", "tree-after", "deleted-list", "failed-delete")
@@ -8772,8 +8772,8 @@ def upgrade_request(args):
     if not args.upgrade_conf:
         raise ConfigError("--upgrade-conf needs the config file to upgrade: --upgrade-conf=/etc/osync/NAME.conf.")
     if args.config is not None:
-        raise ConfigError("--upgrade-conf takes the config file as its value (--upgrade-conf=%s); give no other "
-                          "config file." % args.config)
+        raise ConfigError("--upgrade-conf takes the config file to upgrade as its value, so %s cannot be given "
+                          "as well: run %s --upgrade-conf=FILE alone." % (args.config, PROGRAM))
     cfg = Config(quicksync=False)
     for setting in SETTINGS:
         if not setting.option or setting.option == "--upgrade-conf":

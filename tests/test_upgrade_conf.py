@@ -21,7 +21,7 @@ OLD_V10 = """#!/usr/bin/env bash
 
 ## ---------- GENERAL OPTIONS
 
-## Sync job identification
+## Sync job identification (our wiki keeps the config file revision history)
 SYNC_ID="legacy_job"
 
 ## Directories to synchronize. Master must be on the system Osync runs on.
@@ -115,7 +115,7 @@ def test_v10_config_upgraded_then_synced(pair):
     conf = old_config(pair.base / "conf" / "old.conf", pair.initiator, pair.target_spec,
                       key=getattr(pair, "key", "/nonexistent/id_rsa"))
     original = conf.read_bytes()
-    r = upgrade(pair, conf)
+    upgrade(pair, conf)
     assert (pair.base / "conf" / "old.conf.save").read_bytes() == original
     text = conf.read_text()
     found = values(conf)
@@ -129,7 +129,8 @@ def test_v10_config_upgraded_then_synced(pair):
     assert found["RSYNC_EXCLUDE_PATTERN"] == "tmp;archives"
     # yes/no stay as the user wrote them: the reader takes both.
     assert "CREATE_DIRS=no\n" in text and "SOFT_DELETE=yes\n" in text
-    for comment in ("## Our own note: the office copy wins ties.", "## Sync job identification",
+    for comment in ("## Our own note: the office copy wins ties.",
+                    "## Sync job identification (our wiki keeps the config file revision history)",
                     "###### (C) 2013-2015 by Orsiris"):
         assert comment in text
     assert "config file rev 2015040601" not in text
@@ -161,12 +162,16 @@ def test_v12_remote_settings_become_an_ssh_target(tmp_path, request):
     """REMOTE_SYNC=yes with REMOTE_USER/HOST/PORT and a plain SLAVE_SYNC_DIR is written as
     the ssh:// TARGET_SYNC_DIR the reader makes of it, and syncs through the test sshd."""
     pair = make_pair("remote", tmp_path / "p", request)
-    remote = "REMOTE_SYNC=yes\nREMOTE_USER=root\nREMOTE_HOST=%s\nREMOTE_PORT=%d\n" % (pair.sshd.host, pair.sshd.port)
+    remote = ("CONFIG_FILE_REVISION=1.2.0\nREMOTE_SYNC=yes\nREMOTE_USER=root\nREMOTE_HOST=%s\nREMOTE_PORT=%d\n"
+              % (pair.sshd.host, pair.sshd.port))
     conf = old_config(pair.base / "conf" / "v12.conf", pair.initiator, pair.target, key=pair.key, extra=remote)
     r = upgrade(pair, conf)
     found = values(conf)
     assert found["TARGET_SYNC_DIR"] == pair.target_spec
     assert not set(found) & set(osync.LEGACY_REMOTE_KEYS)
+    # An old revision is raised, not only added when missing (osync's upgrade script kept 1.2.0).
+    assert found["CONFIG_FILE_REVISION"] == osync.CONFIG_FILE_REVISION_REQUIRED
+    assert conf.read_text().count("CONFIG_FILE_REVISION=") == 1
     assert "#REMOTE_HOST=%s" % pair.sshd.host in conf.read_text(), "the old lines are kept as comments"
     assert "state dir of the target %s" % pair.target_spec in r.output
     put_trees(pair)
