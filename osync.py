@@ -1087,8 +1087,8 @@ def upgraded_config_lines(text, assignments, cfg):
             continue
         if key in LEGACY_REMOTE_KEYS:
             if not commented:
-                rows.append(UpgradedLine("# osync v1.0 settings, without meaning now (TARGET_SYNC_DIR names an "
-                                         "ssh:// target itself):"))
+                rows.append(UpgradedLine("# osync v1.0 settings that osync.py no longer reads (TARGET_SYNC_DIR="
+                                         "ssh://user@host:port//path names a remote target):"))
             rows.append(UpgradedLine("#" + line))
             commented.append(key)
             continue
@@ -1257,8 +1257,8 @@ def upgrade_state_files(cfg):
     for side in ("INITIATOR", "TARGET"):
         root = cfg["%s_SYNC_DIR" % side]
         if root.startswith("ssh://"):
-            messages.append(("notice", "The state dir of the target %s was left as it is: osync.py never reads "
-                                       "the old osync state lists there, so they do no harm." % root))
+            messages.append(("notice", "The state dir of the %s %s was left as it is: osync.py reads no old "
+                                       "osync state list there, so they do no harm." % (side.lower(), root)))
             continue
         if not root:
             continue
