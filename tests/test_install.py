@@ -264,6 +264,8 @@ def test_sysv_script_runs_one_monitor_per_config(tmp_path):
             cmdline = Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0")
             assert str(prefix / "etc/osync" / ("%s.conf" % name)).encode() in cmdline
             assert b"--on-changes" in cmdline and b"--errors-only" in cmdline
+            if shutil.which("setsid"):
+                assert os.getsid(pid) == pid, "a session of its own: no terminal hangup reaches it"
         for name, pair in pairs.items():
             wait_for(lambda: (pair.target / name / "file").exists(), "the first sync of %s" % name)
         # a monitor, not one sync: a later change arrives too
