@@ -253,12 +253,13 @@ def test_sysv_script_runs_one_monitor_per_config(tmp_path):
         assert r.returncode == expect, "%s: exit code %s\n%s" % (action, r.returncode, r.stdout)
         return r.stdout
 
-    pids = []
+    started = []
     try:
         out = service("start", 0)
         pid_files = sorted(p.name for p in run_dir.iterdir())
         assert pid_files == ["osync-srv-alpha.pid", "osync-srv-beta.pid"], out
         pids = [int((run_dir / name).read_text()) for name in pid_files]
+        started.extend(pids)
         for pid, name in zip(pids, ("alpha", "beta")):
             assert pid_alive(pid)
             cmdline = Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0")
@@ -278,17 +279,27 @@ def test_sysv_script_runs_one_monitor_per_config(tmp_path):
         assert out.count("already running") == 2, out
         assert [int((run_dir / name).read_text()) for name in pid_files] == pids
 
+        old_pids = pids
+        out = service("restart", 0)
+        pids = [int((run_dir / name).read_text()) for name in pid_files]
+        started.extend(pids)
+        assert not set(pids) & set(old_pids), out
+        assert not [pid for pid in old_pids if pid_alive(pid)] and all(pid_alive(pid) for pid in pids), out
+
         out = service("stop", 0)
         for pid in pids:
             wait_for(lambda: not pid_alive(pid), "pid %d to end" % pid, timeout=10)
         assert list(run_dir.iterdir()) == []
         out = service("status", 3)
         assert out.count(": not running.") == 2, out
+        # condrestart starts nothing that was not running
+        service("condrestart", 0)
+        assert list(run_dir.iterdir()) == []
         for pair in pairs.values():
             log = pair.logfile.read_text()
             assert "Monitor stopped by signal SIGTERM" in log and "Traceback" not in log
     finally:
-        for pid in pids:
+        for pid in started:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
