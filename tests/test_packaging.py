@@ -30,6 +30,8 @@ SYSTEM_UNITS = ("osync-srv@.service", "osync-target-helper-srv@.service", "osync
 USER_UNITS = ("osync-srv@.service", "osync-target-helper-srv@.service")
 PLACEHOLDER_UNIT = ("[Unit]\nDescription=placeholder for a unit that install.py brings\n\n[Service]\n"
                     "ExecStart=/usr/local/bin/osync.py /etc/osync/%i --on-changes --errors-only\n")
+PLACEHOLDER_TIMER = "[Unit]\nDescription=placeholder\n\n[Timer]\nOnCalendar=daily\n"
+PLACEHOLDER_SYSV = "#!/bin/sh\nOSYNC_BIN=${OSYNC_BIN:-/usr/local/bin/osync.py}\n"
 BUILD_TIMEOUT = 300
 
 
@@ -58,10 +60,12 @@ def source_tree(tmp_path_factory):
         shutil.copy2(str(REPO / name), str(top / name))
     shutil.copytree(str(REPO / "packaging"), str(top / "packaging"))
     for unit in SYSTEM_UNITS:
-        placeholder(top / "packaging" / "systemd" / unit, PLACEHOLDER_UNIT)
+        placeholder(top / "packaging" / "systemd" / unit,
+                    PLACEHOLDER_TIMER if unit.endswith(".timer") else PLACEHOLDER_UNIT)
     for unit in USER_UNITS:
         placeholder(top / "packaging" / "systemd" / "user" / unit, PLACEHOLDER_UNIT)
     placeholder(top / "packaging" / "exclude.list.example", "*.tmp\n")
+    placeholder(top / "packaging" / "sysv" / "osync-srv", PLACEHOLDER_SYSV)
     return top
 
 
@@ -93,9 +97,12 @@ def check_installed_tree(root, unit_dir, user_unit_dir):
             path = root / directory.lstrip("/") / unit
             assert path.is_file(), "%s is not in the package" % path
             programs = unit_exec_programs(path.read_text())
-            assert programs, "%s starts nothing" % path
+            ours = [program for program in programs if os.path.basename(program) in SCRIPTS]
+            assert ours or unit.endswith(".timer"), "%s starts none of %s" % (path, ", ".join(SCRIPTS))
             for program in programs:
-                assert program.startswith("/usr/bin/"), "%s starts %s, not a program of /usr/bin" % (path, program)
+                assert not program.startswith("/usr/local/"), "%s starts %s" % (path, program)
+            for program in ours:
+                assert program == "/usr/bin/" + os.path.basename(program), "%s starts %s" % (path, program)
                 assert (root / program.lstrip("/")).is_file(), "%s starts %s, which the package lacks" % (
                     path, program)
     version = run([sys.executable, root / "usr" / "bin" / "osync.py", "--version"])
@@ -124,7 +131,7 @@ def test_debian_package_installs_programs_config_and_units(source_tree, tmp_path
     assert field("Suggests") == "sshpass, acl, attr"
     assert field("Maintainer")
     conffiles = succeeded(run(["dpkg-deb", "-I", package, "conffiles"])).stdout.split()
-    assert conffiles == ["/etc/osync/sync.conf.example", "/etc/osync/exclude.list.example"]
+    assert conffiles == ["/etc/osync/sync.conf.example", "/etc/osync/exclude.list.example", "/etc/init.d/osync-srv"]
 
     listing = succeeded(run(["dpkg-deb", "-c", package])).stdout
     entries = {}
@@ -143,6 +150,9 @@ def test_debian_package_installs_programs_config_and_units(source_tree, tmp_path
     unpacked = tmp_path / "root"
     succeeded(run(["dpkg-deb", "-x", package, unpacked]))
     check_installed_tree(unpacked, "/lib/systemd/system", "/usr/lib/systemd/user")
+    assert entries.get("/etc/init.d/osync-srv") == ("-rwxr-xr-x", "root/root"), listing
+    init_script = (unpacked / "etc" / "init.d" / "osync-srv").read_text()
+    assert "/usr/local/bin" not in init_script and "/usr/bin/osync.py" in init_script
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 # and ssh_filter.py to /usr/bin, sync.conf as /etc/osync/sync.conf.example (a conffile, as
 # is packaging/exclude.list.example when present), the systemd units of packaging/systemd
 # to /lib/systemd/system (packaging/systemd/user to /usr/lib/systemd/user) with their
-# ExecStart paths moved from /usr/local/bin to /usr/bin.  Maintainer: $DEBFULLNAME <$DEBEMAIL>.
+# ExecStart paths moved from /usr/local/bin to /usr/bin, and packaging/sysv/osync-srv as
+# /etc/init.d/osync-srv (not enabled).  Maintainer: $DEBFULLNAME <$DEBEMAIL>.
 set -euo pipefail
 
 source_dir=$(cd "$(dirname "$0")/../.." && pwd)
@@ -52,6 +53,15 @@ install_units() {
 }
 install_units "$source_dir/packaging/systemd" /lib/systemd/system
 install_units "$source_dir/packaging/systemd/user" /usr/lib/systemd/user
+
+# The SysV script, for hosts booted without systemd: installed, not enabled (update-rc.d
+# osync-srv defaults does that).  Debian keeps init scripts as conffiles.
+if [ -f "$source_dir/packaging/sysv/osync-srv" ]; then
+    install -d "$root/etc/init.d"
+    sed 's|/usr/local/bin/|/usr/bin/|g' "$source_dir/packaging/sysv/osync-srv" > "$root/etc/init.d/osync-srv"
+    chmod 755 "$root/etc/init.d/osync-srv"
+    conffiles="$conffiles /etc/init.d/osync-srv"
+fi
 
 install -d "$root/usr/share/doc/osync"
 [ -f "$source_dir/README.md" ] && install -m 644 "$source_dir/README.md" "$root/usr/share/doc/osync/README.md"
