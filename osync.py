@@ -5016,6 +5016,25 @@ def sudo_reports_missing(code, stderr_text):
     return code == 1 and "sudo:" in stderr_text and "command not found" in stderr_text
 
 
+def own_source():
+    """The bytes of osync.py that the remote Python runs as the agent: this module's file,
+    or, in a PyInstaller binary (sys.frozen), the copy of osync.py bundled in it, since a
+    frozen module's __file__ names a compiled file that is not on disk."""
+    bundle = getattr(sys, "_MEIPASS", None) if getattr(sys, "frozen", False) else None
+    if bundle:
+        path = os.path.join(bundle, "osync.py")
+        remedy = "build the binary with packaging/pyinstaller/osync.spec, which bundles osync.py"
+    else:
+        path = os.path.abspath(__file__)
+        remedy = "make it readable, or reinstall osync.py"
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ReplicaError("osync.py cannot read its own source %s to start the agent on the target (%s): %s."
+                           % (path, error.strerror or error, remedy))
+
+
 class SshTransport(object):
     """One ssh connection per run: a ControlMaster that the agent and every rsync share.
 
@@ -5123,8 +5142,7 @@ class SshTransport(object):
 
     def start_agent(self, role, state_dir):
         """Stream osync.py to the remote Python, wait for its banner, open the replica."""
-        with open(os.path.abspath(__file__), "rb") as handle:
-            source = handle.read()
+        source = own_source()
         interpreters = [self.cfg["REMOTE_PYTHON"]] if self.cfg["REMOTE_PYTHON"] else ["python3", "python"]
         tried = []
         for python in interpreters:
