@@ -581,7 +581,7 @@ class Bench:
             text = StringSink()
             stats = pstats.Stats(profile_data, stream=text)
             stats.strip_dirs().sort_stats(order).print_stats(30)
-            lines += ["", "=== top 30 by %s time ===" % order, text.getvalue()]
+            lines += ["", "=== top 30 by %s ===" % {"cumulative": "cumulative time", "tottime": "total (own) time"}[order], text.getvalue()]
         report = "\n".join(lines)
         print(report)
         if output_path:
