@@ -18,6 +18,7 @@ Python 3 standard library only; see bench/README.md for what exactly is measured
 
 import argparse
 import getpass
+import io
 import json
 import os
 import platform
@@ -570,34 +571,23 @@ class Bench:
     def profile(self, output_path):
         """The no-change local run of osync.py under cProfile; prints the top functions."""
         tool = [tool for tool in self.tools if tool.name == "osync"][0]
-        self.sync(tool, "local")
-        self.sync(tool, "local")
+        self.sync(tool, "local")          # the initial sync
+        self.sync(tool, "local")          # converged: the next run has nothing to do
         profile_data = os.path.join(self.work, "osync-nochange.prof")
         result = run_measured(self.launcher, tool.command("local", ["-m", "cProfile", "-o", profile_data]),
                               tool.environment("local"), self.log_path, os.path.join(self.rss_dir, "profile"))
         lines = ["osync.py no-change local run under cProfile, %d files: %.2f s (with profiling), rc %s"
                  % (self.args.files, result["seconds"], result["rc"])]
-        for order in ("cumulative", "tottime"):
-            text = StringSink()
+        for order, title in (("cumulative", "cumulative time"), ("tottime", "own time (tottime)")):
+            text = io.StringIO()
             stats = pstats.Stats(profile_data, stream=text)
             stats.strip_dirs().sort_stats(order).print_stats(30)
-            lines += ["", "=== top 30 by %s ===" % {"cumulative": "cumulative time", "tottime": "total (own) time"}[order], text.getvalue()]
+            lines += ["", "=== top 30 by %s ===" % title, text.getvalue()]
         report = "\n".join(lines)
         print(report)
         if output_path:
             with open(output_path, "w") as handle:
                 handle.write(report + "\n")
-
-
-class StringSink:
-    def __init__(self):
-        self.parts = []
-
-    def write(self, text):
-        self.parts.append(text)
-
-    def getvalue(self):
-        return "".join(self.parts)
 
 
 # --------------------------------------------------------------------------------------
