@@ -701,27 +701,32 @@ def main(argv=None):
         bench.prepare(tools)
         if args.profile:
             bench.profile(args.profile_out)
-            return 0
-        for case in args.scenario:
-            bench.run_case(case)
+        else:
+            for case in args.scenario:
+                bench.run_case(case)
+            report(args, bench, tools)
     finally:
         bench.stop()
         if not args.keep:
+            log("removing %s" % args.workdir)
             remove_tree(args.workdir)
+    return 0
+
+
+def report(args, bench, tools):
+    """Print the tables (and write the JSON) of the runs made."""
     summary = summarize(bench.runs, args.scenario, tools)
     machine = "%s, %d cores, Python %s" % (platform.machine(), os.cpu_count() or 0, platform.python_version())
     versions = {"rsync": first_line(["rsync", "--version"]), "unison": first_line(["unison", "-version"]),
                 "osync": args.osync}
     print("\n%d files, %.2f GB, %d directories; %d rounds; %s\n" % (
         len(bench.spec.files), bench.spec.total_bytes() / 1e9, len(bench.spec.directories) + 1, args.rounds, machine))
-    print(render(summary, tools))
+    print(render(summary, tools), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"files": args.files, "scale": args.scale, "seed": args.seed, "rounds": args.rounds,
                        "machine": machine, "versions": versions, "summary": summary, "runs": bench.runs},
                       handle, indent=1)
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
