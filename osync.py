@@ -969,342 +969,6 @@ def filter_spec(cfg):
     return includes + excludes if cfg["RSYNC_PATTERN_FIRST"] == "include" else excludes + includes
 
 
-# Upgrading old configs (--upgrade-conf) ----------------------------------------------------
-# Configs of osync v1.0 to v1.2 load as they are, each old name translated with a warning.
-# --upgrade-conf rewrites one in place with the current names, so that it loads without
-# them: the user's lines and comments stay, only what the reader translates is changed,
-# and every key the file lacks is added with its default and its comment from sync.conf.
-
-# The section titles of osync v1.0-v1.2 configs ("## ---------- GENERAL OPTIONS").
-OLD_SECTION_HEADERS = {
-    "GENERAL OPTIONS": "GENERAL",
-    "REMOTE OPTIONS": "REMOTE_OPTIONS",
-    "REMOTE SYNC OPTIONS": "REMOTE_OPTIONS",
-    "MISC OPTIONS": "MISC_OPTIONS",
-    "BACKUP AND DELETION OPTIONS": "BACKUP_DELETE_OPTIONS",
-    "BACKUP AND TRASH OPTIONS": "BACKUP_DELETE_OPTIONS",
-    "RESUME OPTIONS": "RESUME_OPTIONS",
-    "ALERT OPTIONS": "ALERT_OPTIONS",
-    "EXECUTION HOOKS": "EXECUTION_HOOKS",
-}
-OLD_SECTION_HEADER = re.compile(r"^\s*#+\s*-+\s*([A-Za-z][A-Za-z ]*[A-Za-z])\s*-*\s*$")
-# "#### osync v1.00a config file rev 2015040601": the revision is CONFIG_FILE_REVISION now.
-OLD_REVISION_COMMENT = re.compile(r"^\s*#+\s*osync\b.*\bconfig file rev\s*[0-9]+\s*$", re.IGNORECASE)
-# The state lists of osync v1.0-v1.2, named after the replica (master, slave) they describe.
-OLD_STATE_PREFIXES = (("master", "initiator"), ("slave", "target"))
-OLD_STATE_LISTS = ("tree-current", "tree-after", "deleted-list", "failed-delete")
-PLAIN_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_./@:+,%=-]+\Z")
-
-
-def config_word(value):
-    """`value` written so that read_config_file reads exactly it back (no expansion)."""
-    if PLAIN_CONFIG_WORD.match(value):
-        return value
-    return "'%s'" % value.replace("'", "'\\''")
-
-
-def example_blocks():
-    """{key: the lines sync.conf gives it}: its comments, then KEY=default."""
-    blocks = {}
-    current = []
-    for line in example_config().split("\n"):
-        if not line:
-            current = []
-            continue
-        current.append(line)
-        match = ASSIGNMENT.match(line)
-        if match:
-            blocks[match.group(1)] = current
-            current = []
-    return blocks
-
-
-class UpgradedLine(object):
-    """One line of the upgraded file, and the lines added before or after it."""
-
-    def __init__(self, text, key=None):
-        self.text = text
-        self.key = key          # the (current) key the line sets, or None
-        self.before = []
-        self.after = []
-
-
-def upgrade_assignment(line, key, value, legacy_target):
-    """The upgraded text of one KEY=value line, and the change made in words (or None)."""
-    start = line.index(key + "=")
-    name = OLD_NAMES.get(key, key)
-    setting = SETTINGS_BY_KEY.get(name)
-    new_value = None
-    if name == "TARGET_SYNC_DIR" and legacy_target is not None:
-        new_value = legacy_target
-    elif setting is not None and setting.kind in ("choice", "list") and value.strip() and \
-            set(re.split(r"[\s,]+", value.strip())) & set(OLD_VALUES):
-        new_value = convert_value(setting, value)
-    elif name == "CONFIG_FILE_REVISION" and (not re.match(r"^[0-9]+(\.[0-9]+)*\Z", value.strip()) or
-                                             version_tuple(value) < version_tuple(CONFIG_FILE_REVISION_REQUIRED)):
-        new_value = CONFIG_FILE_REVISION_REQUIRED
-    if new_value is not None:
-        text = "%s%s=%s" % (line[:start], name, config_word(new_value))
-        return text, "%s=%s" % (name, new_value) if name == key else "%s to %s=%s" % (key, name, new_value)
-    if name != key:
-        return line[:start] + name + line[start + len(key):], "%s to %s" % (key, name)
-    return line, None
-
-
-def upgraded_config_lines(text, assignments, cfg):
-    """The lines of the upgraded config and the list of changes made, in words.
-
-    `assignments` are read_config_file's of `text`, `cfg` the Config loaded from it (which
-    holds the ssh:// target that v1.0's REMOTE_* settings name)."""
-    by_line = dict((number, (key, value)) for number, key, value in assignments)
-    written = set(key for _, key, _ in assignments)
-    targets = [number for number, key, _ in assignments if OLD_NAMES.get(key, key) == "TARGET_SYNC_DIR"]
-    legacy_target = None
-    if targets and cfg["TARGET_SYNC_DIR"].startswith("ssh://") and \
-            not by_line[targets[-1]][1].startswith("ssh://"):
-        legacy_target = cfg["TARGET_SYNC_DIR"]     # REMOTE_SYNC=yes with REMOTE_HOST...
-    rows = []
-    changes = []
-    commented = []
-    headers = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        header = OLD_SECTION_HEADER.match(line)
-        if header and header.group(1).upper() in OLD_SECTION_HEADERS:
-            rows.append(UpgradedLine("[%s]" % OLD_SECTION_HEADERS[header.group(1).upper()]))
-            headers += 1
-            continue
-        if OLD_REVISION_COMMENT.match(line) and number not in by_line:
-            continue
-        if number not in by_line:
-            rows.append(UpgradedLine(line))
-            continue
-        key, value = by_line[number]
-        if key == "REMOTE_RSYNC_PATH" and "RSYNC_REMOTE_PATH" not in written:
-            start = line.index(key + "=")
-            rows.append(UpgradedLine(line[:start] + "RSYNC_REMOTE_PATH" + line[start + len(key):],
-                                     "RSYNC_REMOTE_PATH"))
-            changes.append("REMOTE_RSYNC_PATH to RSYNC_REMOTE_PATH")
-            continue
-        if key in LEGACY_REMOTE_KEYS:
-            if not commented:
-                rows.append(UpgradedLine("# osync v1.0 settings that osync.py no longer reads (TARGET_SYNC_DIR="
-                                         "ssh://user@host:port//path names a remote target):"))
-            rows.append(UpgradedLine("#" + line))
-            commented.append(key)
-            continue
-        is_last_target = bool(targets) and number == targets[-1]
-        new_text, change = upgrade_assignment(line, key, value, legacy_target if is_last_target else None)
-        rows.append(UpgradedLine(new_text, OLD_NAMES.get(key, key)))
-        if change:
-            changes.append(change)
-    if commented:
-        changes.append("%s turned into comments" % ", ".join(commented))
-    if headers:
-        changes.append("%d section title%s turned into [SECTION] lines" % (headers, "s" if headers > 1 else ""))
-    added = add_missing_keys(rows)
-    if added:
-        changes.append("%d missing key%s added with %s default and comment" % (
-            len(added), "s" if len(added) > 1 else "", "their" if len(added) > 1 else "its"))
-    lines = []
-    for index, row in enumerate(rows):
-        if row.before:
-            lines.extend(row.before[1:] + [""])
-        lines.append(row.text)
-        lines.extend(row.after)
-        if row.after and index + 1 < len(rows) and rows[index + 1].text.strip() and not rows[index + 1].before:
-            lines.append("")
-    return lines, changes
-
-
-def add_missing_keys(rows):
-    """Add every key of sync.conf that `rows` do not set, with its comment and default,
-    in its section: after the key before it, else after the [SECTION] line, else before
-    the first key of the section; a section the file lacks goes at its end.  Returns the
-    keys added."""
-    blocks = example_blocks()
-    last_line = dict((row.key, index) for index, row in enumerate(rows) if row.key)
-    header_line = {}
-    for index, row in enumerate(rows):
-        match = re.match(r"^\s*\[([A-Za-z0-9_ -]*)\]\s*$", row.text)
-        if match:
-            header_line.setdefault(match.group(1), index)
-    tail = UpgradedLine("")
-    anchors = {}
-    added = []
-    settings = [setting for setting in SETTINGS if setting.key and setting.conf]
-    for position, setting in enumerate(settings):
-        section = setting.section
-        if setting.key in last_line:
-            anchors[section] = rows[last_line[setting.key]].after
-            continue
-        if section not in anchors:
-            later = [last_line[other.key] for other in settings[position:]
-                     if other.section == section and other.key in last_line]
-            if section in header_line:
-                anchors[section] = rows[header_line[section]].after
-            elif later:
-                first = min(later)
-                while first > 0 and rows[first - 1].text.lstrip().startswith("#") and rows[first - 1].key is None:
-                    first -= 1
-                anchors[section] = rows[first].before
-            else:
-                tail.after.extend(["", "[%s]" % section, "# ---- %s" % SECTION_TITLES[section]])
-                anchors[section] = tail.after
-        anchors[section].extend([""] + blocks[setting.key])
-        added.append(setting.key)
-    if tail.after:
-        rows.append(UpgradedLine(tail.after[0]))
-        rows[-1].after = tail.after[1:]
-    return added
-
-
-def write_file_as(path, data, info):
-    """Write `data` to `path` atomically (temp file, fsync, rename) with the mode, owner
-    and group of `info` (the stat of the file it replaces)."""
-    directory = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode))
-            if (os.fstat(handle.fileno()).st_uid, os.fstat(handle.fileno()).st_gid) != (info.st_uid, info.st_gid):
-                os.fchown(handle.fileno(), info.st_uid, info.st_gid)
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def keep_saved_copy(path, data, info):
-    """Write the original `data` to PATH.save, or PATH.save.1, .2... when that exists (a
-    backup is never overwritten); returns its path."""
-    candidate = path + ".save"
-    number = 0
-    while True:
-        try:
-            handle = open(candidate, "xb")
-            break
-        except FileExistsError:
-            number += 1
-            candidate = "%s.save.%d" % (path, number)
-    with handle:
-        handle.write(data)
-        handle.flush()
-        os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode))
-        if (os.fstat(handle.fileno()).st_uid, os.fstat(handle.fileno()).st_gid) != (info.st_uid, info.st_gid):
-            os.fchown(handle.fileno(), info.st_uid, info.st_gid)
-        os.fsync(handle.fileno())
-    os.utime(candidate, ns=(info.st_atime_ns, info.st_mtime_ns))
-    return candidate
-
-
-def check_upgradable(path, info):
-    """Refuse, before anything is written, a file the upgrade could not replace as it is."""
-    directory = os.path.dirname(path)
-    if not os.access(path, os.W_OK):
-        raise ConfigError("Config file %s is not writable, so it was not upgraded; make it writable "
-                          "(or run as its owner) and try again." % path)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError("The directory %s is not writable, so %s was not upgraded: the upgrade writes the new "
-                          "file and a .save copy of the old one there." % (directory, path))
-    if os.geteuid() not in (0, info.st_uid):
-        raise ConfigError("Config file %s belongs to user id %d, so it was not upgraded: run --upgrade-conf as that "
-                          "user or as root, so that the file keeps its owner." % (path, info.st_uid))
-
-
-def rename_old_state_files(state_dir, instance_id):
-    """Rename osync v1.0-v1.2's master-/slave- state lists of `instance_id` in `state_dir`
-    to their initiator-/target- names; returns (level, message) pairs."""
-    messages = []
-    if not instance_id or not os.path.isdir(state_dir):
-        return messages
-    for old_prefix, new_prefix in OLD_STATE_PREFIXES:
-        for name in OLD_STATE_LISTS:
-            for suffix in ("", "-dry"):
-                old = os.path.join(state_dir, "%s-%s-%s%s" % (old_prefix, name, instance_id, suffix))
-                new = os.path.join(state_dir, "%s-%s-%s%s" % (new_prefix, name, instance_id, suffix))
-                if not os.path.lexists(old):
-                    continue
-                if os.path.lexists(new):
-                    messages.append(("warn", "State file %s was not renamed: %s exists already, so both were "
-                                             "left as they are." % (old, new)))
-                    continue
-                try:
-                    os.rename(old, new)
-                except OSError as error:
-                    messages.append(("warn", "Cannot rename state file %s to %s: %s; rename it yourself."
-                                             % (old, new, error.strerror)))
-                    continue
-                messages.append(("notice", "State file %s renamed %s." % (old, os.path.basename(new))))
-    return messages
-
-
-def upgrade_state_files(cfg):
-    """Rename the old state lists in both replicas' state dirs, where they are local."""
-    instance = cfg["INSTANCE_ID"]
-    messages = []
-    for side in ("INITIATOR", "TARGET"):
-        root = cfg["%s_SYNC_DIR" % side]
-        if root.startswith("ssh://"):
-            messages.append(("notice", "The state dir of the %s %s was left as it is: osync.py reads no old "
-                                       "osync state list there, so they do no harm." % (side.lower(), root)))
-            continue
-        if not root:
-            continue
-        state_dir = cfg["%s_CUSTOM_STATE_DIR" % side] or os.path.join(
-            os.path.expanduser(root), WORK_DIR_NAME, STATE_DIR_NAME)
-        messages += rename_old_state_files(state_dir, instance)
-    return messages
-
-
-def upgrade_config_file(path):
-    """--upgrade-conf: rewrite the osync v1.0-v1.2 config `path` to the current format,
-    keeping the original as PATH.save, and rename the old state lists of its replicas.
-    Returns (level, message) pairs; a file that cannot be upgraded is a ConfigError and
-    stays untouched."""
-    cfg = Config(quicksync=False)
-    cfg.load_file(path)     # every error the reader would give, with its file, line and key
-    assignments = read_config_file(path)
-    keys = set(key for _, key, _ in assignments)
-    if not keys & {"INITIATOR_SYNC_DIR", "MASTER_SYNC_DIR"}:
-        raise ConfigError("%s is not an osync config file: it sets neither INITIATOR_SYNC_DIR nor MASTER_SYNC_DIR, "
-                          "so it was not upgraded." % path)
-    real_path = os.path.realpath(path)
-    with open(real_path, "rb") as handle:
-        data = handle.read()
-    text = data.decode("utf-8", "surrogateescape")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines, changes = upgraded_config_lines(text, assignments, cfg)
-    new_text = "\n".join(lines) + "\n"
-    messages = []
-    if new_text == text:
-        messages.append(("notice", "Config file %s is already in the current format; nothing was rewritten." % path))
-    else:
-        info = os.stat(real_path)
-        check_upgradable(real_path, info)
-        saved = keep_saved_copy(real_path, data, info)
-        write_file_as(real_path, new_text.encode("utf-8", "surrogateescape"), info)
-        messages.append(("notice", "Config file %s upgraded to the current format (%s); the original is kept as %s."
-                                   % (path, "; ".join(changes), saved)))
-        upgraded = Config(quicksync=False)
-        upgraded.load_file(path)
-        messages += [("warn", warning) for warning in upgraded.warnings]
-        cfg = upgraded
-    return messages + upgrade_state_files(cfg)
-
-
 # ======================================================================================
 # Output
 # ======================================================================================
@@ -2858,9 +2522,11 @@ def state_lines(records):
         yield state_line(rel_path, initiator, target)
 
 
-def write_atomically(path, chunks):
+def write_atomically(path, chunks, like=None):
     """Write an iterable of text chunks to `path` so it holds the old or the new content,
-    never a mix: a temp file beside it, fsync, rename, fsync of the directory."""
+    never a mix: a temp file beside it, fsync, rename, fsync of the directory.  With
+    `like` (an os.stat result), the new file gets that mode and owner (a config rewritten
+    in place); else the temp file's 0600."""
     directory = os.path.dirname(path)
     fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
@@ -2868,6 +2534,10 @@ def write_atomically(path, chunks):
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
+            if like is not None:
+                os.fchmod(handle.fileno(), stat.S_IMODE(like.st_mode))
+                if (os.fstat(handle.fileno()).st_uid, os.fstat(handle.fileno()).st_gid) != (like.st_uid, like.st_gid):
+                    os.fchown(handle.fileno(), like.st_uid, like.st_gid)
             os.fsync(handle.fileno())
         os.rename(temp, path)
     except BaseException:
@@ -8812,6 +8482,314 @@ def parse_command_line(argv):
 
 # What may go with --upgrade-conf: it rewrites one file and syncs nothing.
 UPGRADE_COMPANIONS = ("silent", "verbose", "errors_only", "no_prefix", "non_interactive")
+
+
+# Upgrading old configs (--upgrade-conf) ----------------------------------------------------
+# Configs of osync v1.0 to v1.2 load as they are, each old name translated with a warning.
+# --upgrade-conf rewrites one in place with the current names, so that it loads without
+# them: the user's lines and comments stay, only what the reader translates is changed,
+# and every key the file lacks is added with its default and its comment from sync.conf.
+
+# The section titles of osync v1.0-v1.2 configs ("## ---------- GENERAL OPTIONS").
+OLD_SECTION_HEADERS = {
+    "GENERAL OPTIONS": "GENERAL",
+    "REMOTE OPTIONS": "REMOTE_OPTIONS",
+    "REMOTE SYNC OPTIONS": "REMOTE_OPTIONS",
+    "MISC OPTIONS": "MISC_OPTIONS",
+    "BACKUP AND DELETION OPTIONS": "BACKUP_DELETE_OPTIONS",
+    "BACKUP AND TRASH OPTIONS": "BACKUP_DELETE_OPTIONS",
+    "RESUME OPTIONS": "RESUME_OPTIONS",
+    "ALERT OPTIONS": "ALERT_OPTIONS",
+    "EXECUTION HOOKS": "EXECUTION_HOOKS",
+}
+OLD_SECTION_HEADER = re.compile(r"^\s*#+\s*-+\s*([A-Za-z][A-Za-z ]*[A-Za-z])\s*-*\s*$")
+# "#### osync v1.00a config file rev 2015040601": the revision is CONFIG_FILE_REVISION now.
+OLD_REVISION_COMMENT = re.compile(r"^\s*#+\s*osync\b.*\bconfig file rev\s*[0-9]+\s*$", re.IGNORECASE)
+# The state lists of osync v1.0-v1.2, named after the replica (master, slave) they describe.
+OLD_STATE_PREFIXES = (("master", "initiator"), ("slave", "target"))
+OLD_STATE_LISTS = ("tree-current", "tree-after", "deleted-list", "failed-delete")
+PLAIN_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_./@:+,%=-]+\Z")
+
+
+def config_word(value):
+    """`value` written so that read_config_file reads exactly it back (no expansion)."""
+    if PLAIN_CONFIG_WORD.match(value):
+        return value
+    return "'%s'" % value.replace("'", "'\\''")
+
+
+def example_blocks():
+    """{key: the lines sync.conf gives it}: its comments, then KEY=default."""
+    blocks = {}
+    current = []
+    for line in example_config().split("\n"):
+        if not line:
+            current = []
+            continue
+        current.append(line)
+        match = ASSIGNMENT.match(line)
+        if match:
+            blocks[match.group(1)] = current
+            current = []
+    return blocks
+
+
+class UpgradedLine(object):
+    """One line of the upgraded file, and the lines added before or after it."""
+
+    def __init__(self, text, key=None):
+        self.text = text
+        self.key = key          # the (current) key the line sets, or None
+        self.before = []
+        self.after = []
+
+
+def upgrade_assignment(line, key, value, legacy_target):
+    """The upgraded text of one KEY=value line, and the change made in words (or None)."""
+    start = line.index(key + "=")
+    name = OLD_NAMES.get(key, key)
+    setting = SETTINGS_BY_KEY.get(name)
+    new_value = None
+    if name == "TARGET_SYNC_DIR" and legacy_target is not None:
+        new_value = legacy_target
+    elif setting is not None and setting.kind in ("choice", "list") and value.strip() and \
+            set(re.split(r"[\s,]+", value.strip())) & set(OLD_VALUES):
+        new_value = convert_value(setting, value)
+    elif name == "CONFIG_FILE_REVISION" and (not re.match(r"^[0-9]+(\.[0-9]+)*\Z", value.strip()) or
+                                             version_tuple(value) < version_tuple(CONFIG_FILE_REVISION_REQUIRED)):
+        new_value = CONFIG_FILE_REVISION_REQUIRED
+    if new_value is not None:
+        text = "%s%s=%s" % (line[:start], name, config_word(new_value))
+        return text, "%s=%s" % (name, new_value) if name == key else "%s to %s=%s" % (key, name, new_value)
+    if name != key:
+        return line[:start] + name + line[start + len(key):], "%s to %s" % (key, name)
+    return line, None
+
+
+def upgraded_config_lines(text, assignments, cfg):
+    """The lines of the upgraded config and the list of changes made, in words.
+
+    `assignments` are read_config_file's of `text`, `cfg` the Config loaded from it (which
+    holds the ssh:// target that v1.0's REMOTE_* settings name)."""
+    by_line = dict((number, (key, value)) for number, key, value in assignments)
+    written = set(key for _, key, _ in assignments)
+    targets = [number for number, key, _ in assignments if OLD_NAMES.get(key, key) == "TARGET_SYNC_DIR"]
+    legacy_target = None
+    if targets and cfg["TARGET_SYNC_DIR"].startswith("ssh://") and \
+            not by_line[targets[-1]][1].startswith("ssh://"):
+        legacy_target = cfg["TARGET_SYNC_DIR"]     # REMOTE_SYNC=yes with REMOTE_HOST...
+    rows = []
+    changes = []
+    commented = []
+    headers = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        header = OLD_SECTION_HEADER.match(line)
+        if header and header.group(1).upper() in OLD_SECTION_HEADERS:
+            rows.append(UpgradedLine("[%s]" % OLD_SECTION_HEADERS[header.group(1).upper()]))
+            headers += 1
+            continue
+        if OLD_REVISION_COMMENT.match(line) and number not in by_line:
+            continue
+        if number not in by_line:
+            rows.append(UpgradedLine(line))
+            continue
+        key, value = by_line[number]
+        if key == "REMOTE_RSYNC_PATH" and "RSYNC_REMOTE_PATH" not in written:
+            start = line.index(key + "=")
+            rows.append(UpgradedLine(line[:start] + "RSYNC_REMOTE_PATH" + line[start + len(key):],
+                                     "RSYNC_REMOTE_PATH"))
+            changes.append("REMOTE_RSYNC_PATH to RSYNC_REMOTE_PATH")
+            continue
+        if key in LEGACY_REMOTE_KEYS:
+            if not commented:
+                rows.append(UpgradedLine("# osync v1.0 settings that osync.py no longer reads (TARGET_SYNC_DIR="
+                                         "ssh://user@host:port//path names a remote target):"))
+            rows.append(UpgradedLine("#" + line))
+            commented.append(key)
+            continue
+        is_last_target = bool(targets) and number == targets[-1]
+        new_text, change = upgrade_assignment(line, key, value, legacy_target if is_last_target else None)
+        rows.append(UpgradedLine(new_text, OLD_NAMES.get(key, key)))
+        if change:
+            changes.append(change)
+    if commented:
+        changes.append("%s turned into comments" % ", ".join(commented))
+    if headers:
+        changes.append("%d section title%s turned into [SECTION] lines" % (headers, "s" if headers > 1 else ""))
+    added = add_missing_keys(rows)
+    if added:
+        changes.append("%d missing key%s added with %s default and comment" % (
+            len(added), "s" if len(added) > 1 else "", "their" if len(added) > 1 else "its"))
+    lines = []
+    for index, row in enumerate(rows):
+        if row.before:
+            lines.extend(row.before[1:] + [""])
+        lines.append(row.text)
+        lines.extend(row.after)
+        if row.after and index + 1 < len(rows) and rows[index + 1].text.strip() and not rows[index + 1].before:
+            lines.append("")
+    return lines, changes
+
+
+def add_missing_keys(rows):
+    """Add every key of sync.conf that `rows` do not set, with its comment and default,
+    in its section: after the key before it, else after the [SECTION] line, else before
+    the first key of the section; a section the file lacks goes at its end.  Returns the
+    keys added."""
+    blocks = example_blocks()
+    last_line = dict((row.key, index) for index, row in enumerate(rows) if row.key)
+    header_line = {}
+    for index, row in enumerate(rows):
+        match = re.match(r"^\s*\[([A-Za-z0-9_ -]*)\]\s*$", row.text)
+        if match:
+            header_line.setdefault(match.group(1), index)
+    tail = UpgradedLine("")
+    anchors = {}
+    added = []
+    settings = [setting for setting in SETTINGS if setting.key and setting.conf]
+    for position, setting in enumerate(settings):
+        section = setting.section
+        if setting.key in last_line:
+            anchors[section] = rows[last_line[setting.key]].after
+            continue
+        if section not in anchors:
+            later = [last_line[other.key] for other in settings[position:]
+                     if other.section == section and other.key in last_line]
+            if section in header_line:
+                anchors[section] = rows[header_line[section]].after
+            elif later:
+                first = min(later)
+                while first > 0 and rows[first - 1].text.lstrip().startswith("#") and rows[first - 1].key is None:
+                    first -= 1
+                anchors[section] = rows[first].before
+            else:
+                tail.after.extend(["", "[%s]" % section, "# ---- %s" % SECTION_TITLES[section]])
+                anchors[section] = tail.after
+        anchors[section].extend([""] + blocks[setting.key])
+        added.append(setting.key)
+    if tail.after:
+        rows.append(UpgradedLine(tail.after[0]))
+        rows[-1].after = tail.after[1:]
+    return added
+
+
+def keep_saved_copy(path, data, info):
+    """Write the original `data` to PATH.save, or PATH.save.1, .2... when that exists (a
+    backup is never overwritten); returns its path."""
+    candidate = path + ".save"
+    number = 0
+    while True:
+        try:
+            handle = open(candidate, "xb")
+            break
+        except FileExistsError:
+            number += 1
+            candidate = "%s.save.%d" % (path, number)
+    with handle:
+        handle.write(data)
+        handle.flush()
+        os.fchmod(handle.fileno(), stat.S_IMODE(info.st_mode))
+        if (os.fstat(handle.fileno()).st_uid, os.fstat(handle.fileno()).st_gid) != (info.st_uid, info.st_gid):
+            os.fchown(handle.fileno(), info.st_uid, info.st_gid)
+        os.fsync(handle.fileno())
+    os.utime(candidate, ns=(info.st_atime_ns, info.st_mtime_ns))
+    return candidate
+
+
+def check_upgradable(path, info):
+    """Refuse, before anything is written, a file the upgrade could not replace as it is."""
+    directory = os.path.dirname(path)
+    if not os.access(path, os.W_OK):
+        raise ConfigError("Config file %s is not writable, so it was not upgraded; make it writable "
+                          "(or run as its owner) and try again." % path)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError("The directory %s is not writable, so %s was not upgraded: the upgrade writes the new "
+                          "file and a .save copy of the old one there." % (directory, path))
+    if os.geteuid() not in (0, info.st_uid):
+        raise ConfigError("Config file %s belongs to user id %d, so it was not upgraded: run --upgrade-conf as that "
+                          "user or as root, so that the file keeps its owner." % (path, info.st_uid))
+
+
+def rename_old_state_files(state_dir, instance_id):
+    """Rename osync v1.0-v1.2's master-/slave- state lists of `instance_id` in `state_dir`
+    to their initiator-/target- names; returns (level, message) pairs."""
+    messages = []
+    if not instance_id or not os.path.isdir(state_dir):
+        return messages
+    for old_prefix, new_prefix in OLD_STATE_PREFIXES:
+        for name in OLD_STATE_LISTS:
+            for suffix in ("", "-dry"):
+                old = os.path.join(state_dir, "%s-%s-%s%s" % (old_prefix, name, instance_id, suffix))
+                new = os.path.join(state_dir, "%s-%s-%s%s" % (new_prefix, name, instance_id, suffix))
+                if not os.path.lexists(old):
+                    continue
+                if os.path.lexists(new):
+                    messages.append(("warn", "State file %s was not renamed: %s exists already, so both were "
+                                             "left as they are." % (old, new)))
+                    continue
+                try:
+                    os.rename(old, new)
+                except OSError as error:
+                    messages.append(("warn", "Cannot rename state file %s to %s: %s; rename it yourself."
+                                             % (old, new, error.strerror)))
+                    continue
+                messages.append(("notice", "State file %s renamed %s." % (old, os.path.basename(new))))
+    return messages
+
+
+def upgrade_state_files(cfg):
+    """Rename the old state lists in both replicas' state dirs, where they are local."""
+    instance = cfg["INSTANCE_ID"]
+    messages = []
+    for side in ("INITIATOR", "TARGET"):
+        root = cfg["%s_SYNC_DIR" % side]
+        if root.startswith("ssh://"):
+            messages.append(("notice", "The state dir of the %s %s was left as it is: osync.py reads no old "
+                                       "osync state list there, so they do no harm." % (side.lower(), root)))
+            continue
+        if not root:
+            continue
+        state_dir = cfg["%s_CUSTOM_STATE_DIR" % side] or os.path.join(
+            os.path.expanduser(root), WORK_DIR_NAME, STATE_DIR_NAME)
+        messages += rename_old_state_files(state_dir, instance)
+    return messages
+
+
+def upgrade_config_file(path):
+    """--upgrade-conf: rewrite the osync v1.0-v1.2 config `path` to the current format,
+    keeping the original as PATH.save, and rename the old state lists of its replicas.
+    Returns (level, message) pairs; a file that cannot be upgraded is a ConfigError and
+    stays untouched."""
+    cfg = Config(quicksync=False)
+    cfg.load_file(path)     # every error the reader would give, with its file, line and key
+    assignments = read_config_file(path)
+    keys = set(key for _, key, _ in assignments)
+    if not keys & {"INITIATOR_SYNC_DIR", "MASTER_SYNC_DIR"}:
+        raise ConfigError("%s is not an osync config file: it sets neither INITIATOR_SYNC_DIR nor MASTER_SYNC_DIR, "
+                          "so it was not upgraded." % path)
+    real_path = os.path.realpath(path)
+    with open(real_path, "rb") as handle:
+        data = handle.read()
+    text = data.decode("utf-8", "surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines, changes = upgraded_config_lines(text, assignments, cfg)
+    new_text = "\n".join(lines) + "\n"
+    messages = []
+    if new_text == text:
+        messages.append(("notice", "Config file %s is already in the current format; nothing was rewritten." % path))
+    else:
+        info = os.stat(real_path)
+        check_upgradable(real_path, info)
+        saved = keep_saved_copy(real_path, data, info)
+        write_atomically(real_path, [new_text], like=info)
+        messages.append(("notice", "Config file %s upgraded to the current format (%s); the original is kept as %s."
+                                   % (path, "; ".join(changes), saved)))
+        upgraded = Config(quicksync=False)
+        upgraded.load_file(path)
+        messages += [("warn", warning) for warning in upgraded.warnings]
+        cfg = upgraded
+    return messages + upgrade_state_files(cfg)
 
 
 def upgrade_request(args):
