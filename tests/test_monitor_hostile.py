@@ -1,0 +1,89 @@
+"""Monitor mode under a careless admin and a hostile target: a lock held by a manual run,
+a replica moved away, a target agent that floods its change replies, and the monitor's
+own use of CPU, file descriptors and threads over many syncs.
+
+The monitor is started, waited for and stopped as in test_monitor.py (whose helpers and
+`monitors` fixture are used here); every wait has a deadline."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_monitor import (HOSTILE_WRAPPER, Background, arrives, child_pids, is_remote, locks,  # noqa: F401
+                          monitors, rss_kib, wait_until)
+
+
+def files_of(root):
+    """relative path -> content of every file of a replica outside its work dir."""
+    found = {}
+    for directory, subdirs, names in os.walk(str(root)):
+        subdirs[:] = [name for name in subdirs if name != ".osync_workdir"]
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, str(root))] = handle.read()
+    return found
+
+
+def failed_syncs(monitor):
+    return [number for number, result in monitor.finished() if result == "failed"]
+
+
+# -- a sync that is refused is tried again ---------------------------------------------------------
+
+def test_sync_refused_on_a_held_lock_is_tried_again(pair, monitors):
+    """A manual run holds the initiator's lock when a change comes: the monitor's sync is
+    refused and logged, tried again later (not in a busy loop), and once the lock is gone
+    the change arrives without any further edit."""
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "osync-manual-run"])
+    try:
+        lock = pair.lock("initiator")
+        lock.write_text("%d@conftask\n" % holder.pid)
+        (pair.initiator / "while-locked").write_text("wait for the lock\n")
+        wait_until(lambda: failed_syncs(monitor), 15, "the sync to be refused on the lock" + monitor.describe())
+        assert "already a running instance" in monitor.log(), monitor.describe()
+        assert not (pair.target / "while-locked").exists()
+        time.sleep(3)
+        assert len(monitor.started()) <= 5, "a busy loop of refused syncs" + monitor.describe()
+        assert monitor.process.poll() is None, monitor.describe()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.unlink()   # the manual run ends and lets go of its lock
+    arrives(pair.target / "while-locked", "wait for the lock\n", timeout=20)
+    monitor.stop()
+    assert locks(pair) == []
+
+
+def test_target_moved_away_deletes_nothing_and_sync_resumes(pair, monitors):
+    """The target directory is moved away (an unmounted disk) while the monitor runs and
+    the initiator changes: the sync refuses, nothing is deleted on the initiator, the
+    monitor goes on, and once the directory is back the change arrives by itself."""
+    for number in range(5):
+        (pair.initiator / ("kept%d" % number)).write_text("kept %d\n" % number)
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    arrives(pair.target / "kept4", "kept 4\n")
+    before = files_of(pair.initiator)
+    away = pair.base / "target-unmounted"
+    os.rename(str(pair.target), str(away))
+    try:
+        (pair.initiator / "new").write_text("made while the target was away\n")
+        wait_until(lambda: failed_syncs(monitor), 15, "the sync to refuse" + monitor.describe())
+        time.sleep(1)
+        now = files_of(pair.initiator)
+        assert now == dict(before, new=b"made while the target was away\n"), "the initiator changed"
+        assert not pair.target.exists(), "the sync recreated the missing target"
+        assert monitor.process.poll() is None, monitor.describe()
+    finally:
+        os.rename(str(away), str(pair.target))
+    arrives(pair.target / "new", "made while the target was away\n", timeout=20)
+    assert files_of(pair.initiator) == files_of(pair.target)
+    monitor.stop()
+    assert locks(pair) == []
