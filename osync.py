@@ -7712,6 +7712,7 @@ MONITOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 MONITOR_STEP = 0.5            # seconds between two looks at the watchers
 MONITOR_BACKOFF_LIMIT = 60    # seconds between two attempts to reach a host that is gone
 MONITOR_UNCAPPED_FACTOR = 10  # with MAX_WAIT=0, a burst of changes is synced after 10 x MIN_WAIT at most
+MONITOR_RETRY_LIMIT = 3600    # seconds at most between two tries of a sync that keeps failing
 
 
 def monitor_requested(cfg):
@@ -8025,6 +8026,8 @@ class MonitorSession(Monitor):
         self.unknown = set()     # sides where more changed than the watcher could list
         self.syncs = 0
         self.debounce = Debounce(cfg["MIN_WAIT"], cfg["MAX_WAIT"])
+        self.failures = 0        # failed syncs in a row
+        self.sync_retry_at = None  # when a failed sync is tried again, changes or not
 
     # -- start ------------------------------------------------------------------------------
     def ignored(self, root, side):
@@ -8114,6 +8117,8 @@ class MonitorSession(Monitor):
             due = debounce.due(time.time())
             if due is not None and self.remote and self.target is None:
                 continue   # synced once the link is back
+            if self.retry_due():
+                return "trying failed sync %d again" % self.syncs
             if due == "timeout":
                 return "MAX_WAIT (%d seconds) passed without changes" % self.cfg["MAX_WAIT"]
             if due == "changes":
@@ -8121,6 +8126,27 @@ class MonitorSession(Monitor):
                 debounce.reset()
                 if reason:
                     return reason
+
+    def retry_due(self):
+        """A failed sync (a held lock, a replica away) is tried again on its own, since the
+        changes it was for are not seen again; while the link to a remote target is down,
+        the reconnection syncs instead."""
+        if self.remote and self.target is None:
+            return False
+        return self.sync_retry_at is not None and time.time() >= self.sync_retry_at
+
+    def schedule_retry(self, code):
+        """After a failed sync, the next try in MIN_WAIT seconds (1 at least), doubling
+        with each failure in a row up to MONITOR_RETRY_LIMIT."""
+        if code != 1:
+            self.failures = 0
+            self.sync_retry_at = None
+            return
+        self.failures += 1
+        delay = min(MONITOR_RETRY_LIMIT, max(1, self.cfg["MIN_WAIT"]) * 2 ** min(self.failures - 1, 20))
+        self.sync_retry_at = time.time() + delay
+        self.out.notice("Monitor: sync %d is tried again in %d second%s, or at the next change."
+                        % (self.syncs, delay, "" if delay == 1 else "s"))
 
     def reconnect(self):
         try:
@@ -8244,6 +8270,7 @@ class MonitorSession(Monitor):
         code = out.exit_code()
         result = {0: "succeeded", 1: "failed", 2: "finished with warnings"}[code]
         out.notice("#### Monitor: sync %d %s." % (self.syncs, result))
+        self.schedule_retry(code)
         self.notifier.send("STATUS=Sync %d %s at %s; watching for changes." % (
             self.syncs, result, time.strftime("%Y-%m-%d %H:%M:%S")))
         self.check_signal()
