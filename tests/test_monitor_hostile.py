@@ -87,3 +87,36 @@ def test_target_moved_away_deletes_nothing_and_sync_resumes(pair, monitors):
     assert files_of(pair.initiator) == files_of(pair.target)
     monitor.stop()
     assert locks(pair) == []
+
+
+# -- a hostile target agent -------------------------------------------------------------------------
+
+# Appended to the agent's source: every answer to take_changes names 10,000 new paths (valid
+# ones, within the per-reply limit), as fast as the initiator asks.
+FLOODING_CHANGES = '''
+_flood_counter = [0]
+def _flooding_take_changes(self, wait_seconds):
+    start = _flood_counter[0]
+    _flood_counter[0] += WATCH_PATHS_LIMIT
+    return [["flood/%012d" % number for number in range(start, start + WATCH_PATHS_LIMIT)], False]
+LocalReplica.take_changes = _flooding_take_changes
+'''
+
+
+def test_agent_flooding_changes_does_not_grow_the_monitor(pair, monitors):
+    """A target agent that answers every take_changes with 10,000 new paths: the monitor
+    keeps no more than it would for its own watcher (past the limit, "something changed"),
+    so its memory stays flat while the flood goes on."""
+    if not is_remote(pair):
+        pytest.skip("the flooding agent needs a remote target")
+    python = pair.base / "flooding-python"
+    python.write_text(HOSTILE_WRAPPER.format(python=pair.python, patch=FLOODING_CHANGES))
+    python.chmod(0o755)
+    monitor = monitors(pair, "--on-changes", env={"REMOTE_PYTHON": str(python), "MIN_WAIT": 60})
+    monitor.wait_synced(1)
+    time.sleep(1.5)
+    baseline = rss_kib(monitor.pid)
+    time.sleep(5)
+    grown = rss_kib(monitor.pid) - baseline
+    assert grown < 8 * 1024, "RSS grew by %d KiB in 5 s of flooded replies%s" % (grown, monitor.describe())
+    monitor.stop(within=5)
