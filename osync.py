@@ -8178,9 +8178,14 @@ class MonitorSession(Monitor):
         return self.add("initiator", *self.watchers["initiator"].take(0)) or got
 
     def add(self, side, paths, overflow):
-        if overflow:
+        """Keep what a watcher (or the target's agent) saw, at most WATCH_PATHS_LIMIT paths a
+        side between two syncs; past that, only that the side changed."""
+        if overflow or len(self.pending[side]) + len(paths) > WATCH_PATHS_LIMIT:
             self.unknown.add(side)
-        self.pending[side].update(paths)
+        if side in self.unknown:
+            self.pending[side].intersection_update([PUSH_FILE_NAME])   # the target helper's file still says so
+        else:
+            self.pending[side].update(paths)
         return bool(paths) or overflow
 
     def changes_to_sync(self):
