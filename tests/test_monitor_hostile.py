@@ -120,3 +120,214 @@ def test_agent_flooding_changes_does_not_grow_the_monitor(pair, monitors):
     grown = rss_kib(monitor.pid) - baseline
     assert grown < 8 * 1024, "RSS grew by %d KiB in 5 s of flooded replies%s" % (grown, monitor.describe())
     monitor.stop(within=5)
+
+
+# -- resources -----------------------------------------------------------------------------------------
+
+def descendants(pid):
+    """`pid` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(child_pids(current))
+    return found
+
+
+def cpu_seconds(pids):
+    """User plus system CPU time of the processes that still run."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / float(ticks)
+
+
+def watcher_parents(root):
+    """Parents of the inotifywait processes watching `root` (the agent for a remote target)."""
+    parents = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    argv = handle.read().split(b"\0")
+                with open("/proc/%s/stat" % entry) as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if argv[:1] == [b"inotifywait"] and str(root).encode() in argv:
+                parents.append(parent)
+    return parents
+
+
+def count_entries(path):
+    return len(os.listdir(path))
+
+
+def test_idle_cpu_and_no_leak_over_many_syncs(pair, monitors):
+    """An idle monitor (and a remote target's agent) costs almost no CPU, and twelve
+    change-and-sync cycles leave its file descriptors and threads where they were."""
+    monitor = monitors(pair, "--on-changes", env={"MIN_WAIT": 0})
+    monitor.wait_synced(1)
+    watched = lambda: (descendants(monitor.pid)
+                       + [pid for pid in watcher_parents(pair.target) if pid != monitor.pid])
+    time.sleep(1)
+    processes = watched()
+    assert len(processes) >= 2, processes
+    used = cpu_seconds(processes)
+    time.sleep(6)
+    used = cpu_seconds(processes) - used
+    assert used < 0.3, "an idle monitor used %.2f s of CPU in 6 s%s" % (used, monitor.describe())
+
+    fds = threads = None
+    for cycle in range(12):
+        done = len(monitor.finished())
+        (pair.initiator / ("cycle%d" % (cycle % 3))).write_text("cycle %d\n" % cycle)
+        monitor.wait_synced(done + 1, timeout=15)
+        if cycle == 2:
+            time.sleep(0.5)
+            fds = count_entries("/proc/%d/fd" % monitor.pid)
+            threads = count_entries("/proc/%d/task" % monitor.pid)
+    time.sleep(0.5)
+    assert count_entries("/proc/%d/fd" % monitor.pid) <= fds, "file descriptors leak" + monitor.describe()
+    assert count_entries("/proc/%d/task" % monitor.pid) <= threads, "threads pile up" + monitor.describe()
+    monitor.stop()
+
+
+# -- users at work -----------------------------------------------------------------------------------
+
+def settled(monitor, quiet=2.0, timeout=20):
+    """Wait until no sync has started for `quiet` seconds and none is running."""
+    deadline = time.time() + timeout
+    seen, since = None, time.time()
+    while time.time() < deadline:
+        now = (len(monitor.started()), len(monitor.finished()))
+        if now != seen:
+            seen, since = now, time.time()
+        elif now[0] == now[1] and time.time() - since >= quiet:
+            return now[0]
+        time.sleep(0.1)
+    raise AssertionError("the syncs never settled" + monitor.describe())
+
+
+def test_log_appended_during_syncs_arrives_whole_and_settles(pair, monitors):
+    """A log appended every 0.2 s while the monitor syncs at every look (MIN_WAIT=0): once
+    the writer stops, the whole log arrives, the syncs settle, and no sync failed."""
+    monitor = monitors(pair, "--on-changes", env={"MIN_WAIT": 0})
+    monitor.wait_synced(1)
+    log = pair.initiator / "app.log"
+    lines = []
+    for number in range(20):
+        lines.append("line %03d %s\n" % (number, "x" * 2000))
+        with open(str(log), "a") as handle:
+            handle.write(lines[-1])
+        time.sleep(0.2)
+    arrives(pair.target / "app.log", "".join(lines), timeout=15)
+    syncs = settled(monitor)
+    assert syncs >= 3, "the log was not synced while it grew" + monitor.describe()
+    assert not failed_syncs(monitor), monitor.describe()
+    time.sleep(1.5)
+    assert len(monitor.started()) == syncs, "the syncs did not settle" + monitor.describe()
+    monitor.stop()
+
+
+def test_editor_saves_and_a_deep_new_tree_arrive(pair, monitors):
+    """vim's save (the file renamed to a backup, a new one written), an atomic save (a
+    temp file renamed over it) and a deep tree made at once all arrive; a file created
+    later in the deepest new directory arrives too (its directory is watched)."""
+    for name in ("vim.txt", "atomic.txt"):
+        (pair.target / name).write_text("first\n")
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    arrives(pair.initiator / "atomic.txt", "first\n")
+    here = pair.target
+    os.rename(str(here / "vim.txt"), str(here / "vim.txt~"))
+    (here / "vim.txt").write_text("saved by vim\n")
+    os.unlink(str(here / "vim.txt~"))
+    (here / ".atomic.txt.tmp").write_text("saved atomically\n")
+    os.rename(str(here / ".atomic.txt.tmp"), str(here / "atomic.txt"))
+    deep = here.joinpath(*["level%d" % depth for depth in range(12)])
+    os.makedirs(str(deep))
+    (deep / "at-once").write_text("deep\n")
+    there = pair.initiator
+    arrives(there / "vim.txt", "saved by vim\n")
+    arrives(there / "atomic.txt", "saved atomically\n")
+    arrives(there.joinpath(*deep.relative_to(here).parts) / "at-once", "deep\n")
+    settled(monitor)
+    (deep / "later").write_text("in a new directory\n")
+    arrives(there.joinpath(*deep.relative_to(here).parts) / "later", "in a new directory\n")
+    assert not (there / "vim.txt~").exists() and not (there / ".atomic.txt.tmp").exists()
+    monitor.stop()
+
+
+# -- signals -------------------------------------------------------------------------------------------
+
+def agents_of(pair):
+    """Pids of the osync agents watching this pair's target (a remote target): the
+    parents of its inotifywait that are named osync-agent."""
+    found = []
+    for pid in watcher_parents(pair.target):
+        try:
+            with open("/proc/%d/comm" % pid) as handle:
+                if handle.read().strip() == "osync-agent":
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def nothing_left(pair, agents=()):
+    """No inotifywait watches a replica of the pair any more, and none of `agents` runs."""
+    from test_monitor import watchers_of
+    left = lambda: watchers_of(pair) + [pid for pid in agents if running(pid)]
+    wait_until(lambda: not left(), 5, "the watchers and agents to end: %s" % left())
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)])
+def test_stop_during_the_first_sync(pair, monitors, tmp_path, signals):
+    """SIGTERM (or SIGHUP, SIGINT and SIGTERM at once) while the first sync's rsync runs: the
+    monitor ends within seconds, exit code 0, no lock, no watcher or agent left."""
+    from conftest import rsync_wrapper, shell_quote
+    calls = tmp_path / "rsync-calls"
+    env = rsync_wrapper(tmp_path, "echo call >> %s; sleep 30" % shell_quote(calls))
+    (pair.initiator / "first").write_text("x\n")
+    monitor = monitors(pair, "--on-changes", env=env)
+    wait_until(calls.exists, 20, "the first sync to run rsync" + monitor.describe())
+    agents = agents_of(pair)
+    assert not is_remote(pair) or agents, "no agent found for the target"
+    for sig in signals[:-1]:
+        monitor.process.send_signal(sig)
+    monitor.stop(signals[-1], within=5)
+    assert locks(pair) == []
+    assert not (pair.target / "first").exists()
+    nothing_left(pair, agents)
+
+
+def test_stop_during_the_reconnect_backoff(pair, monitors):
+    """The remote link cut and the target host refusing connections: SIGTERM while the
+    monitor waits to try again ends it at once, exit code 0, nothing left behind."""
+    if not is_remote(pair):
+        pytest.skip("only a remote target has a link to cut")
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    agents = agents_of(pair)
+    assert agents, "no agent found for the target"
+    for pid in agents:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: "trying again in" in monitor.log(), 10, "the monitor to see the link go" + monitor.describe())
+    monitor.stop(within=3)
+    assert locks(pair) == []
+    nothing_left(pair)
