@@ -7828,6 +7828,12 @@ def matches_state(recorded, current):
     return recorded.kind != "f" or same_mtime(recorded.mtime_ns, current.mtime_ns)
 
 
+def ignore_late_signal(signum, frame):
+    """The handler of stop signals once a stop is under way.  Unlike SIG_IGN it lets a
+    signal that was already pending when it was set pass quietly, where Python would print
+    "Signal N ignored due to race condition" with a traceback (SIGTERM and SIGINT at once)."""
+
+
 class MonitorWatchdog(Watchdog):
     """The watchdog of one sync of a monitor, which tells the monitor of a stop signal."""
 
@@ -7836,8 +7842,14 @@ class MonitorWatchdog(Watchdog):
         self.monitor = monitor
 
     def _on_signal(self, signum, frame):
+        if self.monitor.signalled is not None:
+            return   # the stop is under way
         self.monitor.signalled = signum
-        Watchdog._on_signal(self, signum, frame)
+        try:
+            Watchdog._on_signal(self, signum, frame)
+        finally:
+            for sig in MONITOR_SIGNALS:
+                signal.signal(sig, ignore_late_signal)
 
 
 class MonitorSync(SyncRun):
@@ -7910,8 +7922,10 @@ class Monitor(object):
         out.progress_line = None   # a service's log has no progress line
 
     def _on_signal(self, signum, frame):
+        if self.signalled is not None:
+            return   # the stop is under way (a sync's watchdog saw the first signal)
         for sig in MONITOR_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)   # one clean stop
+            signal.signal(sig, ignore_late_signal)   # one clean stop
         self.signalled = signum
         raise StopRun("Stopped by signal %s." % signal.Signals(signum).name)
 
@@ -7929,7 +7943,7 @@ class Monitor(object):
             self.out.notice("#### Monitor stopped by signal %s." % signal.Signals(self.signalled).name)
         finally:
             for sig in MONITOR_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+                signal.signal(sig, ignore_late_signal)
             try:
                 self.close()
             finally:
