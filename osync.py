@@ -3602,7 +3602,7 @@ class LocalReplica(WorkDirLayout):
 
 WATCH_PATHS_LIMIT = 10000
 WATCH_WAIT_LIMIT = 10          # seconds take_changes may block in the agent
-INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write"
+INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write,q_overflow"   # q_overflow: events were lost
 INOTIFY_LIMIT_TEXT = "upper limit on inotify watches reached"
 WATCHER_EXCLUDE = r"/\.osync_workdir(/|$)"
 
@@ -3763,6 +3763,9 @@ class TreeWatcher(object):
     def _read_inotifywait(self):
         for record in self._records(self.process.stdout):
             events, _, path = record.partition(" ")
+            if "Q_OVERFLOW" in events.split(","):
+                self.note_everything()   # the kernel's queue was full: what changed meanwhile is unknown
+                continue
             rel_path = self.relative(path)
             if rel_path is not None:
                 self.note(rel_path, "ISDIR" in events.split(","))
