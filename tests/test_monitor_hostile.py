@@ -379,3 +379,33 @@ def test_overflowed_event_queue_is_not_taken_for_own_writes(pair, monitors):
         os.kill(lagging[0], signal.SIGCONT)
     arrives(pair.target / "late", "created while the queue was full\n", timeout=15)
     monitor.stop()
+
+
+# Appended to the agent's source: take_changes answers at once, with nothing, instead of
+# waiting for a change.
+HASTY_CHANGES = '''
+def _hasty_take_changes(self, wait_seconds):
+    return [[], False]
+LocalReplica.take_changes = _hasty_take_changes
+'''
+
+
+def test_agent_answering_at_once_does_not_spin_the_monitor(pair, monitors):
+    """A target agent that answers every take_changes at once, without waiting for a
+    change: the monitor still looks only every half second, so it stays almost idle."""
+    if not is_remote(pair):
+        pytest.skip("the hasty agent needs a remote target")
+    python = pair.base / "hasty-python"
+    python.write_text(HOSTILE_WRAPPER.format(python=pair.python, patch=HASTY_CHANGES))
+    python.chmod(0o755)
+    monitor = monitors(pair, "--on-changes", env={"REMOTE_PYTHON": str(python)})
+    monitor.wait_synced(1)
+    time.sleep(0.5)
+    processes = descendants(monitor.pid)
+    used = cpu_seconds(processes)
+    time.sleep(4)
+    used = cpu_seconds(processes) - used
+    assert used < 0.4, "the monitor used %.2f s of CPU in 4 s against a hasty agent%s" % (used, monitor.describe())
+    (pair.initiator / "still-works").write_text("x\n")
+    arrives(pair.target / "still-works", "x\n")
+    monitor.stop()
