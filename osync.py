@@ -8180,12 +8180,15 @@ class MonitorSession(Monitor):
         got = False
         if self.remote:
             if self.target is not None:
+                asked = time.time()
                 try:
                     paths, overflow = self.target.take_changes(wait)
                 except ReplicaError as error:
                     self.disconnect("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
                     paths, overflow = [], True
                 got = self.add("target", paths, overflow) or got
+                if not got and self.target is not None:
+                    self.sleep(wait - (time.time() - asked))   # an agent that answers at once does not spin us
             else:
                 self.sleep(wait)
         else:
