@@ -409,3 +409,27 @@ def test_agent_answering_at_once_does_not_spin_the_monitor(pair, monitors):
     (pair.initiator / "still-works").write_text("x\n")
     arrives(pair.target / "still-works", "x\n")
     monitor.stop()
+
+
+# -- a replica directory swapped --------------------------------------------------------------------
+
+def test_replica_directory_swapped_for_a_copy_is_still_watched(pair, monitors):
+    """The admin swaps the target directory for a copy of it (mv target target.old; mv
+    target.new target, as a restore or a deployment does): the monitor watches the
+    directory at the target's path, not the one moved away, so later edits there arrive."""
+    (pair.target / "doc").write_text("first\n")
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    arrives(pair.initiator / "doc", "first\n")
+    settled(monitor, quiet=1.0)
+    copy = pair.base / "target.new"
+    subprocess.check_call(["cp", "-a", str(pair.target), str(copy)])
+    os.rename(str(pair.target), str(pair.base / "target.old"))
+    os.rename(str(copy), str(pair.target))
+    settled(monitor, quiet=1.5)
+    (pair.target / "doc").write_text("edited in the new directory\n")
+    arrives(pair.initiator / "doc", "edited in the new directory\n", timeout=15)
+    (pair.base / "target.old" / "doc").write_text("edited in the old one\n")
+    time.sleep(2)
+    assert (pair.initiator / "doc").read_text() == "edited in the new directory\n"
+    monitor.stop()
