@@ -3602,7 +3602,8 @@ class LocalReplica(WorkDirLayout):
 
 WATCH_PATHS_LIMIT = 10000
 WATCH_WAIT_LIMIT = 10          # seconds take_changes may block in the agent
-INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write,q_overflow"   # q_overflow: events were lost
+# q_overflow: events were lost; move_self: the root itself was moved away (its watches follow it)
+INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write,q_overflow,move_self"
 INOTIFY_LIMIT_TEXT = "upper limit on inotify watches reached"
 WATCHER_EXCLUDE = r"/\.osync_workdir(/|$)"
 
@@ -3763,12 +3764,16 @@ class TreeWatcher(object):
     def _read_inotifywait(self):
         for record in self._records(self.process.stdout):
             events, _, path = record.partition(" ")
-            if "Q_OVERFLOW" in events.split(","):
+            names = events.split(",")
+            if "Q_OVERFLOW" in names:
                 self.note_everything()   # the kernel's queue was full: what changed meanwhile is unknown
                 continue
+            if "MOVE_SELF" in names and path.rstrip("/") == self.root:
+                self.process.terminate()   # it would watch the tree moved away, not what is now at the root
+                break
             rel_path = self.relative(path)
             if rel_path is not None:
-                self.note(rel_path, "ISDIR" in events.split(","))
+                self.note(rel_path, "ISDIR" in names)
         self._watcher_ended()
 
     def _read_fswatch(self):
