@@ -435,3 +435,31 @@ def test_replica_directory_swapped_for_a_copy_is_still_watched(pair, monitors):
     time.sleep(2)
     assert (pair.initiator / "doc").read_text() == "edited in the new directory\n"
     monitor.stop()
+
+
+# -- the target helper ------------------------------------------------------------------------------
+
+@pytest.mark.local_only
+def test_target_helper_and_monitor_do_not_ping_pong(pair, monitors):
+    """The target helper beside the initiator's monitor: a change on the initiator is
+    copied to the target, which the helper reports back, and the syncs then settle
+    instead of feeding each other (osync's issue #155)."""
+    keys = pair.conf_keys()
+    keys["INITIATOR_SYNC_DIR"] = pair.spec_for(pair.initiator)   # seen from the target host
+    keys["TARGET_SYNC_DIR"] = str(pair.target)
+    keys["MIN_WAIT"] = "1"
+    keys["MAX_WAIT"] = "0"
+    conf = pair.write_conf("helper.conf", keys=keys)
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    helper = monitors(pair, "--on-changes-target", conf=conf, logfile=pair.base / "helper.log")
+    push = pair.initiator / ".osync-update.push"
+    wait_until(push.exists, 15, "the helper's first line" + helper.describe())
+    before = settled(monitor, quiet=2.5, timeout=30)
+    for number in range(3):
+        (pair.initiator / ("edit%d" % number)).write_text("edit %d\n" % number)
+    arrives(pair.target / "edit2", "edit 2\n")
+    after = settled(monitor, quiet=3.5, timeout=30)
+    assert after - before <= 3, "the helper and the monitor fed each other" + monitor.describe()
+    helper.stop()
+    monitor.stop()
