@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from test_monitor import (HOSTILE_WRAPPER, Background, arrives, child_pids, is_remote, locks,  # noqa: F401
-                          monitors, rss_kib, wait_until)
+from conftest import rsync_wrapper, shell_quote
+from test_monitor import HOSTILE_WRAPPER, arrives, child_pids, is_remote, locks, rss_kib, wait_until, watchers_of
+from test_monitor import monitors  # noqa: F401  (the fixture that starts and kills monitors)
 
 
 def files_of(root):
@@ -292,7 +293,6 @@ def running(pid):
 
 def nothing_left(pair, agents=()):
     """No inotifywait watches a replica of the pair any more, and none of `agents` runs."""
-    from test_monitor import watchers_of
     left = lambda: watchers_of(pair) + [pid for pid in agents if running(pid)]
     wait_until(lambda: not left(), 5, "the watchers and agents to end: %s" % left())
 
@@ -301,7 +301,6 @@ def nothing_left(pair, agents=()):
 def test_stop_during_the_first_sync(pair, monitors, tmp_path, signals):
     """SIGTERM (or SIGHUP, SIGINT and SIGTERM at once) while the first sync's rsync runs: the
     monitor ends within seconds, exit code 0, no lock, no watcher or agent left."""
-    from conftest import rsync_wrapper, shell_quote
     calls = tmp_path / "rsync-calls"
     env = rsync_wrapper(tmp_path, "echo call >> %s; sleep 30" % shell_quote(calls))
     (pair.initiator / "first").write_text("x\n")
