@@ -462,3 +462,25 @@ def test_target_helper_and_monitor_do_not_ping_pong(pair, monitors):
     assert after - before <= 3, "the helper and the monitor fed each other" + monitor.describe()
     helper.stop()
     monitor.stop()
+
+
+def test_frozen_agent_is_hung_up_on(pair, monitors):
+    """The target's agent stops answering (its host frozen, a hung mount there) while the
+    connection stays up: the monitor gives up on it within seconds, says so, connects
+    again, and a change made meanwhile on the initiator arrives."""
+    if not is_remote(pair):
+        pytest.skip("only a remote target has an agent")
+    monitor = monitors(pair, "--on-changes")
+    monitor.wait_synced(1)
+    frozen = agents_of(pair)
+    assert len(frozen) == 1, frozen
+    os.kill(frozen[0], signal.SIGSTOP)
+    try:
+        (pair.initiator / "meanwhile").write_text("made while the agent was frozen\n")
+        wait_until(lambda: "did not answer" in monitor.log(), 25, "the monitor to give up on the agent"
+                   + monitor.describe())
+        arrives(pair.target / "meanwhile", "made while the agent was frozen\n", timeout=20)
+    finally:
+        os.kill(frozen[0], signal.SIGCONT)
+    monitor.stop()
+    assert locks(pair) == []
