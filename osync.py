@@ -7721,6 +7721,7 @@ MONITOR_STEP = 0.5            # seconds between two looks at the watchers
 MONITOR_BACKOFF_LIMIT = 60    # seconds between two attempts to reach a host that is gone
 MONITOR_UNCAPPED_FACTOR = 10  # with MAX_WAIT=0, a burst of changes is synced after 10 x MIN_WAIT at most
 MONITOR_RETRY_LIMIT = 3600    # seconds at most between two tries of a sync that keeps failing
+MONITOR_REPLY_GRACE = 10      # seconds a target's agent may take to answer take_changes beyond its wait
 
 
 def monitor_requested(cfg):
@@ -8186,11 +8187,16 @@ class MonitorSession(Monitor):
         if self.remote:
             if self.target is not None:
                 asked = time.time()
+                timer, hung = self.hang_up_after(wait + MONITOR_REPLY_GRACE)
                 try:
                     paths, overflow = self.target.take_changes(wait)
                 except ReplicaError as error:
+                    if hung.is_set():
+                        error = "its agent did not answer within %d seconds" % (wait + MONITOR_REPLY_GRACE)
                     self.disconnect("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
                     paths, overflow = [], True
+                finally:
+                    timer.cancel()
                 got = self.add("target", paths, overflow) or got
                 if not got and self.target is not None:
                     self.sleep(wait - (time.time() - asked))   # an agent that answers at once does not spin us
@@ -8201,6 +8207,25 @@ class MonitorSession(Monitor):
             self.wake.clear()
             got = self.add("target", *self.watchers["target"].take(0)) or got
         return self.add("initiator", *self.watchers["initiator"].take(0)) or got
+
+    def hang_up_after(self, seconds):
+        """A timer that ends the agent's session when it has not answered within `seconds`
+        (a frozen host, a hung mount there), so the wait for its reply ends and the
+        monitor connects again.  Returns the timer and an event set when it did."""
+        import threading
+        process = self.target.agent.process
+        fired = threading.Event()
+
+        def hang_up():
+            fired.set()
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        timer = threading.Timer(seconds, hang_up)
+        timer.daemon = True
+        timer.start()
+        return timer, fired
 
     def add(self, side, paths, overflow):
         """Keep what a watcher (or the target's agent) saw, at most WATCH_PATHS_LIMIT paths a
