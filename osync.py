@@ -3635,7 +3635,8 @@ class LocalReplica(WorkDirLayout):
 
 WATCH_PATHS_LIMIT = 10000
 WATCH_WAIT_LIMIT = 10          # seconds take_changes may block in the agent
-INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write"
+# q_overflow: events were lost; move_self: the root itself was moved away (its watches follow it)
+INOTIFY_EVENTS = "create,modify,delete,move,attrib,close_write,q_overflow,move_self"
 INOTIFY_LIMIT_TEXT = "upper limit on inotify watches reached"
 WATCHER_EXCLUDE = r"/\.osync_workdir(/|$)"
 
@@ -3796,9 +3797,16 @@ class TreeWatcher(object):
     def _read_inotifywait(self):
         for record in self._records(self.process.stdout):
             events, _, path = record.partition(" ")
+            names = events.split(",")
+            if "Q_OVERFLOW" in names:
+                self.note_everything()   # the kernel's queue was full: what changed meanwhile is unknown
+                continue
+            if "MOVE_SELF" in names and path.rstrip("/") == self.root:
+                self.process.terminate()   # it would watch the tree moved away, not what is now at the root
+                break
             rel_path = self.relative(path)
             if rel_path is not None:
-                self.note(rel_path, "ISDIR" in events.split(","))
+                self.note(rel_path, "ISDIR" in names)
         self._watcher_ended()
 
     def _read_fswatch(self):
@@ -7772,6 +7780,8 @@ MONITOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 MONITOR_STEP = 0.5            # seconds between two looks at the watchers
 MONITOR_BACKOFF_LIMIT = 60    # seconds between two attempts to reach a host that is gone
 MONITOR_UNCAPPED_FACTOR = 10  # with MAX_WAIT=0, a burst of changes is synced after 10 x MIN_WAIT at most
+MONITOR_RETRY_LIMIT = 3600    # seconds at most between two tries of a sync that keeps failing
+MONITOR_REPLY_GRACE = 10      # seconds a target's agent may take to answer take_changes beyond its wait
 
 
 def monitor_requested(cfg):
@@ -7887,6 +7897,12 @@ def matches_state(recorded, current):
     return recorded.kind != "f" or same_mtime(recorded.mtime_ns, current.mtime_ns)
 
 
+def ignore_late_signal(signum, frame):
+    """The handler of stop signals once a stop is under way.  Unlike SIG_IGN it lets a
+    signal that was already pending when it was set pass quietly, where Python would print
+    "Signal N ignored due to race condition" with a traceback (SIGTERM and SIGINT at once)."""
+
+
 class MonitorWatchdog(Watchdog):
     """The watchdog of one sync of a monitor, which tells the monitor of a stop signal."""
 
@@ -7895,8 +7911,14 @@ class MonitorWatchdog(Watchdog):
         self.monitor = monitor
 
     def _on_signal(self, signum, frame):
+        if self.monitor.signalled is not None:
+            return   # the stop is under way
         self.monitor.signalled = signum
-        Watchdog._on_signal(self, signum, frame)
+        try:
+            Watchdog._on_signal(self, signum, frame)
+        finally:
+            for sig in MONITOR_SIGNALS:
+                signal.signal(sig, ignore_late_signal)
 
 
 class MonitorSync(SyncRun):
@@ -7954,8 +7976,10 @@ class Monitor(object):
         out.progress_line = None   # a service's log has no progress line
 
     def _on_signal(self, signum, frame):
+        if self.signalled is not None:
+            return   # the stop is under way (a sync's watchdog saw the first signal)
         for sig in MONITOR_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)   # one clean stop
+            signal.signal(sig, ignore_late_signal)   # one clean stop
         self.signalled = signum
         raise StopRun("Stopped by signal %s." % signal.Signals(signum).name)
 
@@ -7973,7 +7997,7 @@ class Monitor(object):
             self.out.notice("#### Monitor stopped by signal %s." % signal.Signals(self.signalled).name)
         finally:
             for sig in MONITOR_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+                signal.signal(sig, ignore_late_signal)
             try:
                 self.close()
             finally:
@@ -8070,6 +8094,8 @@ class MonitorSession(Monitor):
         self.unknown = set()     # sides where more changed than the watcher could list
         self.syncs = 0
         self.debounce = Debounce(cfg["MIN_WAIT"], cfg["MAX_WAIT"])
+        self.failures = 0        # failed syncs in a row
+        self.sync_retry_at = None  # when a failed sync is tried again, changes or not
 
     # -- start ------------------------------------------------------------------------------
     def ignored(self, root, side):
@@ -8159,6 +8185,8 @@ class MonitorSession(Monitor):
             due = debounce.due(time.time())
             if due is not None and self.remote and self.target is None:
                 continue   # synced once the link is back
+            if self.retry_due():
+                return "trying failed sync %d again" % self.syncs
             if due == "timeout":
                 return "MAX_WAIT (%d seconds) passed without changes" % self.cfg["MAX_WAIT"]
             if due == "changes":
@@ -8166,6 +8194,27 @@ class MonitorSession(Monitor):
                 debounce.reset()
                 if reason:
                     return reason
+
+    def retry_due(self):
+        """A failed sync (a held lock, a replica away) is tried again on its own, since the
+        changes it was for are not seen again; while the link to a remote target is down,
+        the reconnection syncs instead."""
+        if self.remote and self.target is None:
+            return False
+        return self.sync_retry_at is not None and time.time() >= self.sync_retry_at
+
+    def schedule_retry(self, code):
+        """After a failed sync, the next try in MIN_WAIT seconds (1 at least), doubling
+        with each failure in a row up to MONITOR_RETRY_LIMIT."""
+        if code != 1:
+            self.failures = 0
+            self.sync_retry_at = None
+            return
+        self.failures += 1
+        delay = min(MONITOR_RETRY_LIMIT, max(1, self.cfg["MIN_WAIT"]) * 2 ** min(self.failures - 1, 20))
+        self.sync_retry_at = time.time() + delay
+        self.out.notice("Monitor: sync %d is tried again in %d second%s, or at the next change."
+                        % (self.syncs, delay, "" if delay == 1 else "s"))
 
     def reconnect(self):
         try:
@@ -8182,12 +8231,20 @@ class MonitorSession(Monitor):
         got = False
         if self.remote:
             if self.target is not None:
+                asked = time.time()
+                timer, hung = self.hang_up_after(wait + MONITOR_REPLY_GRACE)
                 try:
                     paths, overflow = self.target.take_changes(wait)
                 except ReplicaError as error:
+                    if hung.is_set():
+                        error = "its agent did not answer within %d seconds" % (wait + MONITOR_REPLY_GRACE)
                     self.disconnect("the connection to %s was dropped: %s" % (self.host, str(error).rstrip(".")))
                     paths, overflow = [], True
+                finally:
+                    timer.cancel()
                 got = self.add("target", paths, overflow) or got
+                if not got and self.target is not None:
+                    self.sleep(wait - (time.time() - asked))   # an agent that answers at once does not spin us
             else:
                 self.sleep(wait)
         else:
@@ -8196,10 +8253,34 @@ class MonitorSession(Monitor):
             got = self.add("target", *self.watchers["target"].take(0)) or got
         return self.add("initiator", *self.watchers["initiator"].take(0)) or got
 
+    def hang_up_after(self, seconds):
+        """A timer that ends the agent's session when it has not answered within `seconds`
+        (a frozen host, a hung mount there), so the wait for its reply ends and the
+        monitor connects again.  Returns the timer and an event set when it did."""
+        import threading
+        process = self.target.agent.process
+        fired = threading.Event()
+
+        def hang_up():
+            fired.set()
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        timer = threading.Timer(seconds, hang_up)
+        timer.daemon = True
+        timer.start()
+        return timer, fired
+
     def add(self, side, paths, overflow):
-        if overflow:
+        """Keep what a watcher (or the target's agent) saw, at most WATCH_PATHS_LIMIT paths a
+        side between two syncs; past that, only that the side changed."""
+        if overflow or len(self.pending[side]) + len(paths) > WATCH_PATHS_LIMIT:
             self.unknown.add(side)
-        self.pending[side].update(paths)
+        if side in self.unknown:
+            self.pending[side].intersection_update([PUSH_FILE_NAME])   # the target helper's file still says so
+        else:
+            self.pending[side].update(paths)
         return bool(paths) or overflow
 
     def changes_to_sync(self):
@@ -8289,6 +8370,7 @@ class MonitorSession(Monitor):
         code = out.exit_code()
         result = {0: "succeeded", 1: "failed", 2: "finished with warnings"}[code]
         out.notice("#### Monitor: sync %d %s." % (self.syncs, result))
+        self.schedule_retry(code)
         self.notifier.send("STATUS=Sync %d %s at %s; watching for changes." % (
             self.syncs, result, time.strftime("%Y-%m-%d %H:%M:%S")))
         self.check_signal()
