@@ -1669,6 +1669,12 @@ def run_shell_command(command, timeout, hung_up=None):
     return process.returncode, killed, text
 
 
+def ignore_late_signal(signum, frame):
+    """The handler of stop signals once a stop is under way.  Unlike SIG_IGN it lets a
+    signal that was already pending when it was set pass quietly, where Python would print
+    "Signal N ignored due to race condition" with a traceback (SIGTERM and SIGINT at once)."""
+
+
 class Watchdog(object):
     """Soft and hard run-time limits, 'still running' lines, and clean stops on signals.
 
@@ -1706,7 +1712,7 @@ class Watchdog(object):
     def _on_signal(self, signum, frame):
         for sig in self.previous:
             if sig != signal.SIGALRM:
-                signal.signal(sig, signal.SIG_IGN)  # one clean stop; a second signal is not needed
+                signal.signal(sig, ignore_late_signal)  # one clean stop; a second signal is not needed
         raise StopRun("Stopped by signal %s; the next run continues where this one stopped."
                       % signal.Signals(signum).name)
 
@@ -7895,12 +7901,6 @@ def matches_state(recorded, current):
     if not same_version(recorded, current) or recorded.mode != current.mode:
         return False
     return recorded.kind != "f" or same_mtime(recorded.mtime_ns, current.mtime_ns)
-
-
-def ignore_late_signal(signum, frame):
-    """The handler of stop signals once a stop is under way.  Unlike SIG_IGN it lets a
-    signal that was already pending when it was set pass quietly, where Python would print
-    "Signal N ignored due to race condition" with a traceback (SIGTERM and SIGINT at once)."""
 
 
 class MonitorWatchdog(Watchdog):

@@ -115,6 +115,22 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path):
     assert os.listdir(str(target / ".osync_workdir" / "_tmp")) == []
 
 
+def test_signals_arriving_together_stop_the_run_once_without_a_traceback(tmp_path):
+    """SIGHUP, SIGINT and SIGTERM at once (a session closing, a service stopped): one clean
+    stop, and the signals that were already on their way pass quietly (with SIG_IGN set
+    under them Python printed "Signal N ignored due to race condition" with a traceback)."""
+    initiator, target = slow_pair(tmp_path)
+    process = start(tmp_path, initiator, target, BANDWIDTH="2000")
+    wait_for_transfer(target)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        process.send_signal(sig)
+    r = finish_osync(process, timeout=60, logfile=tmp_path / "log")
+    assert process.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "race condition" not in r.stderr, r.stderr
+    assert r.stderr.count("Stopped by signal") == 1, r.stderr
+    assert not (initiator / ".osync_workdir" / "lock").exists()
+
+
 def test_hard_time_limit_stops_the_run_with_an_error(tmp_path):
     initiator, target = slow_pair(tmp_path)
     code, out, err = run(tmp_path, initiator, target, "--summary", BANDWIDTH="2000", HARD_MAX_EXEC_TIME="2",
