@@ -1930,12 +1930,18 @@ def only_special_files(entries):
     return bool(troubled) and all(entry.kind == "s" for entry in troubled)
 
 
+# What os.fsencode() does to a str, looked up once instead of on every call: path_key and
+# the sort of a directory listing run once per path of a tree.
+FS_ENCODING = sys.getfilesystemencoding()
+FS_ENCODE_ERRORS = sys.getfilesystemencodeerrors()
+
+
 def path_key(path):
     """Sort key of the canonical order: components compared as bytes, parent first.
 
     Mapping "/" to NUL (which no name contains) makes plain byte order equal to a
     depth-first walk with siblings sorted by their bytes."""
-    return os.fsencode(path).replace(b"/", b"\0")
+    return path.encode(FS_ENCODING, FS_ENCODE_ERRORS).replace(b"/", b"\0")
 
 
 def same_version(old, new):
@@ -2422,7 +2428,7 @@ def _sorted_listing(abs_dir, rel_prefix, path_filter, options):
     errors raise at once."""
     with os.scandir(abs_dir) as iterator:
         children = list(iterator)
-    children.sort(key=lambda child: os.fsencode(child.name))
+    children.sort(key=lambda child: child.name.encode(FS_ENCODING, FS_ENCODE_ERRORS))
     return list(_listing_items(children, rel_prefix, path_filter, options))
 
 
