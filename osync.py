@@ -2614,32 +2614,41 @@ def read_legacy_state(state_dir, instance_id):
 
 def merge_streams(previous, initiator, target):
     """Merge-join the state records and both scans, all in canonical order.
-    Yields (path, previous initiator, previous target, initiator now, target now)."""
-    END = object()
+    Yields (path, previous initiator, previous target, initiator now, target now).
 
-    def keyed_state():
-        for record in previous:
-            yield path_key(record[0]), record
-    def keyed_scan(entries):
-        for entry in entries:
-            yield path_key(entry.path), entry
-
-    streams = [keyed_state(), keyed_scan(initiator), keyed_scan(target)]
-    heads = [next(stream, END) for stream in streams]
+    One flat loop (no generator per stream, no list of heads): it runs once per path."""
+    records, initiator, target = iter(previous), iter(initiator), iter(target)
+    record = next(records, None)
+    record_key = None if record is None else path_key(record[0])
+    initiator_head = next(initiator, None)
+    initiator_key = None if initiator_head is None else path_key(initiator_head.path)
+    target_head = next(target, None)
+    target_key = None if target_head is None else path_key(target_head.path)
     while True:
-        keys = [head[0] for head in heads if head is not END]
-        if not keys:
+        key = record_key
+        if initiator_key is not None and (key is None or initiator_key < key):
+            key = initiator_key
+        if target_key is not None and (key is None or target_key < key):
+            key = target_key
+        if key is None:
             return
-        key = min(keys)
-        taken = [None, None, None]
-        for index in range(3):
-            if heads[index] is not END and heads[index][0] == key:
-                taken[index] = heads[index][1]
-                heads[index] = next(streams[index], END)
-        record, now_initiator, now_target = taken
-        rel_path = record[0] if record else (now_initiator or now_target).path
-        yield (rel_path, record[1] if record else None, record[2] if record else None,
-               now_initiator, now_target)
+        taken_record = now_initiator = now_target = None
+        if record_key == key:
+            taken_record = record
+            record = next(records, None)
+            record_key = None if record is None else path_key(record[0])
+        if initiator_key == key:
+            now_initiator = initiator_head
+            initiator_head = next(initiator, None)
+            initiator_key = None if initiator_head is None else path_key(initiator_head.path)
+        if target_key == key:
+            now_target = target_head
+            target_head = next(target, None)
+            target_key = None if target_head is None else path_key(target_head.path)
+        if taken_record is not None:
+            yield taken_record[0], taken_record[1], taken_record[2], now_initiator, now_target
+        else:
+            yield (now_initiator or now_target).path, None, None, now_initiator, now_target
 
 
 class DigestCounts(object):
@@ -6988,7 +6997,13 @@ class SyncRun(object):
 
     def warn_unsupported_attributes(self, side, entries):
         """The scan's entries, passed on; one warning per run and replica whose filesystem
-        cannot hold the ACLs or xattrs that are preserved (the rest of the sync goes on)."""
+        cannot hold the ACLs or xattrs that are preserved (the rest of the sync goes on).
+        With neither preserved no entry can say so: the entries are returned as they are."""
+        if not self.options.get("acl") and not self.options.get("xattr"):
+            return entries
+        return self._warned_unsupported_attributes(side, entries)
+
+    def _warned_unsupported_attributes(self, side, entries):
         for entry in entries:
             if side not in self.attributes_warned and ATTRIBUTES_UNSUPPORTED in (entry.acl, entry.xattr):
                 self.attributes_warned.add(side)
