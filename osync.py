@@ -2495,6 +2495,21 @@ def read_state_header(path):
     return header
 
 
+# The JSON coder of state lines, made once: json.loads() and json.dumps() check their
+# arguments and build an encoder on every call, and they run once per path.  The encoder
+# is the one json.dumps() builds with its defaults (so every line is the same text); no
+# circular check, as a state line holds only strings, numbers and null.
+STATE_LINE_DECODER = json.JSONDecoder()
+if json.encoder.c_make_encoder is not None:
+    _state_line_encoder = json.encoder.c_make_encoder(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+    def state_line_json(value):
+        return "".join(_state_line_encoder(value, 0))
+else:
+    state_line_json = json.dumps
+
+
 def read_state(path):
     """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
     if read_state_header(path) is None:
@@ -2504,7 +2519,7 @@ def read_state(path):
         previous_key = None
         for number, line in enumerate(handle, 2):
             try:
-                rel_path, initiator, target = transcode(json.loads(line), native_text)
+                rel_path, initiator, target = transcode(STATE_LINE_DECODER.decode(line), native_text)
                 initiator = None if initiator is None else Entry(rel_path, *initiator)
                 target = None if target is None else Entry(rel_path, *target)
             except (ValueError, TypeError):
@@ -2518,8 +2533,8 @@ def read_state(path):
 
 def state_line(rel_path, initiator, target):
     """The state file line of one path (names in the wire form)."""
-    return json.dumps(transcode([rel_path, None if initiator is None else list(initiator[1:]),
-                                 None if target is None else list(target[1:])], wire_text)) + "\n"
+    return state_line_json(transcode([rel_path, None if initiator is None else list(initiator[1:]),
+                                      None if target is None else list(target[1:])], wire_text)) + "\n"
 
 
 def state_lines(records):
