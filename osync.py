@@ -1936,12 +1936,18 @@ def only_special_files(entries):
     return bool(troubled) and all(entry.kind == "s" for entry in troubled)
 
 
+# What os.fsencode() does to a str, looked up once instead of on every call: path_key and
+# the sort of a directory listing run once per path of a tree.
+FS_ENCODING = sys.getfilesystemencoding()
+FS_ENCODE_ERRORS = sys.getfilesystemencodeerrors()
+
+
 def path_key(path):
     """Sort key of the canonical order: components compared as bytes, parent first.
 
     Mapping "/" to NUL (which no name contains) makes plain byte order equal to a
     depth-first walk with siblings sorted by their bytes."""
-    return os.fsencode(path).replace(b"/", b"\0")
+    return path.encode(FS_ENCODING, FS_ENCODE_ERRORS).replace(b"/", b"\0")
 
 
 def same_version(old, new):
@@ -2428,7 +2434,7 @@ def _sorted_listing(abs_dir, rel_prefix, path_filter, options):
     errors raise at once."""
     with os.scandir(abs_dir) as iterator:
         children = list(iterator)
-    children.sort(key=lambda child: os.fsencode(child.name))
+    children.sort(key=lambda child: child.name.encode(FS_ENCODING, FS_ENCODE_ERRORS))
     return list(_listing_items(children, rel_prefix, path_filter, options))
 
 
@@ -2495,6 +2501,21 @@ def read_state_header(path):
     return header
 
 
+# The JSON coder of state lines, made once: json.loads() and json.dumps() check their
+# arguments and build an encoder on every call, and they run once per path.  The encoder
+# is the one json.dumps() builds with its defaults (so every line is the same text); no
+# circular check, as a state line holds only strings, numbers and null.
+STATE_LINE_DECODER = json.JSONDecoder()
+if json.encoder.c_make_encoder is not None:
+    _state_line_encoder = json.encoder.c_make_encoder(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+    def state_line_json(value):
+        return "".join(_state_line_encoder(value, 0))
+else:
+    state_line_json = json.dumps
+
+
 def read_state(path):
     """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
     if read_state_header(path) is None:
@@ -2504,7 +2525,7 @@ def read_state(path):
         previous_key = None
         for number, line in enumerate(handle, 2):
             try:
-                rel_path, initiator, target = transcode(json.loads(line), native_text)
+                rel_path, initiator, target = transcode(STATE_LINE_DECODER.decode(line), native_text)
                 initiator = None if initiator is None else Entry(rel_path, *initiator)
                 target = None if target is None else Entry(rel_path, *target)
             except (ValueError, TypeError):
@@ -2518,8 +2539,8 @@ def read_state(path):
 
 def state_line(rel_path, initiator, target):
     """The state file line of one path (names in the wire form)."""
-    return json.dumps(transcode([rel_path, None if initiator is None else list(initiator[1:]),
-                                 None if target is None else list(target[1:])], wire_text)) + "\n"
+    return state_line_json(transcode([rel_path, None if initiator is None else list(initiator[1:]),
+                                      None if target is None else list(target[1:])], wire_text)) + "\n"
 
 
 def state_lines(records):
@@ -2614,32 +2635,41 @@ def read_legacy_state(state_dir, instance_id):
 
 def merge_streams(previous, initiator, target):
     """Merge-join the state records and both scans, all in canonical order.
-    Yields (path, previous initiator, previous target, initiator now, target now)."""
-    END = object()
+    Yields (path, previous initiator, previous target, initiator now, target now).
 
-    def keyed_state():
-        for record in previous:
-            yield path_key(record[0]), record
-    def keyed_scan(entries):
-        for entry in entries:
-            yield path_key(entry.path), entry
-
-    streams = [keyed_state(), keyed_scan(initiator), keyed_scan(target)]
-    heads = [next(stream, END) for stream in streams]
+    One flat loop (no generator per stream, no list of heads): it runs once per path."""
+    records, initiator, target = iter(previous), iter(initiator), iter(target)
+    record = next(records, None)
+    record_key = None if record is None else path_key(record[0])
+    initiator_head = next(initiator, None)
+    initiator_key = None if initiator_head is None else path_key(initiator_head.path)
+    target_head = next(target, None)
+    target_key = None if target_head is None else path_key(target_head.path)
     while True:
-        keys = [head[0] for head in heads if head is not END]
-        if not keys:
+        key = record_key
+        if initiator_key is not None and (key is None or initiator_key < key):
+            key = initiator_key
+        if target_key is not None and (key is None or target_key < key):
+            key = target_key
+        if key is None:
             return
-        key = min(keys)
-        taken = [None, None, None]
-        for index in range(3):
-            if heads[index] is not END and heads[index][0] == key:
-                taken[index] = heads[index][1]
-                heads[index] = next(streams[index], END)
-        record, now_initiator, now_target = taken
-        rel_path = record[0] if record else (now_initiator or now_target).path
-        yield (rel_path, record[1] if record else None, record[2] if record else None,
-               now_initiator, now_target)
+        taken_record = now_initiator = now_target = None
+        if record_key == key:
+            taken_record = record
+            record = next(records, None)
+            record_key = None if record is None else path_key(record[0])
+        if initiator_key == key:
+            now_initiator = initiator_head
+            initiator_head = next(initiator, None)
+            initiator_key = None if initiator_head is None else path_key(initiator_head.path)
+        if target_key == key:
+            now_target = target_head
+            target_head = next(target, None)
+            target_key = None if target_head is None else path_key(target_head.path)
+        if taken_record is not None:
+            yield taken_record[0], taken_record[1], taken_record[2], now_initiator, now_target
+        else:
+            yield (now_initiator or now_target).path, None, None, now_initiator, now_target
 
 
 class DigestCounts(object):
@@ -5118,6 +5148,8 @@ def newer_side(one, other, policy):
 def note_unusable_dir_mode(decision, policy):
     """Warn about a directory mode that is not synced because it lacks owner x: when the
     directory is copied, or the other side's mode differs."""
+    if not unusable_dir_mode(decision.initiator) and not unusable_dir_mode(decision.target):
+        return
     for side in ("initiator", "target"):
         entry = decision.now(side)
         if not unusable_dir_mode(entry):
@@ -5153,6 +5185,8 @@ def compared_attributes(policy, one, other):
 
 def decide_attributes(decision, policy):
     """Same content on both sides: sync the attributes if they differ."""
+    if policy.attributes(decision.initiator) == policy.attributes(decision.target):
+        return decision   # equal before compared_attributes leaves fields out: equal after
     initiator_attrs, target_attrs = compared_attributes(policy, decision.initiator, decision.target)
     if initiator_attrs == target_attrs:
         return decision
@@ -5247,6 +5281,11 @@ def decide_copied_attributes(decision, policy):
 def decide_two_way(decision, policy):
     """The rules of DESIGN §3 for one path."""
     initiator, target = decision.initiator, decision.target
+    if initiator is not None and target is not None and initiator == decision.prev_initiator \
+            and target == decision.prev_target and initiator.kind != "?":
+        # Both sides exactly as the state recorded them (the common case of a run with few
+        # changes): the rules below come to the same, by a shorter way.
+        return decide_attributes(decision, policy)
     status = {"initiator": side_status(decision.prev_initiator, initiator),
               "target": side_status(decision.prev_target, target)}
     split = [side for side in status if left_link_group(policy, decision.before(side), decision.now(side))]
@@ -6996,7 +7035,13 @@ class SyncRun(object):
 
     def warn_unsupported_attributes(self, side, entries):
         """The scan's entries, passed on; one warning per run and replica whose filesystem
-        cannot hold the ACLs or xattrs that are preserved (the rest of the sync goes on)."""
+        cannot hold the ACLs or xattrs that are preserved (the rest of the sync goes on).
+        With neither preserved no entry can say so: the entries are returned as they are."""
+        if not self.options.get("acl") and not self.options.get("xattr"):
+            return entries
+        return self._warned_unsupported_attributes(side, entries)
+
+    def _warned_unsupported_attributes(self, side, entries):
         for entry in entries:
             if side not in self.attributes_warned and ATTRIBUTES_UNSUPPORTED in (entry.acl, entry.xattr):
                 self.attributes_warned.add(side)
