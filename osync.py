@@ -38,6 +38,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -3681,7 +3682,6 @@ class TreeWatcher(object):
     """Changes below one replica root, seen by a watcher program or by polling."""
 
     def __init__(self, root, filter_spec, options, ignored=(), counted=()):
-        import threading
         self.root = os.path.abspath(root)
         self.path_filter = PathFilter(filter_spec)
         self.options = dict(options, checksum=False, acl=False, xattr=False)
@@ -3768,7 +3768,6 @@ class TreeWatcher(object):
         self._thread(self._poll)
 
     def _thread(self, target):
-        import threading
         thread = threading.Thread(target=target, name="osync-watch")
         thread.daemon = True
         thread.start()
@@ -7569,7 +7568,6 @@ class AlertMails(object):
         the mail is sent from a thread, so the run is not held up."""
         if not self.enabled:
             return
-        import threading
         if limit == "soft":
             subject = "Currently running - Warning alert for %s" % self.instance
             state = ("is still running: it passed SOFT_MAX_EXEC_TIME (%d seconds) and goes on"
@@ -7874,7 +7872,6 @@ class SystemdNotifier(object):
     def start(self):
         if self.watchdog_interval is None:
             return
-        import threading
         thread = threading.Thread(target=self._keep_alive, name="osync-watchdog")
         thread.daemon = True
         thread.start()
@@ -8161,7 +8158,6 @@ class MonitorSession(Monitor):
         for replica in (self.initiator, self.local_target):
             if replica is not None:
                 replica.probe(cfg["CREATE_DIRS"])
-        import threading
         self.wake = threading.Event()
         started = []
         for side, replica in (("initiator", self.initiator), ("target", self.local_target)):
@@ -8302,7 +8298,6 @@ class MonitorSession(Monitor):
         """A timer that ends the agent's session when it has not answered within `seconds`
         (a frozen host, a hung mount there), so the wait for its reply ends and the
         monitor connects again.  Returns the timer and an event set when it did."""
-        import threading
         process = self.target.agent.process
         fired = threading.Event()
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import clean_env, finish_osync, need, popen_osync
+from treeutil import file_map
 
 
 def start(tmp_path, initiator, target, *args, **env):
@@ -18,17 +19,6 @@ def start(tmp_path, initiator, target, *args, **env):
 def run(tmp_path, initiator, target, *args, **env):
     r = finish_osync(start(tmp_path, initiator, target, *args, **env), logfile=tmp_path / "log")
     return r.returncode, r.stdout, r.stderr
-
-
-def tree(root):
-    found = {}
-    for directory, dirs, files in os.walk(str(root)):
-        dirs[:] = [d for d in dirs if d != ".osync_workdir"]
-        for name in files:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as handle:
-                found[os.path.relpath(path, str(root))] = handle.read()
-    return found
 
 
 @pytest.fixture
@@ -50,17 +40,17 @@ def test_full_disk_is_an_error_then_the_next_run_finishes(tmp_path, small_disk):
         (initiator / ("f%d" % number)).write_bytes(os.urandom(700000))
     target = small_disk / "b"
     target.mkdir()
-    before = tree(initiator)
+    before = file_map(initiator)
     code, out, err = run(tmp_path, initiator, target, MINIMUM_SPACE="0")
     assert code == 1
     assert "No space left on device" in err and "Traceback" not in err + out
-    assert tree(initiator) == before
-    for name, content in tree(target).items():  # what arrived is whole, never a torn file
+    assert file_map(initiator) == before
+    for name, content in file_map(target).items():  # what arrived is whole, never a torn file
         assert content == before[name]
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     code, out, err = run(tmp_path, initiator, target, MINIMUM_SPACE="0")
     assert code == 0, err
-    assert tree(target) == before == tree(initiator)
+    assert file_map(target) == before == file_map(initiator)
 
 
 def test_missing_rsync_is_one_sentence(tmp_path):
@@ -111,7 +101,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path):
         time.sleep(0.1)
     code, out, err = run(tmp_path, initiator, target)
     assert code == 0, err
-    assert tree(target) == tree(initiator)
+    assert file_map(target) == file_map(initiator)
     assert os.listdir(str(target / ".osync_workdir" / "_tmp")) == []
 
 
@@ -140,4 +130,4 @@ def test_hard_time_limit_stops_the_run_with_an_error(tmp_path):
     assert not (target / ".osync_workdir" / "lock").exists()
     code, out, err = run(tmp_path, initiator, target)
     assert code == 0, err
-    assert tree(target) == tree(initiator)
+    assert file_map(target) == file_map(initiator)

@@ -416,10 +416,9 @@ def test_remote_link_cut_and_restored(pair, monitors):
 
 # -- the target helper -------------------------------------------------------------------------------
 
-def test_target_helper_notifies_the_initiator_monitor(pair, monitors):
-    """--on-changes-target on the target host appends INSTANCE_ID#time lines to the
-    initiator's push file (over ssh for a remote initiator); the initiator's monitor syncs
-    on it, and the push file itself is never synced."""
+def start_monitor_and_target_helper(pair, monitors):
+    """The initiator's monitor (after its first sync) and, beside it, --on-changes-target
+    with a config as the target host has it; returns (monitor, helper, push file)."""
     keys = pair.conf_keys()
     keys["INITIATOR_SYNC_DIR"] = pair.spec_for(pair.initiator)   # seen from the target host
     keys["TARGET_SYNC_DIR"] = str(pair.target)
@@ -429,7 +428,14 @@ def test_target_helper_notifies_the_initiator_monitor(pair, monitors):
     monitor = monitors(pair, "--on-changes")
     monitor.wait_synced(1)
     helper = monitors(pair, "--on-changes-target", conf=conf, logfile=pair.base / "helper.log")
-    push = pair.initiator / ".osync-update.push"
+    return monitor, helper, pair.initiator / ".osync-update.push"
+
+
+def test_target_helper_notifies_the_initiator_monitor(pair, monitors):
+    """--on-changes-target on the target host appends INSTANCE_ID#time lines to the
+    initiator's push file (over ssh for a remote initiator); the initiator's monitor syncs
+    on it, and the push file itself is never synced."""
+    monitor, helper, push = start_monitor_and_target_helper(pair, monitors)
     wait_until(lambda: push.exists() and push.read_text().count("\n") >= 1, 15, "the helper's first line"
                + helper.describe())
     assert re.match(r"^conftask#\d{8}T\d{6}\.\d{9}\n$", push.read_text()), push.read_text()

@@ -14,20 +14,10 @@ import time
 import pytest
 
 from conftest import rsync_wrapper, shell_quote
-from test_monitor import HOSTILE_WRAPPER, arrives, child_pids, is_remote, locks, rss_kib, wait_until, watchers_of
+from treeutil import file_map
+from test_monitor import (HOSTILE_WRAPPER, arrives, child_pids, is_remote, locks, rss_kib,
+                          start_monitor_and_target_helper, wait_until, watchers_of)
 from test_monitor import monitors  # noqa: F401  (the fixture that starts and kills monitors)
-
-
-def files_of(root):
-    """relative path -> content of every file of a replica outside its work dir."""
-    found = {}
-    for directory, subdirs, names in os.walk(str(root)):
-        subdirs[:] = [name for name in subdirs if name != ".osync_workdir"]
-        for name in names:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as handle:
-                found[os.path.relpath(path, str(root))] = handle.read()
-    return found
 
 
 def failed_syncs(monitor):
@@ -71,21 +61,21 @@ def test_target_moved_away_deletes_nothing_and_sync_resumes(pair, monitors):
     monitor = monitors(pair, "--on-changes")
     monitor.wait_synced(1)
     arrives(pair.target / "kept4", "kept 4\n")
-    before = files_of(pair.initiator)
+    before = file_map(pair.initiator)
     away = pair.base / "target-unmounted"
     os.rename(str(pair.target), str(away))
     try:
         (pair.initiator / "new").write_text("made while the target was away\n")
         wait_until(lambda: failed_syncs(monitor), 15, "the sync to refuse" + monitor.describe())
         time.sleep(1)
-        now = files_of(pair.initiator)
+        now = file_map(pair.initiator)
         assert now == dict(before, new=b"made while the target was away\n"), "the initiator changed"
         assert not pair.target.exists(), "the sync recreated the missing target"
         assert monitor.process.poll() is None, monitor.describe()
     finally:
         os.rename(str(away), str(pair.target))
     arrives(pair.target / "new", "made while the target was away\n", timeout=20)
-    assert files_of(pair.initiator) == files_of(pair.target)
+    assert file_map(pair.initiator) == file_map(pair.target)
     monitor.stop()
     assert locks(pair) == []
 
@@ -443,16 +433,7 @@ def test_target_helper_and_monitor_do_not_ping_pong(pair, monitors):
     """The target helper beside the initiator's monitor: a change on the initiator is
     copied to the target, which the helper reports back, and the syncs then settle
     instead of feeding each other (osync's issue #155)."""
-    keys = pair.conf_keys()
-    keys["INITIATOR_SYNC_DIR"] = pair.spec_for(pair.initiator)   # seen from the target host
-    keys["TARGET_SYNC_DIR"] = str(pair.target)
-    keys["MIN_WAIT"] = "1"
-    keys["MAX_WAIT"] = "0"
-    conf = pair.write_conf("helper.conf", keys=keys)
-    monitor = monitors(pair, "--on-changes")
-    monitor.wait_synced(1)
-    helper = monitors(pair, "--on-changes-target", conf=conf, logfile=pair.base / "helper.log")
-    push = pair.initiator / ".osync-update.push"
+    monitor, helper, push = start_monitor_and_target_helper(pair, monitors)
     wait_until(push.exists, 15, "the helper's first line" + helper.describe())
     before = settled(monitor, quiet=2.5, timeout=30)
     for number in range(3):

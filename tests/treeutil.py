@@ -230,6 +230,18 @@ def file_contents(root):
     return found
 
 
+def file_map(root):
+    """{relative path: bytes} of every file of a replica outside its work dir."""
+    found = {}
+    for directory, subdirs, names in os.walk(str(root)):
+        subdirs[:] = [name for name in subdirs if name != WORKDIR_NAME]
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, str(root))] = handle.read()
+    return found
+
+
 def short(value, limit=120):
     r = repr(value)
     return r if len(r) <= limit else r[:limit] + "..."
