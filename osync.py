@@ -1553,11 +1553,30 @@ def kill_process_group(process, grace=5.0):
         while time.time() < deadline and process.poll() is None:
             time.sleep(0.05)
         if process.poll() is not None:
+            wait_for_group_to_end(process.pid, GROUP_EXIT_GRACE)
             try:
                 os.killpg(process.pid, signal.SIGKILL)  # whatever the leader left behind
             except OSError:
                 pass
             return
+
+
+GROUP_EXIT_GRACE = 5.0  # seconds the rest of a group may take to end after its leader did
+
+
+def wait_for_group_to_end(group, grace):
+    """Give the rest of a stopped leader's group up to `grace` seconds to end by itself.
+
+    rsync's receiver is a second process: after the leader exits on SIGTERM it still moves
+    the partly received file into the partial dir (measured: up to two seconds later), and
+    a SIGKILL then would lose it."""
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except OSError:
+            return  # nobody left in the group
+        time.sleep(0.05)
 
 
 def run_command(argv, timeout=None, stdin_data=None, env=None, cwd=None):

@@ -304,3 +304,34 @@ def test_install_hint_names_the_package_for_this_hosts_package_manager(monkeypat
         (tmp_path / manager).chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert osync.install_hint(program) == hint
+
+
+# -- stopping a child's process group ------------------------------------------------------------
+
+SLOW_TO_FINISH_GROUP = r"""
+import os, signal, sys, time
+if os.fork() == 0:
+    # like rsync's receiver: on SIGTERM it still has a second of work (saving a partial file)
+    def finish(signum, frame):
+        time.sleep(1)
+        open(sys.argv[1], "w").close()
+        os._exit(0)
+    signal.signal(signal.SIGTERM, finish)
+    while True:
+        time.sleep(1)
+signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(1))  # the leader ends at once
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stopping_a_group_lets_its_other_processes_finish(tmp_path):
+    """The rest of a group gets time to end after its leader did, so rsync's receiver
+    still saves the partly received file once the rsync it forked from has exited."""
+    finished = tmp_path / "finished"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_TO_FINISH_GROUP, str(finished)], start_new_session=True)
+    time.sleep(0.5)  # the fork and the handlers in place
+    osync.kill_process_group(process, grace=2.0)
+    assert finished.exists(), "the group's second process was killed before it finished"
+    with pytest.raises(OSError):
+        os.killpg(process.pid, 0)
