@@ -2399,11 +2399,30 @@ def make_entry(abs_path, rel_path, info, options):
                  info.st_ino, info.st_ctime_ns, link, digest, "", info.st_nlink if kind == "f" else 0, acl, xattr)
 
 
+_new_tuple = tuple.__new__
+S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
+
+
+def plain_entry(abs_path, rel_path, info):
+    """make_entry() where no option asks for more than the lstat (no link followed, no
+    digest, no ACL or xattr): the same Entry for a file or a directory, built without the
+    calls a tree's every path would pay for; anything else goes to make_entry()."""
+    mode = info.st_mode
+    if S_ISREG(mode):
+        return _new_tuple(Entry, (rel_path, "f", info.st_size, info.st_mtime_ns, mode & 0o7777, info.st_uid,
+                                  info.st_gid, info.st_ino, info.st_ctime_ns, "", "", "", info.st_nlink, "", ""))
+    if S_ISDIR(mode):
+        return _new_tuple(Entry, (rel_path, "d", 0, info.st_mtime_ns, mode & 0o7777, info.st_uid, info.st_gid,
+                                  info.st_ino, info.st_ctime_ns, "", "", "", 0, "", ""))
+    return make_entry(abs_path, rel_path, info, {})
+
+
 def walk_tree(root, path_filter, options):
     """Yield an Entry for every item below root in canonical order, holding one
     directory listing per level at most.  An unreadable directory, or one holding an
     item that cannot be stat'ed (no owner x, EIO), is yielded with its error set and
     not descended into: the planner then leaves its whole subtree alone."""
+    plain = not any(options.get(name) for name in ("copy_links", "dir_links", "checksum", "acl", "xattr"))
     stack = [iter(_sorted_listing(root, "", path_filter, options))]
     while stack:
         try:
@@ -2416,7 +2435,10 @@ def walk_tree(root, path_filter, options):
             yield Entry(rel_path, "?", error="cannot read: %s" % info.strerror)
             continue
         try:
-            entry = make_entry(abs_path, rel_path, info, options)
+            if plain:
+                entry = plain_entry(abs_path, rel_path, info)
+            else:
+                entry = make_entry(abs_path, rel_path, info, options)
         except FileNotFoundError:
             continue  # vanished between the listing and the stat
         except OSError as error:
@@ -2452,10 +2474,28 @@ def _sorted_listing(abs_dir, rel_prefix, path_filter, options):
     is stat'ed here, before the directory itself is yielded, so that a directory with an
     item that cannot be stat'ed is known as such before the planner sees it.  Listing
     errors raise at once."""
+    follow = bool(options.get("copy_links") or options.get("dir_links"))
     with os.scandir(abs_dir) as iterator:
-        children = list(iterator)
-    children.sort(key=lambda child: child.name.encode(FS_ENCODING, FS_ENCODE_ERRORS))
-    return list(_listing_items(children, rel_prefix, path_filter, options))
+        children = sorted(iterator, key=_name_bytes)
+    excluded = path_filter.excluded
+    listing = []
+    for child in children:
+        rel_path = rel_prefix + child.name
+        try:
+            if excluded(rel_path, child.is_dir(follow_symlinks=follow)):
+                continue
+            info = child.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # vanished since the listing
+        except OSError as error:
+            info = error
+        listing.append((child.path, rel_path, info))
+    return listing
+
+
+def _name_bytes(child):
+    """A directory entry's name as bytes: the sort key of a listing."""
+    return child.name.encode(FS_ENCODING, FS_ENCODE_ERRORS)
 
 
 def _first_unreadable(listing):
@@ -2465,22 +2505,6 @@ def _first_unreadable(listing):
         if isinstance(info, OSError):
             return rel_path, info
     return None
-
-
-def _listing_items(children, rel_prefix, path_filter, options):
-    follow = options.get("copy_links") or options.get("dir_links")
-    for child in children:
-        rel_path = rel_prefix + child.name
-        try:
-            is_dir = child.is_dir(follow_symlinks=bool(follow))
-            if path_filter.excluded(rel_path, is_dir):
-                continue
-            info = child.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # vanished since the listing
-        except OSError as error:
-            info = error
-        yield child.path, rel_path, info
 
 
 # ======================================================================================
@@ -2536,31 +2560,96 @@ else:
     state_line_json = json.dumps
 
 
-def read_state(path):
-    """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
+class StateRecord(object):
+    """One path of the previous state, as read: its line is decoded only when a merge
+    needs the entries, since on a run with few changes nearly every line is compared as
+    text with the scans' entries (see merge_streams) and never decoded."""
+    __slots__ = ("path", "key", "line", "number", "source", "_pair")
+
+    def __init__(self, path, key, line=None, number=0, source="", pair=None):
+        self.path = path
+        self.key = key
+        self.line = line
+        self.number = number
+        self.source = source
+        self._pair = pair
+
+    def pair(self):
+        """(initiator entry, target entry) as the state recorded them."""
+        if self._pair is None:
+            try:
+                rel_path, initiator, target = transcode(STATE_LINE_DECODER.decode(self.line), native_text)
+                if rel_path != self.path:
+                    raise ValueError("another path")
+                self._pair = (None if initiator is None else Entry(rel_path, *initiator),
+                              None if target is None else Entry(rel_path, *target))
+            except (ValueError, TypeError):
+                raise StateError("%s: line %d is damaged" % (self.source, self.number))
+        return self._pair
+
+
+def as_state_records(records):
+    """StateRecords from (path, initiator entry, target entry) triples or StateRecords
+    (the legacy lists, --initialize and tests give triples)."""
+    for record in records:
+        if isinstance(record, StateRecord):
+            yield record
+        else:
+            yield StateRecord(record[0], path_key(record[0]), pair=(record[1], record[2]))
+
+
+def read_state_records(path):
+    """Yield a StateRecord per path of a state file, in canonical order.  Only the path
+    is decoded here (json's own string scanner, the first item of the line's list)."""
     if read_state_header(path) is None:
         return
+    scan_string = json.decoder.scanstring
     with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
         handle.readline()
         previous_key = None
         for number, line in enumerate(handle, 2):
-            try:
-                rel_path, initiator, target = transcode(STATE_LINE_DECODER.decode(line), native_text)
-                initiator = None if initiator is None else Entry(rel_path, *initiator)
-                target = None if target is None else Entry(rel_path, *target)
-            except (ValueError, TypeError):
+            if not line.startswith('["'):
                 raise StateError("%s: line %d is damaged" % (path, number))
+            try:
+                rel_path = scan_string(line, 2)[0]
+            except ValueError:
+                raise StateError("%s: line %d is damaged" % (path, number))
+            if not FS_IS_UTF8:
+                rel_path = native_text(rel_path)
             key = path_key(rel_path)
             if previous_key is not None and key <= previous_key:
                 raise StateError("%s: line %d is out of order" % (path, number))
             previous_key = key
-            yield rel_path, initiator, target
+            yield StateRecord(rel_path, key, line, number, path)
 
 
-def state_line(rel_path, initiator, target):
-    """The state file line of one path (names in the wire form)."""
-    return state_line_json(transcode([rel_path, None if initiator is None else list(initiator[1:]),
-                                      None if target is None else list(target[1:])], wire_text)) + "\n"
+def read_state(path):
+    """Yield (path, initiator entry, target entry) from a state file, in canonical order."""
+    for record in read_state_records(path):
+        initiator, target = record.pair()
+        yield record.path, initiator, target
+
+
+class StateLineCoder(object):
+    """The state file line of one path (names in the wire form), remembering the last
+    one: a run codes each unchanged path's entries twice, once when merge_streams compares
+    them with the state's line and once when the executor writes the new state, and the
+    entries are the same objects both times (held here, so their ids are not reused)."""
+
+    def __init__(self):
+        self.last = (None, None, None, None)
+
+    def __call__(self, rel_path, initiator, target):
+        last_path, last_initiator, last_target, last_line = self.last
+        if initiator is last_initiator and target is last_target and rel_path == last_path:
+            return last_line
+        line = state_line_json(transcode([rel_path, None if initiator is None else list(initiator[1:]),
+                                          None if target is None else list(target[1:])], wire_text)) + "\n"
+        self.last = (rel_path, initiator, target, line)
+        return line
+
+
+state_line = StateLineCoder()
 
 
 def state_lines(records):
@@ -2657,39 +2746,49 @@ def merge_streams(previous, initiator, target):
     """Merge-join the state records and both scans, all in canonical order.
     Yields (path, previous initiator, previous target, initiator now, target now).
 
-    One flat loop (no generator per stream, no list of heads): it runs once per path."""
-    records, initiator, target = iter(previous), iter(initiator), iter(target)
+    One flat loop (no generator per stream, no list of heads): it runs once per path.
+    Where the three heads hold the same path (every path of a tree in step) no sort key is
+    made.  A path whose state line is the very line the scans' entries make (nothing
+    changed on either side, the common case) is not decoded: the entries it would give
+    are the scans' own, so these stand for the previous ones too."""
+    records, initiator, target = as_state_records(previous), iter(initiator), iter(target)
     record = next(records, None)
-    record_key = None if record is None else path_key(record[0])
     initiator_head = next(initiator, None)
-    initiator_key = None if initiator_head is None else path_key(initiator_head.path)
     target_head = next(target, None)
-    target_key = None if target_head is None else path_key(target_head.path)
     while True:
-        key = record_key
-        if initiator_key is not None and (key is None or initiator_key < key):
-            key = initiator_key
-        if target_key is not None and (key is None or target_key < key):
-            key = target_key
-        if key is None:
-            return
-        taken_record = now_initiator = now_target = None
-        if record_key == key:
-            taken_record = record
-            record = next(records, None)
-            record_key = None if record is None else path_key(record[0])
-        if initiator_key == key:
-            now_initiator = initiator_head
-            initiator_head = next(initiator, None)
-            initiator_key = None if initiator_head is None else path_key(initiator_head.path)
-        if target_key == key:
-            now_target = target_head
-            target_head = next(target, None)
-            target_key = None if target_head is None else path_key(target_head.path)
-        if taken_record is not None:
-            yield taken_record[0], taken_record[1], taken_record[2], now_initiator, now_target
+        if (record is not None and initiator_head is not None and target_head is not None
+                and record.path == initiator_head.path == target_head.path):
+            taken_record, now_initiator, now_target = record, initiator_head, target_head
+            record, initiator_head, target_head = next(records, None), next(initiator, None), next(target, None)
         else:
+            record_key = None if record is None else record.key
+            initiator_key = None if initiator_head is None else path_key(initiator_head.path)
+            target_key = None if target_head is None else path_key(target_head.path)
+            key = record_key
+            if initiator_key is not None and (key is None or initiator_key < key):
+                key = initiator_key
+            if target_key is not None and (key is None or target_key < key):
+                key = target_key
+            if key is None:
+                return
+            taken_record = now_initiator = now_target = None
+            if record_key == key:
+                taken_record = record
+                record = next(records, None)
+            if initiator_key == key:
+                now_initiator = initiator_head
+                initiator_head = next(initiator, None)
+            if target_key == key:
+                now_target = target_head
+                target_head = next(target, None)
+        if taken_record is None:
             yield (now_initiator or now_target).path, None, None, now_initiator, now_target
+        elif (taken_record.line is not None and now_initiator is not None and now_target is not None
+                and state_line(taken_record.path, now_initiator, now_target) == taken_record.line):
+            yield taken_record.path, now_initiator, now_target, now_initiator, now_target
+        else:
+            recorded_initiator, recorded_target = taken_record.pair()
+            yield taken_record.path, recorded_initiator, recorded_target, now_initiator, now_target
 
 
 class DigestCounts(object):
@@ -5203,7 +5302,11 @@ def compared_attributes(policy, one, other):
 
 def decide_attributes(decision, policy):
     """Same content on both sides: sync the attributes if they differ."""
-    if policy.attributes(decision.initiator) == policy.attributes(decision.target):
+    one, other = decision.initiator, decision.target
+    if (one.kind == other.kind and one.mode == other.mode and one.uid == other.uid and one.gid == other.gid
+            and one.acl == other.acl and one.xattr == other.xattr):
+        return decision   # policy.attributes() reads nothing else of an entry: equal whatever it syncs
+    if policy.attributes(one) == policy.attributes(other):
         return decision   # equal before compared_attributes leaves fields out: equal after
     initiator_attrs, target_attrs = compared_attributes(policy, decision.initiator, decision.target)
     if initiator_attrs == target_attrs:
@@ -5483,14 +5586,19 @@ def plan_merged(rows, policy, spool_dir=None):
                     for decision in held.release():
                         yield decision
             decision = Decision(rel_path, prev_initiator, prev_target, now_initiator, now_target)
-            broken = [entry for entry in (now_initiator, now_target) if entry is not None and entry.error]
+            if now_initiator is not None and now_initiator.error:
+                broken = now_initiator.error
+            elif now_target is not None and now_target.error:
+                broken = now_target.error
+            else:
+                broken = ""
             if skipped_prefix is not None and rel_path.startswith(skipped_prefix):
                 decision.action = SKIP
             elif broken:
                 # Whatever could not be read, a directory or not on this side, may hold a
                 # subtree on either side: all of it is left alone, attributes included.
                 decision.action = SKIP
-                decision.note = broken[0].error
+                decision.note = broken
                 skipped_prefix = rel_path + "/"
             else:
                 skipped_prefix = None
@@ -5503,7 +5611,8 @@ def plan_merged(rows, policy, spool_dir=None):
                 for side in ("initiator", "target"):
                     if decision.action == SKIP or decision.kind_after(side) is not None:
                         frames[-1].needs.add(side)
-            is_dir = any(entry is not None and entry.kind == "d" for entry in (now_initiator, now_target))
+            is_dir = ((now_initiator is not None and now_initiator.kind == "d")
+                      or (now_target is not None and now_target.kind == "d"))
             if two_way and is_dir and decision.action != SKIP and not all(
                     decision.kind_after(side) == "d" for side in ("initiator", "target")):
                 frames.append(_DirFrame(decision))
@@ -5825,6 +5934,9 @@ class Executor(object):
                 self.lists[(step, side)] = WorkList(spool_dir)
         actions = 0
         compared = 0
+        hard_links = self.cfg["PRESERVE_HARDLINKS"]
+        entries = self.outcome.entries
+        write_line = self.spool.file.write
         for decision in decisions:
             compared += 1
             if self.out.progress_line is not None:
@@ -5834,13 +5946,19 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
-                self._note_link_member(decision)
+                if hard_links:
+                    self._note_link_member(decision)
                 pair = recorded_pair(decision)
-                if pair != (decision.prev_initiator, decision.prev_target):
-                    self.state_unchanged = False
-                if pair[0] is not None or pair[1] is not None:
-                    self._count_entries(pair)
-                    self.spool.file.write(state_line(decision.path, pair[0], pair[1]))
+                initiator, target = pair
+                if initiator is not decision.prev_initiator or target is not decision.prev_target:
+                    if pair != (decision.prev_initiator, decision.prev_target):
+                        self.state_unchanged = False
+                if initiator is not None and initiator.kind != "?":
+                    entries["initiator"] += 1
+                if target is not None and target.kind != "?":
+                    entries["target"] += 1
+                if initiator is not None or target is not None:
+                    write_line(state_line(decision.path, initiator, target))
             else:
                 actions += 1
                 self.state_unchanged = False
@@ -7099,7 +7217,7 @@ class SyncRun(object):
                 self.out.warn("The state %s was recorded for other replicas (%s); this run merges both replicas "
                               "and deletes nothing." % (path, ", ".join(sorted((header.get("replicas") or {}).values()))))
                 return iter(())
-            return read_state(path)
+            return read_state_records(path)
         legacy = read_legacy_state(self.replicas["initiator"].state_dir, self.instance)
         if legacy is not None:
             self.out.notice("No osync.py state yet: using the osync.sh lists of the last run as the baseline.")

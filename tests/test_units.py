@@ -177,6 +177,65 @@ def test_damaged_state_is_reported(tmp_path):
         list(osync.read_state(str(path)))
 
 
+def test_state_line_damaged_after_its_path_is_found_when_the_merge_needs_it(tmp_path):
+    # Only the path of each line is decoded on reading; the rest of a damaged line must
+    # still stop the run's use of the state (StateError) when a scan differs from it.
+    path = str(tmp_path / "state")
+    osync.write_state(path, {}, osync.state_lines([("a", osync.Entry("a", "f", 1, 2), None)]))
+    text = open(path).read().replace('"f", 1, 2', '"f", 1, {', 1)
+    open(path, "w").write(text)
+    records = osync.read_state_records(path)
+    with pytest.raises(osync.StateError, match="line 2 is damaged"):
+        list(osync.merge_streams(records, iter([osync.Entry("a", "f", 1, 3)]), iter(())))
+    with pytest.raises(osync.StateError, match="line 2 is damaged"):
+        list(osync.read_state(path))
+
+
+def test_merge_over_a_state_file_gives_the_rows_of_the_decoded_state(tmp_path):
+    # merge_streams compares a state line as text with the line the scans' entries make
+    # and decodes it only when they differ: the rows must be those of the decoded state,
+    # whatever changed, on either side or both, for every kind of difference.
+    names = sorted(["d", "d/x", "d/y", "e\udcff", "f", "g", "h", "\u65e5"], key=osync.path_key)
+    recorded = []
+    for number, name in enumerate(names):
+        initiator = osync.Entry(name, "d" if name == "d" else "f", number, 10 ** 9 * number, 0o644, 1, 2, number, 5)
+        target = None if name == "h" else initiator._replace(ino=number + 100)
+        recorded.append((name, initiator, target))
+    path = str(tmp_path / "state")
+    osync.write_state(path, {}, osync.state_lines(recorded))
+    initiator_scan, target_scan = [], []
+    for name, initiator, target in recorded:
+        if name == "f":
+            initiator = initiator._replace(size=99)          # changed on the initiator
+        if name == "g":
+            target = target._replace(mode=0o600)             # changed on the target
+        if name != "e\udcff":
+            initiator_scan.append(initiator)                 # e...: deleted on the initiator
+        if target is not None:
+            target_scan.append(target)
+    target_scan.append(osync.Entry("z", "f", 1, 1))          # new on the target
+    fast = list(osync.merge_streams(osync.read_state_records(path), iter(initiator_scan), iter(target_scan)))
+    slow = list(osync.merge_streams(iter(list(osync.read_state(path))), iter(initiator_scan), iter(target_scan)))
+    assert fast == slow
+    assert [row[0] for row in fast] == names + ["z"]
+    by_path = dict((row[0], row) for row in fast)
+    was = dict((name, initiator) for name, initiator, _ in recorded)
+    assert by_path["f"][1].size == was["f"].size != 99 and by_path["f"][3].size == 99
+    assert by_path["g"][2].mode == 0o644 and by_path["g"][4].mode == 0o600
+    assert by_path["e\udcff"][3] is None and by_path["e\udcff"][1] is not None
+
+
+def test_state_line_coder_never_gives_the_line_of_other_entries():
+    one = osync.Entry("a", "f", 1, 2)
+    other = osync.Entry("a", "f", 1, 3)
+    first = osync.state_line("a", one, None)
+    assert osync.state_line("a", other, None) != first
+    assert osync.state_line("a", one, None) == first
+    assert osync.state_line("b", one, None) != first
+    assert osync.state_line("a", one, one) != first
+    assert json.loads(first) == ["a", list(one[1:]), None]
+
+
 # -- locks ---------------------------------------------------------------------------------------------
 
 def test_lock_is_exclusive_and_only_our_own_is_removed(tmp_path):
