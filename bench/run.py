@@ -4,7 +4,10 @@
 Cases (each local, or over ssh to a throwaway sshd on 127.0.0.1 that this script starts):
   initial   the initiator holds the tree, the target is empty, no sync state;
   nochange  both replicas in sync, the state of the previous sync at hand (the cron case);
-  changed   1% of the files edited on each side since the last sync (make_tree.apply_edits).
+  changed   1% of the files edited on each side since the last sync (make_tree.apply_edits);
+  deleted   every top-level directory of the initiator deleted since the last sync (nearly
+            the whole tree: the memory of a run that deletes a million paths); one round,
+            last, and only when asked (--scenario deleted), since it uses the trees up.
 The tools take turns inside every round (the order rotates from round to round), each
 case runs --rounds times and the table shows medians, ratios to rsync and peak memory.
 
@@ -12,6 +15,7 @@ case runs --rounds times and the table shows medians, ratios to rsync and peak m
     nice -n 10 python3 bench/run.py --files 100k --json out.json
     nice -n 10 python3 bench/run.py --files 1M --scale 0.05 --tools osync --scenario nochange-local
     nice -n 10 python3 bench/run.py --files 100k --profile       # cProfile of the no-change run
+    nice -n 10 python3 bench/run.py --files 100k --compare-osync ../osync-old   # an older checkout beside
 
 Python 3 standard library only; see bench/README.md for what exactly is measured.
 """
@@ -38,10 +42,13 @@ import make_tree  # noqa: E402  (the sibling module, found through the line abov
 
 OSYNC = os.path.normpath(os.path.join(HERE, "..", "osync.py"))
 ALL_TOOLS = ("rsync", "unison", "osync")
-TOOL_TITLES = {"rsync": "rsync -a", "unison": "unison", "osync": "osync.py"}
-ALL_CASES = ("initial-local", "initial-ssh", "nochange-local", "nochange-ssh", "changed-local", "changed-ssh")
+COMPARED_OSYNC = "osync-before"      # --compare-osync: another osync.py, timed in the same run
+TOOL_TITLES = {"rsync": "rsync -a", "unison": "unison", "osync": "osync.py", COMPARED_OSYNC: "osync.py before"}
+ALL_CASES = ("initial-local", "initial-ssh", "nochange-local", "nochange-ssh", "changed-local", "changed-ssh",
+             "deleted-local", "deleted-ssh")
 DEFAULT_CASES = ("initial-local", "nochange-local", "nochange-ssh", "changed-local", "changed-ssh")
-CASE_TITLES = {"initial": "initial sync", "nochange": "no change", "changed": "1% changed on each side"}
+CASE_TITLES = {"initial": "initial sync", "nochange": "no change", "changed": "1% changed on each side",
+               "deleted": "the whole tree deleted on one side"}
 # Entries at a replica's root that are a tool's own state, not data.
 TOOL_STATE = (".osync_workdir",)
 POLL_SECONDS = 0.05
@@ -120,8 +127,19 @@ def first_line(argv):
 
 
 def remove_tree(path):
-    if os.path.lexists(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def delete_directories(root):
+    """The "deleted" case's edit: every top-level directory of root (tool state kept),
+    so that nearly the whole tree goes while the replica is not empty."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name not in TOOL_STATE and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
 
 
 def snapshot(root):
@@ -352,6 +370,10 @@ class Tool:
     def command(self, mode):
         raise NotImplementedError
 
+    # What the tool needs to propagate the deletion of nearly a whole tree ("deleted").
+    deletion_args = ()
+    extra_args = ()
+
     def environment(self, mode):
         return dict(os.environ)
 
@@ -367,13 +389,16 @@ class Tool:
 class Rsync(Tool):
     name = "rsync"
 
+    deletion_args = ("--delete",)
+
     def command(self, mode):
         if mode == "local":
-            return ["rsync", "-a", self.a + "/", self.b + "/"]
+            return ["rsync", "-a"] + list(self.extra_args) + [self.a + "/", self.b + "/"]
         sshd = self.bench.sshd
         wrapped = " ".join(shlex.quote(arg) for arg in self.bench.remote_launcher(self.name) + ["rsync"])
-        return ["rsync", "-a", "-e", " ".join(shlex.quote(arg) for arg in sshd.ssh_command()),
-                "--rsync-path=" + wrapped, self.a + "/", "%s@127.0.0.1:%s/" % (sshd.user, self.b)]
+        return ["rsync", "-a"] + list(self.extra_args) + [
+            "-e", " ".join(shlex.quote(arg) for arg in sshd.ssh_command()),
+            "--rsync-path=" + wrapped, self.a + "/", "%s@127.0.0.1:%s/" % (sshd.user, self.b)]
 
 
 class Unison(Tool):
@@ -404,6 +429,13 @@ class Unison(Tool):
 
 class Osync(Tool):
     name = "osync"
+    deletion_args = ("--allow-mass-deletion",)
+
+    def __init__(self, bench, home, source=None):
+        super().__init__(bench, home)
+        # REMOTE_PYTHON: the agent's Python behind this tool's own memory launcher.
+        self.agent_python = bench.remote_script("agent-python-" + self.name, self.name, [bench.args.remote_python])
+        self.script = bench.osync_script(self.name, source or bench.args.osync)
 
     def forget_state(self):
         remove_tree(os.path.join(self.a, ".osync_workdir"))
@@ -414,8 +446,9 @@ class Osync(Tool):
         target = self.b
         if mode == "ssh":
             target = "ssh://%s@127.0.0.1:%d/%s" % (self.bench.sshd.user, self.bench.sshd.port, self.b)
-        return ([args.python] + list(python_prefix) + [args.osync, "--initiator=" + self.a, "--target=" + target,
-                "--instance-id=bench-" + mode, "--non-interactive", "--silent"] + shlex.split(args.osync_args))
+        return ([args.python] + list(python_prefix) + [self.script, "--initiator=" + self.a, "--target=" + target,
+                "--instance-id=bench-" + mode, "--non-interactive", "--silent"] + shlex.split(args.osync_args)
+                + list(self.extra_args))
 
     def environment(self, mode):
         environment = dict(os.environ)
@@ -424,7 +457,7 @@ class Osync(Tool):
             sshd = self.bench.sshd
             environment["SSH_RSA_PRIVATE_KEY"] = sshd.key
             environment["SSH_OPTIONAL_ARGS"] = " ".join(shlex.quote(option) for option in sshd.trust_options())
-            environment["REMOTE_PYTHON"] = self.bench.agent_python
+            environment["REMOTE_PYTHON"] = self.agent_python
         return environment
 
     def memory(self, result, mode):
@@ -436,7 +469,15 @@ class Osync(Tool):
         return memory
 
 
-TOOL_CLASSES = {"rsync": Rsync, "unison": Unison, "osync": Osync}
+class OsyncBefore(Osync):
+    """--compare-osync: another osync.py (an older checkout), timed beside this one."""
+    name = COMPARED_OSYNC
+
+    def __init__(self, bench, home):
+        super().__init__(bench, home, bench.args.compare_osync)
+
+
+TOOL_CLASSES = {"rsync": Rsync, "unison": Unison, "osync": Osync, COMPARED_OSYNC: OsyncBefore}
 
 
 # --------------------------------------------------------------------------------------
@@ -457,8 +498,6 @@ class Bench:
         if not self.gnu_time:
             log("GNU time (%s) is missing (apt-get install -y time): memory is measured by a Python "
                 "wrapper whose floor is ~8 MiB" % GNU_TIME)
-        # REMOTE_PYTHON for osync.py: the agent's Python behind the memory launcher.
-        self.agent_python = self.remote_script("agent-python", "osync", [args.remote_python])
         self.sshd = None
         self.runs = []
         self.log_path = os.path.join(self.work, "commands.log")
@@ -483,6 +522,25 @@ class Bench:
                 shlex.quote(arg) for arg in self.remote_launcher(tool_name) + argv))
         os.chmod(path, 0o755)
         return path
+
+    def osync_script(self, tool_name, source):
+        """The osync.py a tool runs.  `source` is an osync.py file or a checkout holding
+        one; with --layout installed (the default) and an install.py beside it, that
+        checkout is installed below the scratch dir (install.py --prefix) and the
+        installed command is what runs, as a user runs it; else the file itself."""
+        directory = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+        script = os.path.join(directory, "osync.py") if os.path.isdir(source) else os.path.abspath(source)
+        installer = os.path.join(directory, "install.py")
+        if self.args.layout == "script" or not os.path.isfile(installer):
+            if self.args.layout == "installed":
+                log("%s: no install.py beside %s, so it runs as the bare script" % (tool_name, script))
+            return script
+        prefix = os.path.join(self.work, "install-" + tool_name)
+        remove_tree(prefix)
+        subprocess.run([self.args.python, installer, "--prefix=" + prefix, "--init=none", "--silent"], check=True)
+        installed = os.path.join(prefix, "usr", "local", "bin", "osync.py")
+        log("%s: installed from %s, runs as %s" % (tool_name, directory, installed))
+        return installed
 
     def remote_peak(self, tool_name, wait=0.0):
         """The remote side's peak; `wait` seconds for a server that outlives its client."""
@@ -523,7 +581,7 @@ class Bench:
         os.sync()              # the preparation's write-back is not charged to the run
         self.remote_peak(tool.name)
         result = run_measured(self.launcher, tool.command(mode), tool.environment(mode), self.log_path,
-                              os.path.join(self.rss_dir, tool.name), watch=tool.name == "osync")
+                              os.path.join(self.rss_dir, tool.name), watch=tool.name.startswith("osync"))
         result["memory"] = tool.memory(result, mode)
         if result["rc"] != 0:
             log("%s %s exited with %s: see %s" % (tool.name, mode, result["rc"], self.log_path))
@@ -537,6 +595,9 @@ class Bench:
 
     def run_case(self, case):
         scenario, mode = case.split("-")
+        if scenario == "deleted":
+            self.run_deletion_case(case, mode)
+            return
         for round_number in range(self.args.rounds):
             turn = round_number % len(self.tools)
             for tool in self.tools[turn:] + self.tools[:turn]:
@@ -553,6 +614,21 @@ class Bench:
                         self.edit_rounds[tool.name] += 1
                 self.sync(tool, mode, case, round_number)
         for tool in self.tools:
+            self.verify(tool, case)
+
+    def run_deletion_case(self, case, mode):
+        """One timed run per tool of a sync that propagates the deletion of nearly the
+        whole tree; a tree deleted by an earlier case (the other mode) is put back first."""
+        for tool in self.tools:
+            if not any(os.path.isdir(os.path.join(tool.a, name)) for name in os.listdir(tool.a)
+                       if name not in TOOL_STATE):
+                log("putting the tree back for %s" % tool.name)
+                subprocess.run(["cp", "-a", self.tree + "/.", tool.a], check=True)
+            tool.extra_args = tool.deletion_args
+            self.sync(tool, mode)        # in step, in this mode, before the deletion (not timed)
+            delete_directories(tool.a)
+            self.sync(tool, mode, case, 0)
+            tool.extra_args = ()
             self.verify(tool, case)
 
     def verify(self, tool, case):
@@ -686,6 +762,12 @@ def main(argv=None):
     parser.add_argument("--workdir", help="scratch dir (default /tmp/osync-bench/run-FILES)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir")
     parser.add_argument("--osync", default=OSYNC, help="osync.py to time (default: this checkout's)")
+    parser.add_argument("--compare-osync", metavar="PATH",
+                        help="also time this osync.py (a file, or a checkout holding osync.py and install.py) in "
+                             "the same run, as 'osync.py before'")
+    parser.add_argument("--layout", choices=("installed", "script"), default="installed",
+                        help="run osync.py as install.py installs it (default: byte-compiled, as users run it) or "
+                             "as the bare script (python3 osync.py, compiled at every start)")
     parser.add_argument("--python", default=sys.executable, help="Python that runs osync.py")
     parser.add_argument("--remote-python", default="python3", help="Python that runs the agent over ssh")
     parser.add_argument("--osync-args", default="", help="extra osync.py arguments")
@@ -693,6 +775,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.workdir = args.workdir or os.path.join(make_tree.DEFAULT_CACHE, "run-%d" % args.files)
     tools = ["osync"] if args.profile else args.tools
+    if args.compare_osync and not args.profile:
+        tools = tools + [COMPARED_OSYNC]
     if "unison" in tools and not shutil.which("unison"):
         log("unison is not installed (apt-get install -y unison): left out")
         tools = [name for name in tools if name != "unison"]
