@@ -4130,8 +4130,12 @@ def bounded_decompress(payload, limit):
 # arrives, and anything else ends the run before it is used.
 
 ENTRY_KINDS = ("f", "d", "l", "s", "?")
-ENTRY_INT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if type(default) is int)
-ENTRY_TEXT_FIELDS = tuple(name for name, default in ENTRY_FIELDS if default == "")
+# (index, name) of the whole-number and of the text fields of a wire entry.
+ENTRY_INT_FIELDS = tuple((index, name) for index, (name, default) in enumerate(ENTRY_FIELDS) if type(default) is int)
+ENTRY_TEXT_FIELDS = tuple((index, name) for index, (name, default) in enumerate(ENTRY_FIELDS) if default == "")
+ENTRY_KIND, ENTRY_SIZE, ENTRY_MODE, ENTRY_ERROR = (Entry._fields.index(name) for name in ("kind", "size", "mode",
+                                                                                          "error"))
+WIRE_INT_MIN, WIRE_INT_LIMIT = -2 ** 63, 2 ** 64
 WIRE_TEXT_LIMIT = 65536     # a link target, digest or error note from the agent
 
 
@@ -4145,13 +4149,17 @@ def wire_path_problem(path):
         return "it contains a NUL byte"
     if path.startswith("/"):
         return "it is absolute"
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            return "it has a component %r" % part
-    if path.split("/", 1)[0] == WORK_DIR_NAME:
+    # An empty, "." or ".." component, found without splitting every path (the scan's
+    # every entry comes through here); the split names the component when there is one.
+    if ("//" in path or path.endswith("/") or path in (".", "..") or path.startswith(("./", "../"))
+            or "/./" in path or "/../" in path or path.endswith(("/.", "/.."))):
+        for part in path.split("/"):
+            if part in ("", ".", ".."):
+                return "it has a component %r" % part
+    if path == WORK_DIR_NAME or path.startswith(WORK_DIR_NAME + "/"):
         return "it is in the work dir %s" % WORK_DIR_NAME
     try:
-        os.fsencode(path)
+        path.encode(FS_ENCODING, FS_ENCODE_ERRORS)
     except UnicodeError:
         return "it is not a file name"
     return None
@@ -4171,22 +4179,22 @@ def shown_path(path):
 
 def entry_problem(data):
     """Why a wire entry (a to_wire list) is not a well-formed entry, or None."""
-    if not isinstance(data, list) or len(data) != len(ENTRY_FIELDS):
+    if type(data) is not list or len(data) != len(ENTRY_FIELDS):
         return "not a list of %d fields" % len(ENTRY_FIELDS)
-    fields = dict(zip(Entry._fields, data))
-    if fields["kind"] not in ENTRY_KINDS:
-        return "kind %s is none of %s" % (printable(repr(fields["kind"]), 40), "/".join(ENTRY_KINDS))
-    for name in ENTRY_INT_FIELDS:
-        value = fields[name]
-        if type(value) is not int or not -2 ** 63 <= value < 2 ** 64:
+    kind = data[ENTRY_KIND]
+    if type(kind) is not str or kind not in ENTRY_KINDS:
+        return "kind %s is none of %s" % (printable(repr(kind), 40), "/".join(ENTRY_KINDS))
+    for index, name in ENTRY_INT_FIELDS:
+        value = data[index]
+        if type(value) is not int or not WIRE_INT_MIN <= value < WIRE_INT_LIMIT:
             return "its %s %s is not a number" % (name, printable(repr(value), 40))
-    if fields["size"] < 0 or not 0 <= fields["mode"] <= 0o7777:
+    if data[ENTRY_SIZE] < 0 or not 0 <= data[ENTRY_MODE] <= 0o7777:
         return "its size or mode is out of range"
-    if fields["kind"] == "s" and not fields["error"]:
+    if kind == "s" and not data[ENTRY_ERROR]:
         return "a device, fifo or socket without its note"   # such a path is left alone, never synced
-    for name in ENTRY_TEXT_FIELDS:
-        value = fields[name]
-        if not isinstance(value, str) or len(value) > WIRE_TEXT_LIMIT or "\0" in value:
+    for index, name in ENTRY_TEXT_FIELDS:
+        value = data[index]
+        if type(value) is not str or (value and (len(value) > WIRE_TEXT_LIMIT or "\0" in value)):
             return "its %s is not a short text" % name
     return None
 
@@ -4200,7 +4208,7 @@ def check_wire_entry(data, host, where):
         path = data[0] if isinstance(data, list) and data else None
         raise agent_violation(host, "an invalid entry %s%s (%s)" % (
             where, " for " + shown_path(path) if isinstance(path, str) else "", problem))
-    entry = Entry(*data)
+    entry = _new_tuple(Entry, data)
     if entry.error and printable(entry.error) != entry.error:
         entry = entry._replace(error=printable(entry.error))
     return entry
@@ -4224,7 +4232,7 @@ def checked_scan(items, host, path_filter):
                 "twice" if key == previous_key else "out of order (after %s)" % shown_path(previous_path)))
         if path_filter.excluded(entry.path, entry.kind == "d"):
             raise agent_violation(host, "%s in its scan, which the run excludes" % shown_path(entry.path))
-        parent = posixpath.dirname(entry.path)
+        parent = entry.path.rpartition("/")[0]
         while directories and not (parent == directories[-1] or parent.startswith(directories[-1] + "/")):
             directories.pop()
         if parent and not (directories and directories[-1] == parent):

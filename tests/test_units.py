@@ -394,3 +394,19 @@ def test_stopping_a_group_lets_its_other_processes_finish(tmp_path):
     assert finished.exists(), "the group's second process was killed before it finished"
     with pytest.raises(OSError):
         os.killpg(process.pid, 0)
+
+
+def test_every_non_canonical_wire_path_is_refused_and_no_canonical_one():
+    # An agent's paths are checked without splitting each one (wire_path_problem's quick
+    # test): every form of an empty, "." or ".." component must still be found, and the
+    # names that only look like them must pass.
+    bad = ["a//b", "a/", "/a", ".", "..", "./a", "../a", "a/./b", "a/../b", "a/.", "a/..", "a/b//",
+           ".osync_workdir", ".osync_workdir/state", "a\0b", ""]
+    good = ["a", "a/b", ".a", "a.", "a..b", "..a", "a/.b/..c", "...", "a/...", ".osync_workdir-x",
+            "x/.osync_workdir", "日本/\udcff"]
+    for path in bad:
+        assert osync.wire_path_problem(path) is not None, path
+    for path in good:
+        assert osync.wire_path_problem(path) is None, path
+    assert "component '..'" in osync.wire_path_problem("a/../b")
+    assert "component ''" in osync.wire_path_problem("a//b")
