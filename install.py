@@ -341,7 +341,8 @@ def parse_arguments(argv):
                              "/sbin/openrc-run: openrc; systemd running or /usr/lib/systemd/systemd: systemd; "
                              "/etc/init.d: sysv; else none).")
     parser.add_argument("--remove", action="store_true",
-                        help="Remove the programs, /usr/local/lib/osync and every service file installed; keep /etc/osync.")
+                        help="Remove the programs, /usr/local/lib/osync and every service file installed; "
+                             "keep /etc/osync.")
     parser.add_argument("--silent", action="store_true", help="Print nothing but errors.")
     return parser.parse_args(argv)
 
