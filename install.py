@@ -11,19 +11,30 @@ Without --prefix it needs root.  With --prefix=DIR every file goes below DIR (DI
 DIR/etc/osync...) with no change of owner, and the files keep naming their final places
 (/usr/local/bin/osync.py, /etc/osync), as a package needs.  It never connects anywhere.
 
+osync.py itself goes to /usr/local/lib/osync as a module, byte-compiled there, and
+/usr/local/bin/osync.py is a small launcher that imports it (packaging/osync-launcher.py):
+a script is compiled again at every start, which costs each osync.py process 25-30 MiB
+of peak memory; a module imported from its .pyc does not compile.
+
 Standard library only; Python 3.6 or newer.
 """
 
 import argparse
 import filecmp
 import glob
+import importlib.util
 import os
+import py_compile
+import shutil
+import subprocess
 import sys
 
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 INIT_KINDS = ("systemd", "sysv", "openrc", "none")
 
 BIN_DIR = "/usr/local/bin"
+# The launcher finds the module folder relative to itself: MODULE_DIR of osync-launcher.py.
+LIB_DIR = "/usr/local/lib/osync"
 ETC_DIR = "/etc/osync"
 SYSTEMD_SYSTEM_DIR = "/lib/systemd/system"
 SYSTEMD_USER_DIR = "/etc/systemd/user"
@@ -31,10 +42,12 @@ INIT_D_DIR = "/etc/init.d"
 
 # (source path relative to SOURCE_DIR, destination, mode)
 PROGRAMS = [
-    ("osync.py", BIN_DIR + "/osync.py", 0o755),
+    ("packaging/osync-launcher.py", BIN_DIR + "/osync.py", 0o755),
     ("osync-batch.py", BIN_DIR + "/osync-batch.py", 0o755),
     ("ssh_filter.py", BIN_DIR + "/ssh_filter.py", 0o755),
 ]
+# The module the launcher imports, byte-compiled once installed.
+MODULE = ("osync.py", LIB_DIR + "/osync.py", 0o644)
 # Examples in /etc/osync: one the user changed is kept, the new one goes beside it as .new.
 EXAMPLES = [
     ("sync.conf", ETC_DIR + "/sync.conf.example", 0o644),
@@ -99,6 +112,22 @@ SSH_FILTER_ADVICE = """  For a remote target, restrict the initiator's key on th
   README, "Restricting the key with ssh_filter.py", say how)."""
 
 
+# Compiles the installed module for one Python: the .pyc goes where that Python's import
+# looks for it (__pycache__ beside the source, the plain, unoptimized name, whatever
+# PYTHONPYCACHEPREFIX says), and names the module's final path.  Run by the `python3`
+# of PATH when it is another Python than install.py's: it prints the .pyc it wrote, or
+# nothing when the Python is too old for osync.py or shares install.py's cache tag.
+COMPILE_PROGRAM = """import importlib.util, py_compile, sys
+source, final_path, done_tag = sys.argv[1:4]
+if sys.version_info < (3, 6) or sys.implementation.cache_tag == done_tag:
+    sys.exit(0)
+sys.pycache_prefix = None
+compiled = importlib.util.cache_from_source(source, optimization='')
+py_compile.compile(source, cfile=compiled, dfile=final_path, doraise=True)
+print(compiled)
+"""
+
+
 class InstallError(Exception):
     """A problem the user can fix: one sentence, exit code 1."""
 
@@ -154,7 +183,56 @@ class Installer(object):
             raise InstallError("Cannot write %s: %s." % (error.filename or path, error.strerror))
         return path
 
+    def compiled_files(self):
+        """The .pyc files of the installed module there are, for any Python."""
+        return sorted(glob.glob(os.path.join(self.place(LIB_DIR), "__pycache__", "osync.*.pyc")))
+
+    def compile_module(self, path, destination):
+        """Byte-compile the installed module for this Python, and for the one that
+        `/usr/bin/env python3` (the launcher's #! line) starts when that is another.
+        Python checks a .pyc against its source's time and size at every import."""
+        if hasattr(sys, "pycache_prefix"):
+            sys.pycache_prefix = None
+        compiled = importlib.util.cache_from_source(path, optimization="")
+        try:
+            py_compile.compile(path, cfile=compiled, dfile=destination, doraise=True)
+        except (py_compile.PyCompileError, OSError) as error:
+            raise InstallError("Cannot byte-compile %s: %s." % (path, str(error).strip()))
+        self.say("Compiled %s" % compiled)
+        other = shutil.which("python3")
+        if not other or os.path.realpath(other) == os.path.realpath(sys.executable or ""):
+            return
+        try:
+            result = subprocess.run([other, "-c", COMPILE_PROGRAM, path, destination,
+                                     sys.implementation.cache_tag],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as error:
+            self.warn("%s could not byte-compile %s (%s): osync.py run by it compiles itself at every start."
+                      % (other, path, error))
+            return
+        if result.returncode != 0:
+            lines = (result.stderr.strip() or "exit code %d" % result.returncode).splitlines()
+            self.warn("%s could not byte-compile %s (%s): osync.py run by it compiles itself at every start."
+                      % (other, path, lines[-1]))
+        elif result.stdout.strip():
+            self.say("Compiled %s" % result.stdout.strip())
+
+    def install_module(self):
+        """The module and its .pyc files: the old .pyc files go first, so that none of
+        another version stays behind."""
+        for compiled in self.compiled_files():
+            try:
+                os.unlink(compiled)
+            except OSError as error:
+                raise InstallError("Cannot remove %s: %s." % (compiled, error.strerror))
+        source, destination, mode = MODULE
+        path = self.write(source, destination, mode)
+        self.say("Installed %s" % path)
+        self.compile_module(path, destination)
+
     def install(self, init):
+        self.install_module()
         for source, destination, mode in PROGRAMS:
             self.say("Installed %s" % self.write(source, destination, mode))
         for source, destination, mode in EXAMPLES:
@@ -172,12 +250,37 @@ class Installer(object):
         self.say(NEXT_STEPS[init])
         self.say(SSH_FILTER_ADVICE)
 
+    def remove_module(self):
+        """The module, its .pyc files and their folders (kept, and said, when they hold
+        files that install.py did not put there); whether there was anything to remove."""
+        removed_any = False
+        for path in self.compiled_files() + [self.place(MODULE[1])]:
+            if not os.path.lexists(path):
+                continue
+            try:
+                os.unlink(path)
+            except OSError as error:
+                raise InstallError("Cannot remove %s: %s." % (path, error.strerror))
+            removed_any = True
+        for folder in (os.path.join(self.place(LIB_DIR), "__pycache__"), self.place(LIB_DIR)):
+            if not os.path.isdir(folder):
+                continue
+            try:
+                os.rmdir(folder)
+            except OSError as error:
+                self.warn("Kept %s: %s (it holds files install.py did not install)." % (folder, error.strerror))
+                continue
+            removed_any = True
+        if removed_any:
+            self.say("Removed %s" % self.place(LIB_DIR))
+        return removed_any
+
     def remove(self):
+        removed_any = self.remove_module()
         destinations = [destination for _, destination, _ in PROGRAMS]
         for kind in INIT_KINDS:
             destinations += [destination for _, destination, _ in SERVICES[kind]]
         destinations += LEGACY_FILES
-        removed_any = False
         for destination in sorted(set(destinations), key=destinations.index):
             path = self.place(destination)
             if not os.path.lexists(path):
@@ -213,7 +316,7 @@ def detect_init():
 
 def missing_sources(init):
     """The files this install needs that are not next to install.py."""
-    needed = [source for source, _, _ in PROGRAMS + EXAMPLES]
+    needed = [source for source, _, _ in [MODULE] + PROGRAMS + EXAMPLES]
     needed += [source for source, _, _ in SERVICES[init]]
     return [source for source in needed if not os.path.isfile(os.path.join(SOURCE_DIR, source))]
 
@@ -225,7 +328,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_arguments(argv):
     parser = Parser(prog="install.py", description=(
-        "Install osync.py, osync-batch.py and ssh_filter.py in /usr/local/bin, the examples in "
+        "Install osync.py, osync-batch.py and ssh_filter.py in /usr/local/bin (osync.py as a launcher of the "
+        "osync module, byte-compiled in /usr/local/lib/osync), the examples in "
         "/etc/osync (an example you changed is kept, the new one written beside it as NAME.new), "
         "and the service files of the init system; or remove them (--remove), keeping /etc/osync. "
         "Run it from the osync.py source directory. It never connects anywhere."))
@@ -237,7 +341,8 @@ def parse_arguments(argv):
                              "/sbin/openrc-run: openrc; systemd running or /usr/lib/systemd/systemd: systemd; "
                              "/etc/init.d: sysv; else none).")
     parser.add_argument("--remove", action="store_true",
-                        help="Remove the programs and every service file installed; keep /etc/osync.")
+                        help="Remove the programs, /usr/local/lib/osync and every service file installed; "
+                             "keep /etc/osync.")
     parser.add_argument("--silent", action="store_true", help="Print nothing but errors.")
     return parser.parse_args(argv)
 

@@ -1,7 +1,9 @@
 """install.py and the service files of packaging/: an install into a prefix for each init
-system, the installed programs syncing, --remove, the refusals, the SysV script around
-real monitors, the systemd units checked by systemd-analyze and their command lines run
-the way systemd runs them (Type=notify, the watchdog, the exit codes it counts as success)."""
+system, the installed programs syncing (osync.py as a launcher of the byte-compiled module
+in /usr/local/lib/osync, locally and to an ssh target, with less peak memory than the
+script), --remove, the refusals, the SysV script around real monitors, the systemd units
+checked by systemd-analyze and their command lines run the way systemd runs them
+(Type=notify, the watchdog, the exit codes it counts as success)."""
 
 import os
 import shlex
@@ -16,11 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Pair, build, clean_env, expected, need, snapshot
+from conftest import REPO, Pair, build, clean_env, describe, expected, make_pair, need, pyenv_python, snapshot
 from test_unreadable import SYSTEM_PYTHON, USER, ensure_plain_user
 
 INSTALL = REPO / "install.py"
-PROGRAMS = ["usr/local/bin/osync.py", "usr/local/bin/osync-batch.py", "usr/local/bin/ssh_filter.py"]
+# installed path -> the file of the repository it is a copy of
+PROGRAMS = {"usr/local/bin/osync.py": REPO / "packaging/osync-launcher.py",
+            "usr/local/bin/osync-batch.py": REPO / "osync-batch.py",
+            "usr/local/bin/ssh_filter.py": REPO / "ssh_filter.py"}
+LAUNCHER = "usr/local/bin/osync.py"
+MODULE = "usr/local/lib/osync/osync.py"
 EXAMPLES = {"etc/osync/sync.conf.example": REPO / "sync.conf",
             "etc/osync/exclude.list.example": REPO / "packaging/exclude.list.example"}
 SYSTEM_UNITS = ["osync-srv@.service", "osync-target-helper-srv@.service", "osync@.service", "osync@.timer"]
@@ -59,8 +66,27 @@ def files_below(root):
     return found
 
 
-def expected_files(init):
+def cache_tags(python):
+    """The .pyc tags an install by `python` compiles for: its own, and that of the
+    python3 that `/usr/bin/env python3` finds, when that one can run osync.py."""
+    program = "import sys; print(sys.implementation.cache_tag if sys.version_info >= (3, 6) else '')"
+    tags = set()
+    for interpreter in (python, shutil.which("python3")):
+        if interpreter:
+            found = subprocess.run([interpreter, "-c", program], stdout=subprocess.PIPE,
+                                   universal_newlines=True).stdout.strip()
+            tags.update([found] if found else [])
+    return tags
+
+
+def compiled_module(tag):
+    return "usr/local/lib/osync/__pycache__/osync.%s.pyc" % tag
+
+
+def expected_files(init, python=None):
     files = {path: 0o755 for path in PROGRAMS}
+    files[MODULE] = 0o644
+    files.update({compiled_module(tag): 0o644 for tag in cache_tags(python or sys.executable)})
     files.update({path: 0o644 for path in EXAMPLES})
     for path in SERVICE_FILES[init]:
         files[path] = 0o755 if path.startswith("etc/init.d/") else 0o644
@@ -83,12 +109,12 @@ def test_install_into_a_prefix(tmp_path, init):
     prefix = tmp_path / "root"
     r = run_install("--prefix=%s" % prefix, "--init=%s" % init)
     assert files_below(prefix) == expected_files(init)
-    for path in PROGRAMS:
-        assert (prefix / path).read_bytes() == (REPO / os.path.basename(path)).read_bytes()
-    for path, source in list(EXAMPLES.items()) + list(SERVICE_FILES[init].items()):
+    assert (prefix / MODULE).read_bytes() == (REPO / "osync.py").read_bytes()
+    for path, source in list(PROGRAMS.items()) + list(EXAMPLES.items()) + list(SERVICE_FILES[init].items()):
         assert (prefix / path).read_bytes() == source.read_bytes(), path
     for path in expected_files(init):
-        assert "Installed %s" % (prefix / path) in r.stdout
+        verb = "Compiled" if path.endswith(".pyc") else "Installed"
+        assert "%s %s" % (verb, prefix / path) in r.stdout
     assert NEXT_STEP[init] in r.stdout
     assert "ssh_filter.py" in r.stdout.split("Next steps:")[1]
     if init == "none":
@@ -157,7 +183,181 @@ def test_remove_keeps_etc_osync(tmp_path):
                                    "etc/osync/exclude.list.example": 0o644}
     assert conf.read_text() == "INSTANCE_ID=home\n"
     assert "Removed %s" % (prefix / "usr/local/bin/osync.py") in r.stdout
+    assert "Removed %s" % (prefix / "usr/local/lib/osync") in r.stdout
+    assert not (prefix / "usr/local/lib/osync").exists()
     assert "Kept %s" % (prefix / "etc/osync") in r.stdout
+
+
+# ======================================================================================
+# osync.py as a launcher of the byte-compiled module
+# ======================================================================================
+
+# Runs a command as a child and prints the child's peak resident set in KiB.
+PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def run_installed(prefix, *args, python=None, env=None, cwd=None, expect=0):
+    """The installed osync.py run by `python` (by its #! line when None)."""
+    command = ([str(python)] if python else []) + [str(prefix / LAUNCHER)] + [str(a) for a in args]
+    r = subprocess.run(command, env=env or clean_env(os.devnull), cwd=str(cwd) if cwd else None,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=TIMEOUT)
+    r.output = r.stdout + r.stderr
+    r.logfile = None
+    assert "Traceback" not in r.output, r.output
+    assert r.returncode == expect, "exit code %s, expected %s:\n%s" % (r.returncode, expect, r.output)
+    return r
+
+
+def pyc_matches_source(pyc, source):
+    """Whether a timestamp-checked .pyc is the one Python uses for `source` (its header
+    holds the source's modification time and size)."""
+    header = pyc.read_bytes()[:16]
+    stat = os.stat(str(source))
+    flags = int.from_bytes(header[4:8], "little")
+    if flags:   # hash-based: checked against the source at each import (SOURCE_DATE_EPOCH)
+        return True
+    return (int.from_bytes(header[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little") == stat.st_size & 0xFFFFFFFF)
+
+
+def test_module_is_compiled_for_install_pys_python_and_the_one_of_the_launchers_line(tmp_path):
+    """install.py run by Python 3.6 compiles for 3.6 and for the python3 of PATH, which
+    the launcher's `#!/usr/bin/env python3` starts; the launcher runs under both."""
+    oldest = pyenv_python("3.6")
+    if oldest is None:
+        need("Python 3.6 from pyenv")
+    prefix = tmp_path / "root"
+    run_install("--prefix=%s" % prefix, "--init=none", python=oldest)
+    assert files_below(prefix) == expected_files("none", oldest)
+    compiled = sorted((prefix / "usr/local/lib/osync/__pycache__").iterdir())
+    assert "osync.cpython-36.pyc" in [path.name for path in compiled]
+    assert len(compiled) == len(cache_tags(oldest)) >= 1
+    for pyc in compiled:
+        assert pyc_matches_source(pyc, prefix / MODULE), pyc
+    version = "osync.py %s" % osync_version()
+    for python in (oldest, None):
+        assert run_installed(prefix, "--version", python=python).stdout.strip() == version
+    help_text = run_installed(prefix, "--help").stdout
+    assert "usage: osync.py " in help_text
+
+
+def osync_version():
+    for line in (REPO / "osync.py").read_text().splitlines():
+        if line.startswith("VERSION = "):
+            return line.split('"')[1]
+    raise AssertionError("no VERSION line in osync.py")
+
+
+def test_a_source_changed_after_install_is_what_runs(tmp_path):
+    """The .pyc is checked against the source at every start: an edit of the installed
+    module, even one that keeps its size, runs, never the old byte code."""
+    prefix = tmp_path / "root"
+    run_install("--prefix=%s" % prefix, "--init=none")
+    module = prefix / MODULE
+    old = 'VERSION = "%s"' % osync_version()
+    new = 'VERSION = "%s"' % "".join("9" if c.isdigit() else c for c in osync_version())
+    assert len(new) == len(old) and new != old
+    text = module.read_text()
+    assert text.count(old) == 1
+    before = os.stat(str(module))
+    module.write_text(text.replace(old, new))
+    os.utime(str(module), (before.st_atime, before.st_mtime + 10))   # a later edit, whatever the clock's grain
+    for python in this_and_oldest():
+        r = run_installed(prefix, "--version", python=python)
+        assert r.stdout.strip() == "osync.py %s" % new.split('"')[1], r.output
+
+
+def this_and_oldest():
+    return [sys.executable] + [python for python in [pyenv_python("3.6")] if python]
+
+
+def test_old_single_file_install_is_replaced_and_remove_leaves_nothing_of_it(tmp_path):
+    """An osync.py of the earlier layout (the whole program in /usr/local/bin) becomes the
+    launcher; --remove then takes the launcher, the module and every .pyc."""
+    prefix = tmp_path / "root"
+    old = prefix / LAUNCHER
+    old.parent.mkdir(parents=True)
+    shutil.copy2(str(REPO / "osync.py"), str(old))
+    oldest = pyenv_python("3.6")
+    run_install("--prefix=%s" % prefix, "--init=systemd")
+    if oldest:
+        run_install("--prefix=%s" % prefix, "--init=systemd", python=oldest)   # .pyc files of two Pythons
+    assert (prefix / LAUNCHER).read_bytes() == (REPO / "packaging/osync-launcher.py").read_bytes()
+    assert files_below(prefix) == dict(expected_files("systemd"), **expected_files("systemd", oldest))
+    run_install("--prefix=%s" % prefix, "--remove")
+    assert files_below(prefix) == {"etc/osync/sync.conf.example": 0o644, "etc/osync/exclude.list.example": 0o644}
+    assert not (prefix / "usr/local/lib/osync").exists()
+
+
+def test_a_missing_or_damaged_module_is_one_sentence(tmp_path):
+    prefix = tmp_path / "root"
+    run_install("--prefix=%s" % prefix, "--init=none")
+    module = prefix / MODULE
+    module.write_text("def broken(:\n")
+    r = run_installed(prefix, "--version", expect=1)
+    assert r.stdout == ""
+    assert r.stderr.startswith("ERROR: osync.py cannot load its module %s (SyntaxError: " % module), r.stderr
+    assert r.stderr.strip().endswith("; reinstall with install.py.") and len(r.stderr.strip().splitlines()) == 1
+    shutil.rmtree(str(module.parent))
+    r = run_installed(prefix, "--version", expect=1)
+    assert r.stderr == ("ERROR: osync.py is not installed completely: %s is missing; reinstall with install.py.\n"
+                        % module)
+
+
+def test_installed_osync_syncs_to_an_ssh_target(tmp_path, request):
+    """The agent on the target is the installed module's source, streamed by the launcher's
+    process (own_source() reads the module's file, not the launcher): the remote Python,
+    wrapped here, is told the length of the installed module, edited after install."""
+    prefix = tmp_path / "root"
+    run_install("--prefix=%s" % prefix, "--init=none")
+    module = prefix / MODULE
+    module.write_text(module.read_text() + "# edited after install\n")
+    pair = make_pair("remote", tmp_path / "pair", request)
+    seen = tmp_path / "agent-arguments"
+    wrapper = tmp_path / "remote-python"
+    wrapper.write_text('#!/bin/sh\nprintf "%%s\\n" "$3" >> %s\nexec %s "$@"\n'
+                       % (shlex.quote(str(seen)), pair.python))
+    wrapper.chmod(0o755)
+    build(pair.initiator, {"from_initiator": "i", "dir/deep": "d"})
+    build(pair.target, {"from_target": "t"})
+    env = pair.env(dict(pair.quick_env, REMOTE_PYTHON=str(wrapper)))
+    r = run_installed(prefix, *(pair.quick_args() + ["--verbose"]), env=env, cwd=tmp_path)
+    assert "Unexpected internal error" not in r.output, describe(r)
+    synced = expected({"from_initiator": "i", "dir/deep": "d", "from_target": "t"})
+    assert snapshot(pair.initiator) == synced and snapshot(pair.target) == synced
+    assert seen.read_text().split() == [str(module.stat().st_size)]
+    agent_python = subprocess.run([pair.python, "-c", "import sys; print(sys.version.split()[0])"],
+                                  stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    assert "runs under Python %s" % agent_python in r.output, describe(r)
+
+
+def peak_kib(command, env, cwd):
+    r = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD] + [str(word) for word in command], env=env,
+                       cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return int(r.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("which", ["current", "3.6"])
+def test_installed_osync_peaks_lower_than_the_script(tmp_path, which):
+    """A no-change run of the installed osync.py imports its byte code; the script compiles
+    its source first, which is most of its peak resident memory."""
+    python = sys.executable if which == "current" else pyenv_python("3.6")
+    if python is None:
+        need("Python 3.6 from pyenv")
+    prefix = tmp_path / "root"
+    run_install("--prefix=%s" % prefix, "--init=none", python=python)
+    pair = Pair(tmp_path / "pair")
+    build(pair.initiator, {"d%02d/f%03d" % (number // 100, number): str(number) for number in range(2000)})
+    arguments = pair.quick_args() + ["--silent"]
+    env = pair.env()
+    peak_kib([python, REPO / "osync.py"] + arguments, env, tmp_path)   # the first sync
+    script = min(peak_kib([python, REPO / "osync.py"] + arguments, env, tmp_path) for _ in range(2))
+    installed = max(peak_kib([python, prefix / LAUNCHER] + arguments, env, tmp_path) for _ in range(2))
+    assert installed + 10 * 1024 < script, "peak KiB: installed %d, script %d" % (installed, script)
 
 
 # ======================================================================================
@@ -178,7 +378,7 @@ def test_not_root_without_prefix_is_refused(tmp_path):
         os.chmod(str(own), 0o755)
         run_install("--prefix=%s" % (own / "root"), "--init=sysv", "--silent", prefix=as_user,
                     python=SYSTEM_PYTHON)
-        assert files_below(own / "root") == expected_files("sysv")
+        assert files_below(own / "root") == expected_files("sysv", SYSTEM_PYTHON)
         assert (own / "root/usr/local/bin/osync.py").stat().st_uid == user.pw_uid
     finally:
         shutil.rmtree(str(own))

@@ -2,15 +2,18 @@
 
 Each package is built for real from a copy of the repository (dpkg-deb, rpmbuild, the
 PKGBUILD's own package() function, PyInstaller) and what it installs is checked: the
-programs in /usr/bin, the example config as a config file, the units with their ExecStart
-moved to /usr/bin, the dependencies.  The binary is used for a sync on a local and on an
-ssh target, where the agent runs the osync.py source that travels inside the binary.
+programs in /usr/bin (osync.py the launcher of the module in /usr/share/osync, which has
+its current .pyc: built in the package, or by the Debian postinst), the example config
+as a config file, the units with their ExecStart moved to /usr/bin, the dependencies.
+The binary is used for a sync on a local and on an ssh target, where the agent runs the
+osync.py source that travels inside the binary.
 
 The units, the SysV/OpenRC scripts and packaging/exclude.list.example come with install.py;
 where one of them is missing from the repository, the copy gets a placeholder, so that
 these tests check the package builds and not those files.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -26,6 +29,10 @@ from conftest import REPO, build, describe, expected, make_pair, need, shell_quo
 
 VERSION = osync.VERSION
 SCRIPTS = ("osync.py", "osync-batch.py", "ssh_filter.py")
+# /usr/bin/osync.py is packaging/osync-launcher.py with its module folder moved here.
+MODULE = "usr/share/osync/osync.py"
+LAUNCHER_SOURCE = "packaging/osync-launcher.py"
+PACKAGED_MODULE_DIR = 'MODULE_DIR = "../share/osync"'
 SYSTEM_UNITS = ("osync-srv@.service", "osync-target-helper-srv@.service", "osync@.service", "osync@.timer")
 USER_UNITS = ("osync-srv@.service", "osync-target-helper-srv@.service")
 PLACEHOLDER_UNIT = ("[Unit]\nDescription=placeholder for a unit that install.py brings\n\n[Service]\n"
@@ -80,15 +87,51 @@ def unit_exec_programs(text):
     return re.findall(r"^Exec\w*=[-@:+!]*(\S+)", text, re.M)
 
 
-def check_installed_tree(root, unit_dir, user_unit_dir):
-    """What every package installs, as an unpacked tree under `root`."""
+def pyc_is_current(pyc, source):
+    """Whether Python imports `pyc` for `source` instead of compiling the source: a
+    hash-checked .pyc holds the source's hash, a time-checked one its time and size."""
+    header = pyc.read_bytes()[:16]
+    if header[:4] != importlib.util.MAGIC_NUMBER:
+        return True   # another Python's .pyc: its own import checks it
+    flags = int.from_bytes(header[4:8], "little")
+    if flags & 1:
+        return header[8:16] == importlib.util.source_hash(source.read_bytes())
+    stat = os.stat(str(source))
+    return (int.from_bytes(header[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little") == stat.st_size & 0xFFFFFFFF)
+
+
+def check_module(root):
+    """The module in /usr/share/osync with at least one .pyc, all current; the .pyc files."""
+    module = root / MODULE
+    assert module.read_bytes() == (REPO / "osync.py").read_bytes()
+    assert os.stat(str(module)).st_mode & 0o777 == 0o644
+    compiled = sorted((module.parent / "__pycache__").glob("osync.*.pyc"))
+    assert compiled, "no .pyc of %s" % module
+    for pyc in compiled:
+        assert pyc_is_current(pyc, module), "%s is not the byte code of %s" % (pyc, module)
+    return compiled
+
+
+def check_installed_tree(root, unit_dir, user_unit_dir, compiled=True):
+    """What every package installs, as an unpacked tree under `root`; its byte code too
+    unless the package leaves that to its install scripts (compiled=False)."""
     for script in SCRIPTS:
         program = root / "usr" / "bin" / script
         assert program.is_file(), "%s is not in the package" % program
         assert os.stat(str(program)).st_mode & 0o777 == 0o755, "%s is not mode 755" % program
         assert program.read_text().splitlines()[0] == "#!/usr/bin/python3", program
         body = program.read_text().splitlines()[1:]
-        assert body == (REPO / script).read_text().splitlines()[1:], "%s differs from the repository's" % script
+        original = (REPO / (LAUNCHER_SOURCE if script == "osync.py" else script)).read_text().splitlines()[1:]
+        if script == "osync.py":
+            assert PACKAGED_MODULE_DIR in body, "%s does not look for its module in /usr/share/osync" % program
+            original = [PACKAGED_MODULE_DIR if line.startswith("MODULE_DIR = ") else line for line in original]
+        assert body == original, "%s differs from the repository's" % script
+    if compiled:
+        check_module(root)
+    else:
+        assert (root / MODULE).read_bytes() == (REPO / "osync.py").read_bytes()
+        assert not list(root.glob("**/*.pyc")), "the package holds byte code"
     example = root / "etc" / "osync" / "sync.conf.example"
     assert example.read_text() == (REPO / "sync.conf").read_text()
     assert (root / "etc" / "osync" / "exclude.list.example").is_file()
@@ -147,9 +190,28 @@ def test_debian_package_installs_programs_config_and_units(source_tree, tmp_path
         assert "/usr/lib/systemd/user/" + unit in entries, listing
     assert entries.get("/", ("", ""))[0] == "drwxr-xr-x", "the package would change the mode of /:\n" + listing
 
+    assert entries.get("/" + MODULE) == ("-rw-r--r--", "root/root"), listing
+    assert not [path for path in entries if path.endswith(".pyc") or "__pycache__" in path], listing
+    assert entries.get("/usr/share/python3/runtime.d/osync.rtupdate") == ("-rwxr-xr-x", "root/root"), listing
+
     unpacked = tmp_path / "root"
     succeeded(run(["dpkg-deb", "-x", package, unpacked]))
-    check_installed_tree(unpacked, "/lib/systemd/system", "/usr/lib/systemd/user")
+    check_installed_tree(unpacked, "/lib/systemd/system", "/usr/lib/systemd/user", compiled=False)
+    # The postinst compiles the module (for the python3 of the host), the prerm removes the
+    # byte code, so that dpkg finds only its own files to remove; the runtime.d hook
+    # compiles again for a new default python3.
+    control = tmp_path / "control"
+    succeeded(run(["dpkg-deb", "-e", package, control]))
+    scripts_env = dict(os.environ, DPKG_ROOT=str(unpacked))
+    succeeded(run(["sh", control / "postinst", "configure"], env=scripts_env))
+    check_module(unpacked)
+    version = run([sys.executable, unpacked / "usr" / "bin" / "osync.py", "--version"])
+    assert succeeded(version).stdout.strip() == "osync.py %s" % VERSION
+    succeeded(run(["sh", control / "prerm", "remove"], env=scripts_env))
+    assert sorted(os.listdir(str(unpacked / "usr/share/osync"))) == ["osync.py"]
+    rtupdate = unpacked / "usr/share/python3/runtime.d/osync.rtupdate"
+    succeeded(run(["sh", rtupdate, "rtupdate", "3.10", "3.11"], env=scripts_env))
+    check_module(unpacked)
     assert entries.get("/etc/init.d/osync-srv") == ("-rwxr-xr-x", "root/root"), listing
     init_script = (unpacked / "etc" / "init.d" / "osync-srv").read_text()
     assert "/usr/local/bin" not in init_script and "/usr/bin/osync.py" in init_script
@@ -191,6 +253,8 @@ def test_rpm_spec_builds_a_noarch_package(source_tree, tmp_path):
     assert config_files == {"/etc/osync/sync.conf.example", "/etc/osync/exclude.list.example"}
     files = set(line for line in query("-l") if line)
     assert set("/usr/bin/" + script for script in SCRIPTS) <= files, files
+    assert "/" + MODULE in files, files
+    assert [path for path in files if path.startswith("/usr/share/osync/__pycache__/osync.")], files
     assert not [path for path in files if path.startswith("/usr/local")], files
 
     unpacked = tmp_path / "root"

@@ -4,8 +4,11 @@
 #
 #   packaging/debian/build-deb.sh [OUTPUT_DIR]      (OUTPUT_DIR: the current one by default)
 #
-# VERSION is osync.py's VERSION constant.  The package installs osync.py, osync-batch.py
-# and ssh_filter.py to /usr/bin, sync.conf as /etc/osync/sync.conf.example (a conffile, as
+# VERSION is osync.py's VERSION constant.  The package installs osync.py as a module in
+# /usr/share/osync, byte-compiled by the postinst (the prerm removes the .pyc files, and a
+# runtime.d hook compiles it again when the default python3 changes), the launcher
+# packaging/osync-launcher.py as /usr/bin/osync.py, osync-batch.py and ssh_filter.py to
+# /usr/bin, sync.conf as /etc/osync/sync.conf.example (a conffile, as
 # is packaging/exclude.list.example when present), the systemd units of packaging/systemd
 # to /lib/systemd/system (packaging/systemd/user to /usr/lib/systemd/user) with their
 # ExecStart paths moved from /usr/local/bin to /usr/bin, and packaging/sysv/osync-srv as
@@ -28,10 +31,20 @@ chmod 755 "$root"
 
 # Scripts: the shebang names the interpreter that Depends brings (Debian policy 10.4).
 install -d "$root/usr/bin"
-for script in osync.py osync-batch.py ssh_filter.py; do
+for script in osync-batch.py ssh_filter.py; do
     sed '1s|^#!/usr/bin/env python3$|#!/usr/bin/python3|' "$source_dir/$script" > "$root/usr/bin/$script"
     chmod 755 "$root/usr/bin/$script"
 done
+# osync.py: the launcher, which imports the module from /usr/share/osync (its MODULE_DIR,
+# relative to /usr/bin), so that no run compiles the module's source again.
+sed -e '1s|^#!/usr/bin/env python3$|#!/usr/bin/python3|' \
+    -e 's|^MODULE_DIR = "../lib/osync"$|MODULE_DIR = "../share/osync"|' \
+    "$source_dir/packaging/osync-launcher.py" > "$root/usr/bin/osync.py"
+chmod 755 "$root/usr/bin/osync.py"
+grep -q '^MODULE_DIR = "../share/osync"$' "$root/usr/bin/osync.py" || {
+    echo "build-deb.sh: packaging/osync-launcher.py has no MODULE_DIR = \"../lib/osync\" line." >&2; exit 1; }
+install -d "$root/usr/share/osync"
+install -m 644 "$source_dir/osync.py" "$root/usr/share/osync/osync.py"
 
 install -d "$root/etc/osync"
 install -m 644 "$source_dir/sync.conf" "$root/etc/osync/sync.conf.example"
@@ -66,7 +79,38 @@ fi
 install -d "$root/usr/share/doc/osync"
 [ -f "$source_dir/README.md" ] && install -m 644 "$source_dir/README.md" "$root/usr/share/doc/osync/README.md"
 
+# The .pyc is made on the host, by its python3 (Debian ships no byte code in packages):
+# the postinst compiles, the prerm removes every .pyc, and python3's runtime.d hook
+# compiles again for a new default python3.  $DPKG_ROOT is the root dpkg installs to.
+compile_module='python3 -c "import importlib.util, py_compile, sys
+source, final_path = sys.argv[1:3]
+compiled = importlib.util.cache_from_source(source, optimization=\"\")
+py_compile.compile(source, cfile=compiled, dfile=final_path, doraise=True)" \
+        "$DPKG_ROOT/usr/share/osync/osync.py" /usr/share/osync/osync.py ||
+        echo "osync: could not byte-compile /usr/share/osync/osync.py; osync.py works, compiling it at each start." >&2'
 install -d "$root/DEBIAN"
+cat > "$root/DEBIAN/postinst" <<POSTINST
+#!/bin/sh
+set -e
+if [ "\$1" = configure ]; then
+    $compile_module
+fi
+POSTINST
+cat > "$root/DEBIAN/prerm" <<'PRERM'
+#!/bin/sh
+set -e
+rm -rf "$DPKG_ROOT/usr/share/osync/__pycache__"
+PRERM
+install -d "$root/usr/share/python3/runtime.d"
+cat > "$root/usr/share/python3/runtime.d/osync.rtupdate" <<RTUPDATE
+#!/bin/sh
+set -e
+if [ "\$1" = rtupdate ]; then
+    rm -rf "\$DPKG_ROOT/usr/share/osync/__pycache__"
+    $compile_module
+fi
+RTUPDATE
+chmod 755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/usr/share/python3/runtime.d/osync.rtupdate"
 for file in $conffiles; do
     echo "$file"
 done > "$root/DEBIAN/conffiles"
