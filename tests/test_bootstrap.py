@@ -34,9 +34,11 @@ stub=$(printf '%s' "$2" | sed 's/(3,6)/(99,0)/')
 exec "{python}" -c "$stub" "$3"
 """
 
-# The stream cut short: only the first 4096 bytes of osync.py reach the real stub.
+# The stream cut short: only the first {cut} bytes of what the initiator sends reach the
+# real stub (dd with one-byte blocks passes each byte on at once, as a broken connection
+# would: it does not wait for the rest of a buffer).
 CUT_STREAM = """#!/bin/sh
-head -c 4096 | "{python}" "$@"
+dd bs=1 count={cut} status=none | "{python}" "$@"
 """
 
 # A Python that exists and fails on its own, with words an old stderr grep took for a
@@ -124,8 +126,11 @@ def test_a_failing_python_is_not_taken_for_a_missing_one(rpair):
     assert "site.cfg not found" in sentence, sentence
 
 
-def test_a_stream_cut_short_is_a_broken_stream(rpair):
-    python = wrapper(rpair, "python-cut", CUT_STREAM)
+@pytest.mark.parametrize("cut", [500, 4096])
+def test_a_stream_cut_short_is_a_broken_stream(rpair, cut):
+    """Cut within the loader (the stub sees it short) or within osync.py (the loader does)."""
+    assert 500 < len(osync.AGENT_LOADER) < 4096 - 100
+    python = wrapper(rpair, "python-cut", CUT_STREAM.replace("{cut}", str(cut)))
     sentence = start_fails(rpair, env={"REMOTE_PYTHON": python})
     assert "broke" in sentence and "run again" in sentence, sentence
 
