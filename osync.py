@@ -4736,7 +4736,7 @@ def osync_agent_code():
         return compile(body, "osync.py", "exec")
     try:
         code = marshal.loads(body)
-    except (EOFError, ValueError, TypeError):
+    except Exception:   # another Python's bytecode: ValueError, EOFError, even SystemError
         sys.exit(92)
     if not isinstance(code, type(osync_agent_code.__code__)):
         sys.exit(92)
