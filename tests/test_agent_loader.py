@@ -12,7 +12,6 @@ installed in a temporary directory (INSTALL_LAUNCHER imports it), or run as a sc
 
 import importlib.util
 import os
-import py_compile
 import re
 import secrets
 import subprocess
