@@ -4885,7 +4885,10 @@ def own_bytecode(magic):
     code = valid_pyc_code(cached, source, status) if cached else None
     if code is not None:
         return code, "from " + cached
-    return marshal.dumps(compile(source, "osync.py", "exec", dont_inherit=True)), "compiled here"
+    try:
+        return marshal.dumps(compile(source, "osync.py", "exec", dont_inherit=True)), "compiled here"
+    except (SyntaxError, ValueError):   # the file on disk changed into something else
+        return None, "osync.py on disk does not compile"
 
 
 def agent_payload(hello):

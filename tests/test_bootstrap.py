@@ -1,5 +1,6 @@
 """The bootstrap as an interface (DESIGN §2.9): the remote command is `PYTHON -c AGENT_STUB N`
-with N bytes of osync.py on stdin.  Each way the remote start fails ends in its own exit
+with N bytes of a program on stdin (AGENT_LOADER, which reads osync.py after it; the stub
+runs a whole osync.py just as well).  Each way the remote start fails ends in its own exit
 code (the stub's, ssh_filter.py's, the shell's) and the initiator turns that code into one
 sentence naming the host and what to do, with nothing changed on either replica.  The
 agent that starts names itself osync-agent, so `ps` on the target host says what it is.
