@@ -4774,12 +4774,13 @@ def ssh_failure(host, port, stderr, code):
     return "ssh to %s failed (exit code %s)%s." % (where, code, ": " + detail if detail else "")
 
 
-# The bootstrap: the remote command is `PYTHON -c AGENT_STUB N`, with N bytes of osync.py
-# on stdin and the agent protocol on the rest of the stream.  The stub is a frozen
-# interface: ssh_filter.py holds a copy that must match it byte for byte (it lets through
-# nothing else), so changing the stub means installing the new ssh_filter.py on every
-# target host that uses it.  AGENT_STUB_EXPLAINED is the same code spread out and
-# commented; a test checks that the two compile to the same program.
+# The bootstrap: the remote command is `PYTHON -c AGENT_STUB N`, with the N bytes of
+# AGENT_LOADER on stdin, then osync.py as bytecode or source, then the agent protocol on
+# the rest of the stream.  The stub is a frozen interface: ssh_filter.py holds a copy that
+# must match it byte for byte (it lets through nothing else), so changing the stub means
+# installing the new ssh_filter.py on every target host that uses it.  The stub runs any
+# N bytes of Python it is given (a whole osync.py works too); AGENT_STUB_EXPLAINED is the
+# same code spread out and commented; a test checks that the two compile to the same program.
 AGENT_STUB = ("import sys;sys.version_info<(3,6) and (sys.stderr.write('osync.py agent: Python 3.6 or newer is "
               "needed, this is '+sys.version.split()[0]+'\\n'),sys.exit(91));"
               "sys.path=[p for p in sys.path if p not in ('','.')];"
@@ -4787,10 +4788,11 @@ AGENT_STUB = ("import sys;sys.version_info<(3,6) and (sys.stderr.write('osync.py
               "g={'__name__':'osync_agent'};exec(compile(c,'osync.py','exec'),g);g['agent_main']()")
 
 AGENT_STUB_EXPLAINED = """
-# Run as: [env _REMOTE_TOKEN=TOKEN] [sudo -n] PYTHON -c AGENT_STUB N, osync.py on stdin.
+# Run as: [env _REMOTE_TOKEN=TOKEN] [sudo -n] PYTHON -c AGENT_STUB N, AGENT_LOADER on stdin.
 # Exit codes before the banner (AGENT_START_FAILURES gives each its sentence):
 #   91  this Python is older than 3.6 (the stub; its version on stderr)
-#   92  stdin ended before N bytes arrived (the stub)
+#   92  stdin ended before N bytes arrived (the stub), or before osync.py did, or what
+#       came was not loadable (AGENT_LOADER)
 #   93  ssh_filter.py refused the command (wrong token, sudo not allowed, another stub)
 #   126 PYTHON cannot be executed, 127 there is no PYTHON (env or the shell: the next
 #       interpreter is tried), 255 ssh itself failed
@@ -4801,22 +4803,64 @@ sys.version_info<(3,6) and (sys.stderr.write('osync.py agent: Python 3.6 or newe
                                              +sys.version.split()[0]+'\\n'),sys.exit(91))
 # Never import a stray module (json.py, osync.py...) from the login directory.
 sys.path=[p for p in sys.path if p not in ('','.')]
-# Read exactly N bytes of osync.py; the rest of stdin is the agent protocol.
+# Read exactly N bytes of the program (AGENT_LOADER); the loader reads osync.py after them.
 n=int(sys.argv[1])
 c=sys.stdin.buffer.read(n)
 # Fewer bytes than announced: the stream broke, exit code 92 (AGENT_EXIT_SHORT_SOURCE).
 len(c)<n and sys.exit(92)
-# Not "__main__": osync.py's main() does not run; agent_main() writes the banner and serves.
+# Not "__main__": osync.py's main() does not run.  The loader runs osync.py's code in g;
+# agent_main() writes the banner and serves.
 g={'__name__':'osync_agent'}
 exec(compile(c,'osync.py','exec'),g)
 g['agent_main']()
 """
 
+# What the stub runs: a few lines that say which bytecode this Python reads (its magic
+# number) and then read osync.py, as that bytecode or as source, and run it in the stub's
+# globals, before the stub calls agent_main().  The initiator answers the hello with a
+# line "CODE SIZE" or "SOURCE SIZE" and SIZE bytes (agent_payload()): a remote Python that
+# is given bytecode does not compile osync.py, which saves it most of its peak memory and
+# the CPU of the compile.  It runs at the top level, so that code appended after it runs
+# once osync.py is defined.  Python 3.6 or newer; exit code 92 when the reply is short or
+# cannot be loaded.
+AGENT_LOADER = '''\
+import sys
+def osync_agent_code():
+    """Say which bytecode this Python reads; read osync.py's code in reply."""
+    import importlib.util
+    import marshal
+    hello = "OSYNC-LOADER %s %s\\n" % (importlib.util.MAGIC_NUMBER.hex(), sys.version.split()[0])
+    sys.stdout.buffer.write(hello.encode("ascii", "replace"))
+    sys.stdout.buffer.flush()
+    header = sys.stdin.buffer.readline(64).split()
+    if len(header) != 2 or header[0] not in (b"CODE", b"SOURCE") or not header[1].isdigit():
+        sys.exit(92)
+    size = int(header[1])
+    body = sys.stdin.buffer.read(size)
+    if len(body) < size:
+        sys.exit(92)
+    if header[0] == b"SOURCE":
+        return compile(body, "osync.py", "exec")
+    try:
+        code = marshal.loads(body)
+    except Exception:   # another Python's bytecode: ValueError, EOFError, even SystemError
+        sys.exit(92)
+    if not isinstance(code, type(osync_agent_code.__code__)):
+        sys.exit(92)
+    return code
+exec(osync_agent_code(), globals())
+del osync_agent_code
+'''
+AGENT_HELLO = b"OSYNC-LOADER "
+# The hello, whole: the magic number in hex and the version of the remote Python.
+AGENT_HELLO_LINE = re.compile(br"OSYNC-LOADER (?P<magic>[0-9a-f]{8}) "
+                              br"(?P<version>[0-9]{1,2}\.[0-9]{1,3}\.[0-9]{1,3}[0-9A-Za-z.+]{0,16})\n\Z")
+
 # Exit codes of a failed start, each with its sentence.  The stub and ssh_filter.py use
 # codes that ssh (255), shells and env (126, 127), Python (1 for an uncaught exception,
 # 2 for usage) and signals (128 + n) do not.
 AGENT_EXIT_OLD_PYTHON = 91     # the stub: this Python is older than 3.6; its version is on stderr
-AGENT_EXIT_SHORT_SOURCE = 92   # the stub: stdin ended before the N bytes of osync.py arrived
+AGENT_EXIT_SHORT_SOURCE = 92   # the stub or AGENT_LOADER: stdin ended before osync.py arrived whole
 AGENT_EXIT_REFUSED = 93        # ssh_filter.py: not a command osync.py sends with this token
 EXIT_CANNOT_EXECUTE = 126      # env or the shell: the interpreter exists but cannot be run
 EXIT_NOT_FOUND = 127           # env or the shell: no such interpreter (the next one is tried)
@@ -4872,6 +4916,108 @@ def own_source():
     except OSError as error:
         raise ReplicaError("osync.py cannot read its own source %s to start the agent on the target (%s): %s."
                            % (path, error.strerror or error, remedy))
+
+
+def parse_agent_hello(line):
+    """(magic number, Python version) from the loader's hello line, or None when the line
+    is anything else (a broken or hostile host): such a host is sent the source."""
+    match = AGENT_HELLO_LINE.match(line)
+    if not match:
+        return None
+    return bytes.fromhex(match.group("magic").decode("ascii")), match.group("version").decode("ascii")
+
+
+# The header of a .pyc: the magic number, then (3.7 and newer, PEP 552) a flags word, then
+# the source's mtime and size, or (flag bit 0) the source's hash.
+PYC_HEADER_SIZE = 16 if sys.version_info >= (3, 7) else 12
+PYC_HASH_BASED = 0x1
+PYC_KNOWN_FLAGS = 0x3
+MARSHALED_CODE_TYPES = (b"c", b"\xe3")   # a code object, without and with marshal's reference flag
+
+
+def valid_pyc_code(pyc_path, source, status):
+    """The marshaled code in the .pyc at pyc_path when it is this Python's and was compiled
+    from this very source (its header holds this magic number and the source's mtime and
+    size, or its hash); None for a missing, foreign, stale or damaged .pyc."""
+    import importlib.util
+    try:
+        with open(pyc_path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    if len(data) <= PYC_HEADER_SIZE or data[:4] != importlib.util.MAGIC_NUMBER:
+        return None
+    if PYC_HEADER_SIZE == 16:
+        flags = struct.unpack("<I", data[4:8])[0]
+        if flags & ~PYC_KNOWN_FLAGS:
+            return None
+        if flags & PYC_HASH_BASED:
+            matches = data[8:16] == importlib.util.source_hash(source)
+        else:
+            matches = data[8:16] == struct.pack("<II", int(status.st_mtime) & 0xFFFFFFFF,
+                                                status.st_size & 0xFFFFFFFF)
+    else:
+        matches = data[4:12] == struct.pack("<II", int(status.st_mtime) & 0xFFFFFFFF, status.st_size & 0xFFFFFFFF)
+    code = data[PYC_HEADER_SIZE:]
+    return code if matches and code[:1] in MARSHALED_CODE_TYPES else None
+
+
+def own_bytecode(magic):
+    """(osync.py's code marshaled for a remote Python whose bytecode is `magic`, or None;
+    the reason, for the verbose log).  Only this Python's own bytecode, so only for the
+    very same magic number, and only when osync.py was imported (by a launcher, or as
+    `python -m osync`) rather than run as a script or from a PyInstaller binary.  The
+    cached .pyc goes when its header matches the source on disk; else the source is
+    compiled here: a stale .pyc is never sent."""
+    import importlib.util
+    import marshal
+    if getattr(sys, "frozen", False):
+        return None, "osync.py runs from a binary"
+    spec = globals().get("__spec__")
+    if spec is None:
+        return None, "osync.py runs as a script"
+    if magic != importlib.util.MAGIC_NUMBER:
+        return None, "another Python version than this one (%s)" % sys.version.split()[0]
+    path = os.path.abspath(__file__)
+    try:
+        with open(path, "rb") as handle:
+            source = handle.read()
+            status = os.fstat(handle.fileno())
+    except OSError:
+        return None, "osync.py cannot be read"
+    try:
+        cached = getattr(spec, "cached", None) or importlib.util.cache_from_source(path)
+    except NotImplementedError:   # an interpreter without a bytecode cache
+        cached = None
+    code = valid_pyc_code(cached, source, status) if cached else None
+    if code is not None:
+        return code, "from " + cached
+    try:
+        return marshal.dumps(compile(source, "osync.py", "exec", dont_inherit=True)), "compiled here"
+    except (SyntaxError, ValueError):   # the file on disk changed into something else
+        return None, "osync.py on disk does not compile"
+
+
+def agent_payload(hello):
+    """What answers the loader's hello line: (b"CODE" or b"SOURCE", osync.py as bytecode
+    or source, how it is sent, for the verbose log)."""
+    parsed = parse_agent_hello(hello)
+    if parsed is None:
+        return b"SOURCE", own_source(), "as source (its Python's hello was not understood)"
+    magic, version = parsed
+    code, why = own_bytecode(magic)
+    if code is not None:
+        return b"CODE", code, "as bytecode for its Python %s (%s)" % (version, why)
+    return b"SOURCE", own_source(), "as source for its Python %s (%s)" % (version, why)
+
+
+def write_to_agent(process, data):
+    """Write to the starting agent; a stream that broke shows in its exit code instead."""
+    try:
+        process.stdin.write(data)
+        process.stdin.flush()
+    except OSError:
+        pass
 
 
 class SshTransport(object):
@@ -4980,21 +5126,17 @@ class SshTransport(object):
         return ["-e", shell, "--rsync-path=" + rsync_path, "-s"]
 
     def start_agent(self, role, state_dir):
-        """Stream osync.py to the remote Python, wait for its banner, open the replica."""
-        source = own_source()
+        """Start the loader under the remote Python, send it osync.py, wait for the agent's
+        banner, open the replica."""
+        loader = AGENT_LOADER.encode("ascii")
         interpreters = [self.cfg["REMOTE_PYTHON"]] if self.cfg["REMOTE_PYTHON"] else ["python3", "python"]
         tried = []
         for python in interpreters:
             stderr_file = tempfile.TemporaryFile()
-            process = CHILDREN.start(self.command([python, "-c", AGENT_STUB, str(len(source))]),
+            process = CHILDREN.start(self.command([python, "-c", AGENT_STUB, str(len(loader))]),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
             try:
-                process.stdin.write(source)
-                process.stdin.flush()
-            except OSError:
-                pass
-            try:
-                banner = self._read_banner(process)
+                banner = self._send_agent(process, loader)
             except ReplicaError:
                 kill_process_group(process)
                 raise
@@ -5029,13 +5171,28 @@ class SshTransport(object):
         return "The osync.py agent could not start on %s (exit code %d)%s." % (
             self.host, code, ": " + detail if detail else "")
 
+    def _send_agent(self, process, loader):
+        """The loader, then osync.py in the form its hello asks for: one round trip more on
+        the same connection, before the banner.  Returns the agent's banner line, or None
+        when the stream ends first (the exit code says why)."""
+        write_to_agent(process, loader)
+        hello = self._read_banner(process, AGENT_HELLO)
+        if hello is None:
+            return None
+        kind, payload, how = agent_payload(hello)
+        self.out.verbose("osync.py is sent to the agent on %s %s." % (self.host, how))
+        write_to_agent(process, b"%s %d\n" % (kind, len(payload)))
+        write_to_agent(process, payload)
+        return self._read_banner(process)
+
     BANNER_LINE_LIMIT = 65536    # bytes of one line of login noise
     BANNER_LINES_LIMIT = 1000    # lines of login noise
 
-    def _read_banner(self, process):
-        """Skip login noise (motd, echo in .bashrc) up to the agent's banner line; None
-        when the stream ends first.  The noise is bounded: a line too long or too many
-        lines end the run (a hostile host must not make the initiator read forever)."""
+    def _read_banner(self, process, prefix=AGENT_BANNER):
+        """Skip login noise (motd, echo in .bashrc) up to the line that starts with
+        `prefix` (the loader's hello, then the agent's banner); None when the stream ends
+        first.  The noise is bounded: a line too long or too many lines end the run (a
+        hostile host must not make the initiator read forever)."""
         for _ in range(self.BANNER_LINES_LIMIT):
             line = process.stdout.readline(self.BANNER_LINE_LIMIT + 1)
             if not line:
@@ -5043,7 +5200,7 @@ class SshTransport(object):
             if len(line) > self.BANNER_LINE_LIMIT:
                 raise agent_violation(self.host, "a line of more than %d bytes before the agent's banner"
                                       % self.BANNER_LINE_LIMIT)
-            if line.startswith(AGENT_BANNER):
+            if line.startswith(prefix):
                 return line
         raise agent_violation(self.host, "more than %d lines before the agent's banner" % self.BANNER_LINES_LIMIT)
 

@@ -1,5 +1,6 @@
 """The bootstrap as an interface (DESIGN §2.9): the remote command is `PYTHON -c AGENT_STUB N`
-with N bytes of osync.py on stdin.  Each way the remote start fails ends in its own exit
+with N bytes of a program on stdin (AGENT_LOADER, which reads osync.py after it; the stub
+runs a whole osync.py just as well).  Each way the remote start fails ends in its own exit
 code (the stub's, ssh_filter.py's, the shell's) and the initiator turns that code into one
 sentence naming the host and what to do, with nothing changed on either replica.  The
 agent that starts names itself osync-agent, so `ps` on the target host says what it is.
@@ -34,9 +35,11 @@ stub=$(printf '%s' "$2" | sed 's/(3,6)/(99,0)/')
 exec "{python}" -c "$stub" "$3"
 """
 
-# The stream cut short: only the first 4096 bytes of osync.py reach the real stub.
+# The stream cut short: only the first {cut} bytes of what the initiator sends reach the
+# real stub (dd with one-byte blocks passes each byte on at once, as a broken connection
+# would: it does not wait for the rest of a buffer).
 CUT_STREAM = """#!/bin/sh
-head -c 4096 | "{python}" "$@"
+dd bs=1 count={cut} status=none | "{python}" "$@"
 """
 
 # A Python that exists and fails on its own, with words an old stderr grep took for a
@@ -124,8 +127,11 @@ def test_a_failing_python_is_not_taken_for_a_missing_one(rpair):
     assert "site.cfg not found" in sentence, sentence
 
 
-def test_a_stream_cut_short_is_a_broken_stream(rpair):
-    python = wrapper(rpair, "python-cut", CUT_STREAM)
+@pytest.mark.parametrize("cut", [500, 4096])
+def test_a_stream_cut_short_is_a_broken_stream(rpair, cut):
+    """Cut within the loader (the stub sees it short) or within osync.py (the loader does)."""
+    assert 500 < len(osync.AGENT_LOADER) < 4096 - 100
+    python = wrapper(rpair, "python-cut", CUT_STREAM.replace("{cut}", str(cut)))
     sentence = start_fails(rpair, env={"REMOTE_PYTHON": python})
     assert "broke" in sentence and "run again" in sentence, sentence
 
