@@ -2653,8 +2653,13 @@ def run_scan_child(write_fd, signal_mask, root, path_filter, options):
 
 
 def close_inherited_descriptors(kept):
-    """Close every file descriptor but stdin/stdout/stderr and `kept`: the child must not
-    hold the parent's lock, log, sockets or the pipes of other scans past the parent."""
+    """Close every file descriptor but `kept`, stdin, stdout and stderr made /dev/null: the
+    child must not hold the parent's lock, log, sockets, the pipes of other scans, or the
+    terminal or pipe its output goes to (whoever reads that waits for its end)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for number in (0, 1, 2):
+        if number != null:
+            os.dup2(null, number)
     try:
         numbers = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
