@@ -2685,27 +2685,29 @@ def send_scan(write_fd, entries):
                 raise ScanChildGone()
             message = message[written:]
 
+    batch = []
     try:
-        batch = []
         try:
             for entry in entries:
                 batch.append(tuple(entry))
                 if len(batch) >= SCAN_BATCH_ENTRIES:
                     send(SCAN_ENTRIES, batch)
                     batch = []
-        except OSError as error:
             if batch:
                 send(SCAN_ENTRIES, batch)
+            send(SCAN_DONE, None)
+            return 0
+        except ScanChildGone:
+            raise
+        except OSError as error:   # the root cannot be listed: the parent raises it as it is
+            if batch:
+                send(SCAN_ENTRIES, batch)   # what a walk in the parent would have yielded first
             send(SCAN_OS_ERROR, (error.errno, error.strerror if error.errno is not None else str(error),
                                  error.filename, error.filename2))
             return 0
         except Exception:
             send(SCAN_FAILED, one_line(traceback.format_exc(), 2000))
             return 1
-        if batch:
-            send(SCAN_ENTRIES, batch)
-        send(SCAN_DONE, None)
-        return 0
     except ScanChildGone:
         return 1
 
