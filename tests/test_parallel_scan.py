@@ -326,6 +326,18 @@ def test_a_bug_in_the_parent_during_the_scans_leaves_no_child(tmp_path, large_re
     assert listed_by_ps(scans) == []
 
 
+def test_a_scan_child_killed_by_someone_else_stops_the_run_with_a_sentence(tmp_path, large_replicas):
+    process, scans = start_large_run(tmp_path, large_replicas)
+    for pid in scans:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    r = finish_osync(process, logfile=tmp_path / "log", expect=1)
+    assert "the process scanning it ended before the scan (killed by signal 9)" in r.stderr, r.output
+    assert "Nothing was lost; the next run continues where this one stopped." in r.stderr, r.output
+
+
 def test_sigkill_of_the_parent_ends_the_scan_children(tmp_path, large_replicas):
     process, scans = start_large_run(tmp_path, large_replicas)
     process.kill()
