@@ -2591,7 +2591,7 @@ class ForkedScan(object):
             data = self.stream.read(length)
             if len(data) == length:
                 return kind, pickle.loads(data)
-        raise OSError(errno.EPIPE, "the process scanning it ended before the scan (%s)"
+        raise OSError(errno.EPIPE, "the process scanning this replica ended before its scan did (%s)"
                       % self._end_status(), self.root)
 
     def _end_status(self):

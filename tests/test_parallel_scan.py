@@ -334,7 +334,7 @@ def test_a_scan_child_killed_by_someone_else_stops_the_run_with_a_sentence(tmp_p
         except ProcessLookupError:
             pass
     r = finish_osync(process, logfile=tmp_path / "log", expect=1)
-    assert "the process scanning it ended before the scan (killed by signal 9)" in r.stderr, r.output
+    assert "the process scanning this replica ended before its scan did (killed by signal 9)" in r.stderr, r.output
     assert "Nothing was lost; the next run continues where this one stopped." in r.stderr, r.output
 
 
