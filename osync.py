@@ -7232,6 +7232,7 @@ class SyncRun(object):
                % (replica.role, replica.display), "Run again when they have finished")
 
     def release_locks(self):
+        end_forked_scans()   # no scan of this run goes on once another run may take the replicas
         if CHILDREN.on_change is not None:
             CHILDREN.on_change = None
             self.replicas["initiator"].forget_children()
