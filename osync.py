@@ -21,11 +21,13 @@ import codecs
 import collections
 import contextlib
 import errno
+import gc
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import posixpath
 import re
 import select
@@ -40,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+import warnings
 import zlib
 
 PROGRAM = "osync.py"
@@ -2505,6 +2509,231 @@ def _first_unreadable(listing):
         if isinstance(info, OSError):
             return rel_path, info
     return None
+
+
+# Scans in a child process ----------------------------------------------------------------
+# A no-change run of a local pair spends most of its time in the two walks.  Where more
+# than one CPU is usable, a walk runs in a forked child that sends its entries back over a
+# pipe in batches, so that the parent merges and plans while the children walk.  The
+# child is tied to its pipe: it ignores the stop signals (the parent handles them and
+# then kills it), and once the parent is gone, even by SIGKILL, its next write fails and
+# it leaves.  It never returns into the parent's code: os._exit, so no atexit handler, no
+# flush of the parent's buffers, no finally that releases a lock or sends a mail.
+
+SCAN_BATCH_ENTRIES = 1000       # entries a child sends at a time
+SCAN_FRAME = struct.Struct(">cI")   # each message: its kind, the length of its pickle
+SCAN_ENTRIES, SCAN_DONE, SCAN_OS_ERROR, SCAN_FAILED = b"E", b"D", b"X", b"F"
+# The signals a child ignores, and the parent keeps blocked while it forks, so that no
+# handler of the parent ever runs in the child.
+SCAN_CHILD_IGNORES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGALRM")
+                           if hasattr(signal, name))
+
+
+def usable_cpus():
+    """How many CPUs this process may run on (its affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def scan_in_child(root, path_filter, options):
+    """walk_tree(root, path_filter, options), walked by a forked child where fork is
+    possible; else (no fork, or fork failed) walked here."""
+    if not hasattr(os, "fork"):
+        return walk_tree(root, path_filter, options)
+    try:
+        scan = ForkedScan(root, path_filter, options)
+    except OSError:
+        return walk_tree(root, path_filter, options)
+    return scan.entries()
+
+
+class ScanChildGone(Exception):
+    """The reader of a scan child's pipe is gone: the child leaves."""
+
+
+class ForkedScan(object):
+    """One walk_tree() in a forked child; entries() yields what it sends, in its order.
+    close() ends the child whatever it is doing and reaps it."""
+
+    running = set()    # the scans whose child may still run: end_forked_scans() ends them
+
+    def __init__(self, root, path_filter, options):
+        self.root = root
+        read_fd, write_fd = os.pipe()
+        blocked = hasattr(signal, "pthread_sigmask")
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SCAN_CHILD_IGNORES) if blocked else None
+        try:
+            with warnings.catch_warnings():
+                # 3.12+ warns of fork() in a process with threads (a monitor's watchers): the
+                # child runs only the walk, which takes no lock another thread may hold.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:
+            run_scan_child(write_fd, previous_mask, root, path_filter, options)   # never returns
+        os.close(write_fd)
+        self.pid = pid
+        self.status = None
+        self.stream = os.fdopen(read_fd, "rb", 1 << 16)
+        ForkedScan.running.add(self)
+        if blocked:   # a stop signal that came meanwhile is handled now, with the child known
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+    def entries(self):
+        """The child's entries as they come; its OSError is raised here as the same kind
+        of OSError (errno, text and file name), so the run says what a walk here would."""
+        make = tuple.__new__
+        try:
+            while True:
+                kind, payload = self._receive()
+                if kind == SCAN_ENTRIES:
+                    for values in payload:
+                        yield make(Entry, values)
+                elif kind == SCAN_DONE:
+                    return
+                elif kind == SCAN_OS_ERROR:
+                    number, text, filename, filename2 = payload
+                    if number is None:
+                        raise OSError(text)
+                    raise OSError(number, text, filename, None, filename2)
+                else:
+                    raise RuntimeError("the scan of %s failed: %s" % (self.root, payload))
+        finally:
+            self.close()
+
+    def _receive(self):
+        header = self.stream.read(SCAN_FRAME.size)
+        if len(header) == SCAN_FRAME.size:
+            kind, length = SCAN_FRAME.unpack(header)
+            data = self.stream.read(length)
+            if len(data) == length:
+                return kind, pickle.loads(data)
+        raise OSError(errno.EPIPE, "the process scanning this replica ended before its scan did (%s)"
+                      % self._end_status(), self.root)
+
+    def _end_status(self):
+        self._reap()
+        status = self.status
+        if status is not None and os.WIFSIGNALED(status):
+            return "killed by signal %d" % os.WTERMSIG(status)
+        return "exit code %s" % (os.WEXITSTATUS(status) if status is not None else "unknown")
+
+    def _reap(self):
+        if self.pid is None:
+            return
+        try:
+            _, self.status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            self.status = None
+        self.pid = None
+
+    def close(self):
+        """End the child (SIGKILL: it holds nothing that needs a clean end) and reap it."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self._reap()
+        if not self.stream.closed:
+            self.stream.close()
+        ForkedScan.running.discard(self)
+
+
+def end_forked_scans():
+    """End every scan child still running (a run stopped, or its merge left off)."""
+    for scan in list(ForkedScan.running):
+        scan.close()
+
+
+def run_scan_child(write_fd, signal_mask, root, path_filter, options):
+    """The forked child of a ForkedScan: walk, send the entries in batches, leave by
+    os._exit whatever happens."""
+    code = 1
+    try:
+        for sig in SCAN_CHILD_IGNORES:
+            signal.signal(sig, signal.SIG_IGN)
+        if signal_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        # The parent's objects live on untouched in the child: no collection may finalize
+        # one (closing a file descriptor the walk reuses), and none copies their pages.
+        if hasattr(gc, "freeze"):
+            gc.freeze()
+        else:
+            gc.disable()
+        close_inherited_descriptors(write_fd)
+        code = send_scan(write_fd, walk_tree(root, path_filter, options))
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def close_inherited_descriptors(kept):
+    """Close every file descriptor but `kept`, stdin, stdout and stderr made /dev/null: the
+    child must not hold the parent's lock, log, sockets, the pipes of other scans, or the
+    terminal or pipe its output goes to (whoever reads that waits for its end)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for number in (0, 1, 2):
+        if number != null:
+            os.dup2(null, number)
+    try:
+        numbers = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        numbers = range(3, min(os.sysconf("SC_OPEN_MAX"), 65536))
+    for number in numbers:
+        if number > 2 and number != kept:
+            try:
+                os.close(number)
+            except OSError:
+                pass
+
+
+def send_scan(write_fd, entries):
+    """Send the entries in batches, then how the walk ended; the exit code of the child."""
+
+    def send(kind, payload):
+        data = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+        message = memoryview(SCAN_FRAME.pack(kind, len(data)) + data)
+        while message:
+            try:
+                written = os.write(write_fd, message)
+            except OSError:
+                raise ScanChildGone()
+            message = message[written:]
+
+    batch = []
+    try:
+        try:
+            for entry in entries:
+                batch.append(tuple(entry))
+                if len(batch) >= SCAN_BATCH_ENTRIES:
+                    send(SCAN_ENTRIES, batch)
+                    batch = []
+            if batch:
+                send(SCAN_ENTRIES, batch)
+            send(SCAN_DONE, None)
+            return 0
+        except ScanChildGone:
+            raise
+        except OSError as error:   # the root cannot be listed: the parent raises it as it is
+            if batch:
+                send(SCAN_ENTRIES, batch)   # what a walk in the parent would have yielded first
+            send(SCAN_OS_ERROR, (error.errno, error.strerror if error.errno is not None else str(error),
+                                 error.filename, error.filename2))
+            return 0
+        except Exception:
+            send(SCAN_FAILED, one_line(traceback.format_exc(), 2000))
+            return 1
+    except ScanChildGone:
+        return 1
 
 
 # ======================================================================================
@@ -6913,6 +7142,7 @@ class SyncRun(object):
                 self.run_checked(spec)
                 finished = True
             finally:
+                end_forked_scans()   # before the after-hooks, which may look at the replicas
                 hooks.after(self.replicas, finished)
         finally:
             self.disconnect()
@@ -7285,6 +7515,7 @@ class SyncRun(object):
                % (replica.role, replica.display), "Run again when they have finished")
 
     def release_locks(self):
+        end_forked_scans()   # no scan of this run goes on once another run may take the replicas
         if CHILDREN.on_change is not None:
             CHILDREN.on_change = None
             self.replicas["initiator"].forget_children()
@@ -7313,7 +7544,17 @@ class SyncRun(object):
         if side in self.missing:
             return iter(())
         options = self.options if digests else dict(self.options, checksum=False)
-        return self.warn_unsupported_attributes(side, self.replicas[side].scan(spec, options))
+        if self.scans_in_children():
+            entries = scan_in_child(self.replicas[side].root, PathFilter(spec), options)
+        else:
+            entries = self.replicas[side].scan(spec, options)
+        return self.warn_unsupported_attributes(side, entries)
+
+    def scans_in_children(self):
+        """Are the scans walked by forked children, in parallel with the merge?  For a local
+        pair on more than one CPU (a remote target already scans on its own host)."""
+        return (all(isinstance(replica, LocalReplica) for replica in self.replicas.values())
+                and usable_cpus() > 1)
 
     def planned(self, previous, spec, policy, spool_dir):
         """The decisions for both scans against `previous`; with CHECKSUM, the digests are
@@ -7406,6 +7647,7 @@ class SyncRun(object):
             lines, outcome = executor.execute(decisions, spool_dir)
         except StateError as error:
             executor.close()
+            end_forked_scans()
             out.warn("The state of the last run cannot be used (%s); this run merges both replicas and deletes "
                      "nothing." % error)
             executor = self.executor(policy)
