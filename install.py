@@ -250,18 +250,23 @@ class Installer(object):
         self.say(NEXT_STEPS[init])
         self.say(SSH_FILTER_ADVICE)
 
+    def unlink(self, path):
+        """Remove one installed file; False when there is none."""
+        if not os.path.lexists(path):
+            return False
+        try:
+            os.unlink(path)
+        except OSError as error:
+            raise InstallError("Cannot remove %s: %s." % (path, error.strerror))
+        return True
+
     def remove_module(self):
         """The module, its .pyc files and their folders (kept, and said, when they hold
         files that install.py did not put there); whether there was anything to remove."""
         removed_any = False
         for path in self.compiled_files() + [self.place(MODULE[1])]:
-            if not os.path.lexists(path):
-                continue
-            try:
-                os.unlink(path)
-            except OSError as error:
-                raise InstallError("Cannot remove %s: %s." % (path, error.strerror))
-            removed_any = True
+            if self.unlink(path):
+                removed_any = True
         for folder in (os.path.join(self.place(LIB_DIR), "__pycache__"), self.place(LIB_DIR)):
             if not os.path.isdir(folder):
                 continue
@@ -283,14 +288,9 @@ class Installer(object):
         destinations += LEGACY_FILES
         for destination in sorted(set(destinations), key=destinations.index):
             path = self.place(destination)
-            if not os.path.lexists(path):
-                continue
-            try:
-                os.unlink(path)
-            except OSError as error:
-                raise InstallError("Cannot remove %s: %s." % (path, error.strerror))
-            removed_any = True
-            self.say("Removed %s" % path)
+            if self.unlink(path):
+                removed_any = True
+                self.say("Removed %s" % path)
         if not removed_any:
             self.say("Nothing to remove: osync.py is not installed in %s." % self.place(BIN_DIR))
         self.say("Kept %s and the configs in it." % self.place(ETC_DIR))
