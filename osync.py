@@ -7544,17 +7544,17 @@ class SyncRun(object):
         if side in self.missing:
             return iter(())
         options = self.options if digests else dict(self.options, checksum=False)
-        if self.scans_in_children():
+        if self.scans_in_children(side):
             entries = scan_in_child(self.replicas[side].root, PathFilter(spec), options)
         else:
             entries = self.replicas[side].scan(spec, options)
         return self.warn_unsupported_attributes(side, entries)
 
-    def scans_in_children(self):
-        """Are the scans walked by forked children, in parallel with the merge?  For a local
-        pair on more than one CPU (a remote target already scans on its own host)."""
-        return (all(isinstance(replica, LocalReplica) for replica in self.replicas.values())
-                and usable_cpus() > 1)
+    def scans_in_children(self, side):
+        """Is this side's scan walked by a forked child, in parallel with the merge?  For a
+        local replica on more than one CPU (a remote target scans on its own host, in its
+        agent, while the initiator's child walks and the run checks what the agent sends)."""
+        return isinstance(self.replicas[side], LocalReplica) and usable_cpus() > 1
 
     def planned(self, previous, spec, policy, spool_dir):
         """The decisions for both scans against `previous`; with CHECKSUM, the digests are

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Pair, clean_env, finish_osync, osync, popen_osync, run_osync
+from conftest import REPO, Pair, clean_env, finish_osync, make_pair, osync, popen_osync, run_osync
 from test_monitor import child_pids, command_line, wait_until
 from test_unreadable import SYSTEM_PYTHON, USER, chown_tree, ensure_plain_user
+from treeutil import build, expected, snapshot
 
 if not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2:
     pytest.skip("scans run in children only where fork exists and more than one CPU is usable",
@@ -392,3 +393,19 @@ def test_a_monitor_leaks_no_descriptor_nor_child_over_its_syncs(tmp_path):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
         output.close()
+
+
+def test_with_a_remote_target_the_initiators_scan_runs_in_a_child(tmp_path, request):
+    """The target's agent scans on its host; the initiator's own walk goes to a child, so
+    the run checks and merges what the agent sends while the initiator is walked."""
+    pair = make_pair("remote", tmp_path / "pair", request)
+    build(pair.initiator, {"from_initiator": "i", "dir/deep": "d"})
+    build(pair.target, {"from_target": "t"})
+    record = tmp_path / "children"
+    env = pair.env(dict(pair.quick_env, _TEST_SCAN_CHILDREN=str(record)))
+    run_osync(pair.quick_args(), env, tmp_path, expect=0, code=RECORDING_RUN)
+    scans = scan_children_recorded(record)
+    assert len(scans) == 1, "the initiator's scan did not run in a child: %s" % scans
+    assert not any(alive(pid) for pid in scans)
+    synced = expected({"from_initiator": "i", "dir/deep": "d", "from_target": "t"})
+    assert snapshot(pair.initiator) == synced and snapshot(pair.target) == synced
