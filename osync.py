@@ -2589,13 +2589,12 @@ class ForkedScan(object):
     def entries(self):
         """The child's entries as they come; its OSError is raised here as the same kind
         of OSError (errno, text and file name), so the run says what a walk here would."""
-        make = tuple.__new__
         try:
             while True:
                 kind, payload = self._receive()
                 if kind == SCAN_ENTRIES:
                     for values in payload:
-                        yield make(Entry, values)
+                        yield _new_tuple(Entry, values)
                 elif kind == SCAN_DONE:
                     return
                 elif kind == SCAN_OS_ERROR:
@@ -3533,7 +3532,11 @@ class LocalReplica(WorkDirLayout):
         return True
 
     # -- scanning -----------------------------------------------------------------------
-    def scan(self, filter_spec, options):
+    def scan(self, filter_spec, options, forked=False):
+        """The walk of this replica; with `forked`, walked by a child process while the
+        caller consumes it (scan_in_child)."""
+        if forked:
+            return scan_in_child(self.root, PathFilter(filter_spec), options)
         return walk_tree(self.root, PathFilter(filter_spec), options)
 
     def stat_paths(self, paths, options):
@@ -6340,13 +6343,12 @@ class Executor(object):
             if decision.action in (NOTHING, SKIP):
                 if decision.note:
                     self._report_note(decision)
-                if hard_links:
+                if hard_links:   # _note_link_member's own check, taken out of the loop
                     self._note_link_member(decision)
                 pair = recorded_pair(decision)
                 initiator, target = pair
-                if initiator is not decision.prev_initiator or target is not decision.prev_target:
-                    if pair != (decision.prev_initiator, decision.prev_target):
-                        self.state_unchanged = False
+                if pair != (decision.prev_initiator, decision.prev_target):
+                    self.state_unchanged = False
                 if initiator is not None and initiator.kind != "?":
                     entries["initiator"] += 1
                 if target is not None and target.kind != "?":
@@ -7545,7 +7547,7 @@ class SyncRun(object):
             return iter(())
         options = self.options if digests else dict(self.options, checksum=False)
         if self.scans_in_children(side):
-            entries = scan_in_child(self.replicas[side].root, PathFilter(spec), options)
+            entries = self.replicas[side].scan(spec, options, forked=True)
         else:
             entries = self.replicas[side].scan(spec, options)
         return self.warn_unsupported_attributes(side, entries)

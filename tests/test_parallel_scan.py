@@ -409,3 +409,34 @@ def test_with_a_remote_target_the_initiators_scan_runs_in_a_child(tmp_path, requ
     assert not any(alive(pid) for pid in scans)
     synced = expected({"from_initiator": "i", "dir/deep": "d", "from_target": "t"})
     assert snapshot(pair.initiator) == synced and snapshot(pair.target) == synced
+
+
+# scan_in_child() where fork() fails (EAGAIN: a process limit reached) or does not exist:
+# prints whether the walk here and the fallback gave the same entries, and the children.
+FORK_REFUSED = r"""
+import errno, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import osync
+root, how = sys.argv[2], sys.argv[3]
+def refused():
+    raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+if how == "fails":
+    os.fork = refused
+else:
+    del os.fork
+spec = osync.PathFilter([])
+here = [list(entry) for entry in osync.walk_tree(root, spec, {})]
+fallback = [list(entry) for entry in osync.scan_in_child(root, spec, {})]
+print(json.dumps({"same": here == fallback, "count": len(here), "scans_left": len(osync.ForkedScan.running)}))
+"""
+
+
+@pytest.mark.parametrize("how", ["fails", "missing"])
+def test_without_fork_the_scan_runs_in_the_process(tmp_path, how):
+    """Where fork() fails or does not exist, the scan is the walk of the one process."""
+    root = awkward_tree(tmp_path / "tree")
+    result = subprocess.run([sys.executable, "-c", FORK_REFUSED, str(REPO), os.fsdecode(root), how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    found = json.loads(result.stdout)
+    assert found["same"] and found["count"] > 50 and found["scans_left"] == 0, found
