@@ -208,24 +208,21 @@ class Installer(object):
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     universal_newlines=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
-            self.warn("%s could not byte-compile %s (%s): osync.py run by it compiles itself at every start."
-                      % (other, path, error))
-            return
-        if result.returncode != 0:
-            lines = (result.stderr.strip() or "exit code %d" % result.returncode).splitlines()
-            self.warn("%s could not byte-compile %s (%s): osync.py run by it compiles itself at every start."
-                      % (other, path, lines[-1]))
-        elif result.stdout.strip():
-            self.say("Compiled %s" % result.stdout.strip())
+            problem = str(error)
+        else:
+            if result.returncode == 0:
+                if result.stdout.strip():
+                    self.say("Compiled %s" % result.stdout.strip())
+                return
+            problem = (result.stderr.strip() or "exit code %d" % result.returncode).splitlines()[-1]
+        self.warn("%s could not byte-compile %s (%s): osync.py run by it compiles itself at every start."
+                  % (other, path, problem))
 
     def install_module(self):
         """The module and its .pyc files: the old .pyc files go first, so that none of
         another version stays behind."""
         for compiled in self.compiled_files():
-            try:
-                os.unlink(compiled)
-            except OSError as error:
-                raise InstallError("Cannot remove %s: %s." % (compiled, error.strerror))
+            self.unlink(compiled)
         source, destination, mode = MODULE
         path = self.write(source, destination, mode)
         self.say("Installed %s" % path)
