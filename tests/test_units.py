@@ -410,3 +410,19 @@ def test_every_non_canonical_wire_path_is_refused_and_no_canonical_one():
         assert osync.wire_path_problem(path) is None, path
     assert "component '..'" in osync.wire_path_problem("a/../b")
     assert "component ''" in osync.wire_path_problem("a//b")
+
+
+def test_plain_entry_is_the_entry_make_entry_gives(tmp_path):
+    # The scan's fast path for a plain scan builds its entries itself: for every kind of
+    # item they must be the very entries make_entry() gives with no option on.
+    (tmp_path / "file").write_bytes(b"12345")
+    os.chmod(str(tmp_path / "file"), 0o4751)
+    (tmp_path / "dir").mkdir()
+    os.link(str(tmp_path / "file"), str(tmp_path / "hard"))
+    os.symlink("file", str(tmp_path / "link"))
+    os.mkfifo(str(tmp_path / "fifo"))
+    for name in ("file", "dir", "hard", "link", "fifo"):
+        path = str(tmp_path / name)
+        info = os.lstat(path)
+        assert osync.plain_entry(path, name, info) == osync.make_entry(path, name, info, {}), name
+        assert type(osync.plain_entry(path, name, info)) is osync.Entry
